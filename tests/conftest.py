@@ -1,0 +1,98 @@
+"""Shared fixtures: tiny fake CIFAR batch files, and the real offline CIFAR-10 copy when one can be built."""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import pickle
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+MAKE_CIFAR10 = REPO.parent / "shared" / "data" / "make_cifar10.py"  # CI checks out ../shared beside the repo
+REAL_CIFAR10_CACHE = Path("/tmp/simclr-test-data")  # built once per machine (about 10-20 s), then reused
+
+
+def write_fake_cifar(root: Path, name: str, n_per_batch: int = 6, seed: int = 0,
+                     protocols: tuple[int, ...] = (2,)) -> dict:
+    """Write CIFAR-10 ("cifar10") or CIFAR-100 ("cifar100") batch files in torchvision's layout under root.
+
+    Dicts with bytes keys, b'data' uint8 (n, 3072) and b'labels' / b'fine_labels', like the originals.
+    Batch files cycle through `protocols`. Returns {"train": (data, labels), "test": ..., "classes": [...]}.
+    """
+    rng = np.random.default_rng(seed)
+    if name == "cifar10":
+        folder, files = root / "cifar-10-batches-py", {"train": [f"data_batch_{i}" for i in range(1, 6)],
+                                                        "test": ["test_batch"]}
+        meta, label_key, names_key, n_classes = "batches.meta", b"labels", b"label_names", 10
+    else:
+        folder, files = root / "cifar-100-python", {"train": ["train"], "test": ["test"]}
+        meta, label_key, names_key, n_classes = "meta", b"fine_labels", b"fine_label_names", 100
+    folder.mkdir(parents=True, exist_ok=True)
+    classes = [f"{name}_class_{i}" for i in range(n_classes)]
+    with open(folder / meta, "wb") as f:
+        pickle.dump({names_key: [c.encode() for c in classes]}, f, protocol=2)
+    out: dict = {"classes": classes}
+    k = 0
+    for split, names in files.items():
+        datas, labelss = [], []
+        for fname in names:
+            data = rng.integers(0, 256, size=(n_per_batch, 3072), dtype=np.uint8)
+            labels = rng.integers(0, n_classes, size=n_per_batch).tolist()
+            batch = {b"batch_label": fname.encode(), label_key: labels, b"data": data}
+            if name == "cifar100":
+                batch[b"coarse_labels"] = [x // 5 for x in labels]
+            with open(folder / fname, "wb") as f:
+                pickle.dump(batch, f, protocol=protocols[k % len(protocols)])
+            k += 1
+            datas.append(data)
+            labelss += labels
+        out[split] = (np.concatenate(datas), np.array(labelss))
+    return out
+
+
+@pytest.fixture
+def write_cifar():
+    """The `write_fake_cifar` function, for tests that lay out batch files themselves."""
+    return write_fake_cifar
+
+
+@pytest.fixture
+def fake_cifar10(tmp_path: Path) -> tuple[Path, dict]:
+    """(root, expected) with root/cifar-10-batches-py/ holding 6 images per batch file."""
+    return tmp_path, write_fake_cifar(tmp_path, "cifar10", protocols=(2, 4, 5))
+
+
+@pytest.fixture
+def fake_cifar100(tmp_path: Path) -> tuple[Path, dict]:
+    """(root, expected) with root/cifar-100-python/ holding 6 train and 6 test images."""
+    return tmp_path, write_fake_cifar(tmp_path, "cifar100")
+
+
+@pytest.fixture(scope="session")
+def cifar10_root() -> Path:
+    """A folder holding the real cifar-10-batches-py/: $SIMCLR_TEST_CIFAR10, else the offline copy built into
+    /tmp/simclr-test-data by ../shared/data/make_cifar10.py. Skips when neither is available, except under CI
+    (env CI set), which must exercise real data."""
+    env = os.environ.get("SIMCLR_TEST_CIFAR10")
+    if env:
+        root = Path(env)
+        if not (root / "cifar-10-batches-py").is_dir():
+            pytest.fail(f"SIMCLR_TEST_CIFAR10={env} holds no cifar-10-batches-py/")
+        return root
+    if MAKE_CIFAR10.is_file():
+        REAL_CIFAR10_CACHE.mkdir(parents=True, exist_ok=True)
+        # The lock keeps two test runs on one machine from building into the same folder at once.
+        with open(REAL_CIFAR10_CACHE / ".lock", "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            subprocess.run([sys.executable, str(MAKE_CIFAR10), str(REAL_CIFAR10_CACHE)], check=True,
+                           stdout=subprocess.DEVNULL)  # idempotent: returns at once when already built
+        return REAL_CIFAR10_CACHE
+    reason = f"real CIFAR-10 unavailable: set SIMCLR_TEST_CIFAR10 or provide {MAKE_CIFAR10}"
+    if os.environ.get("CI"):
+        pytest.fail(reason)
+    pytest.skip(reason)
