@@ -1,0 +1,115 @@
+"""The NT-Xent contrastive loss of SimCLR (Chen et al. 2020, eq. 1 and Algorithm 1).
+
+Owns `nt_xent()`, the vectorised loss used in training (negatives gathered across ranks when
+torch.distributed runs with more than one process), and `nt_xent_reference()`, a slow loop written
+line by line from Algorithm 1 that the tests use as the oracle.
+
+Notation follows the paper: `z` are projections, `s_ij` cosine similarities, `temperature` is tau.
+A batch of N images gives 2N views; row i of `z1` and row i of `z2` are the positive pair.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+
+def _check_inputs(z1: torch.Tensor, z2: torch.Tensor, temperature: float) -> None:
+    if z1.ndim != 2 or z1.shape != z2.shape:
+        raise ValueError(f"z1 and z2 must both be (n, D); got {tuple(z1.shape)} and {tuple(z2.shape)}")
+    if z1.shape[0] < 1:
+        raise ValueError("nt_xent needs at least one image (n >= 1)")
+    if not temperature > 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+
+
+def _gather_world(gather: bool) -> tuple[int, int]:
+    """(rank, world_size) of the group negatives are drawn from; (0, 1) when not gathering."""
+    # Only asked when gathering, so the single-process path makes no distributed calls at all.
+    if gather and dist.is_available() and dist.is_initialized():
+        world = dist.get_world_size()
+        if world > 1:
+            return dist.get_rank(), world
+    return 0, 1
+
+
+def nt_xent(
+    z1: torch.Tensor, z2: torch.Tensor, temperature: float = 0.5, gather: bool = True
+) -> torch.Tensor:
+    """NT-Xent loss over this rank's n images, with negatives from every rank.
+
+    Args:
+        z1: (n, D) projections of the first view of this rank's n images.
+        z2: (n, D) projections of the second view; row i of z2 is the positive of row i of z1.
+        temperature: tau > 0 in s_ij / tau.
+        gather: when torch.distributed is initialised with world size W > 1, all-gather z from
+            every rank so each local row is scored against all 2N = 2nW views. Ignored otherwise.
+
+    Returns:
+        A 0-dim fp32 tensor: the mean over this rank's 2n rows of
+        -log( exp(s_ij / tau) / sum_{k != i} exp(s_ik / tau) ), j being i's other view.
+        It is computed in fp32 even under bf16/fp16 autocast: the logsumexp over 2N terms at
+        tau = 0.1 loses too much in bf16's 8-bit mantissa.
+
+    Gradients across ranks. Rank r's loss is L_r = 1/(2n) sum of its own rows, so the loss of one
+    process on the whole batch is L = 1/(2N) sum over all rows = (1/W) sum_r L_r. z_r (rank r's
+    local z) enters L_r through its rows and every L_r' through the gathered columns.
+    `torch.distributed.nn.functional.all_gather` is differentiable, and its backward sums the
+    column gradients of every rank's loss into z_r (a reduce-scatter), so after backward
+    z_r.grad = sum_r' dL_r'/dz_r = W * dL/dz_r. DDP then averages parameter gradients over the W
+    ranks, which divides by W: each parameter receives exactly dL/dparam, the single-process
+    gradient on the whole batch. Every rank must therefore call backward on this loss (the
+    all-gather's backward is itself a collective). With n = 1 and W = 1 the loss is log(1) = 0:
+    the positive is the only candidate.
+    """
+    _check_inputs(z1, z2, temperature)
+    n = z1.shape[0]
+    with torch.autocast(device_type=z1.device.type, enabled=False):
+        z = F.normalize(torch.cat([z1.float(), z2.float()], dim=0), dim=1)  # (2n, D), unit rows
+        rank, world = _gather_world(gather)
+        if world > 1:
+            # Imported here: torch.distributed.nn is absent from builds without distributed.
+            from torch.distributed.nn.functional import all_gather
+
+            # One gather of both views; global column layout is [z1_0; z2_0; z1_1; z2_1; ...].
+            z_all = torch.cat(all_gather(z), dim=0)  # (2N, D)
+        else:
+            z_all = z  # (2n, D)
+        logits = z @ z_all.T / temperature  # (2n, 2N): s_ik / tau
+        rows = torch.arange(2 * n, device=z.device)  # (2n,)
+        self_cols = rank * 2 * n + rows  # (2n,): where each local row sits among the columns
+        # Each row keeps its finite positive, so -inf never makes a whole row -inf and
+        # log_softmax stays finite; masked entries get exactly zero gradient.
+        self_mask = torch.zeros_like(logits, dtype=torch.bool)
+        self_mask[rows, self_cols] = True
+        logits = logits.masked_fill(self_mask, float("-inf"))
+        # Row i < n (view 1) pairs with i + n (view 2) and vice versa, offset to this rank's block.
+        targets = rank * 2 * n + (rows + n) % (2 * n)  # (2n,)
+        return F.cross_entropy(logits, targets)
+
+
+def nt_xent_reference(z1: torch.Tensor, z2: torch.Tensor, temperature: float = 0.5) -> torch.Tensor:
+    """Algorithm 1 of the paper with plain loops, in float64: slow and obvious, for tests only.
+
+    Views are interleaved as in the paper: z_{2k-1} = z1[k], z_{2k} = z2[k] (1-based), and
+    L = 1/(2N) sum_k [ l(2k-1, 2k) + l(2k, 2k-1) ],
+    l(i, j) = -log( exp(s_ij / tau) / sum_{k != i} exp(s_ik / tau) ).
+    """
+    _check_inputs(z1, z2, temperature)
+    n = z1.shape[0]
+    z = []
+    for k in range(n):
+        z.append(z1[k].double())
+        z.append(z2[k].double())
+
+    def s(i: int, j: int) -> torch.Tensor:  # cosine similarity, 0-based indices
+        return torch.dot(z[i], z[j]) / (torch.linalg.norm(z[i]) * torch.linalg.norm(z[j]))
+
+    def l(i: int, j: int) -> torch.Tensor:
+        denominator = sum(torch.exp(s(i, k) / temperature) for k in range(2 * n) if k != i)
+        return -torch.log(torch.exp(s(i, j) / temperature) / denominator)
+
+    total = sum(l(2 * k, 2 * k + 1) + l(2 * k + 1, 2 * k) for k in range(n))
+    return total / (2 * n)
+
