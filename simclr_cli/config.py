@@ -1,0 +1,267 @@
+"""Configuration: nested dataclasses holding every default, YAML loading, `--set` overrides and validation.
+
+Precedence: dataclass defaults < YAML file < `--set section.key=value` < dedicated CLI flags. One concept
+keeps one name everywhere (YAML key, dataclass field, flag). The resolved config is written to the run
+directory and into every checkpoint, so later commands rebuild the encoder from the file alone.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import hashlib
+import json
+import types
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Union, get_args, get_origin, get_type_hints
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A user's mistake in a config file or override; the message is one line naming the fix."""
+
+
+@dataclass
+class DataConfig:
+    dataset: str = "cifar10"  # cifar10 | cifar100 | folder | synthetic
+    root: str | None = None  # data folder (folder dataset: the image folder); None -> $SIMCLR_DATA_DIR or ~/.cache
+    download: bool = True  # cifar10/100 only: fetch with torchvision when the files are missing
+    size_dataset_train: int | None = None  # keep a fixed random subset of this many training images
+    image_size: int = 32  # pixels, side of the square views fed to the encoder
+    num_workers: int = 2  # image-decoding worker processes (folder datasets)
+    synthetic_size: int = 2000  # images per split of the synthetic dataset
+
+
+@dataclass
+class AugmentConfig:
+    preset: str = "simclr"  # simclr (the paper's CIFAR recipe) | baseline (the original design's)
+    crop_scale_min: float = 0.08  # simclr: smallest crop area as a fraction of the image
+    jitter_strength: float = 1.0  # simclr: multiplies colour jitter 0.4/0.4/0.4/0.1
+
+
+@dataclass
+class ModelConfig:
+    arch: str = "resnet18"  # resnet18 | resnet34 | resnet50
+    stem: str = "cifar"  # cifar (3x3 stride-1 conv, no max-pool) | imagenet (7x7 stride-2 conv + max-pool)
+    width: int = 64  # channels of the first stage; 64 is torchvision's ResNet, smaller is faster on a CPU
+    head_hidden: int | None = None  # projection head hidden units; None -> the encoder's feature dim
+    head_out: int = 128  # projection z dimension
+    head_layers: int = 2  # linear layers in the projection head: 2 = SimCLR v1, 3 = SimCLR v2
+    sync_bn: bool = False  # SyncBatchNorm across ranks (distributed runs only)
+
+
+@dataclass
+class LossConfig:
+    temperature: float = 0.5  # NT-Xent temperature tau
+
+
+@dataclass
+class OptimConfig:
+    name: str = "sgd"  # sgd | adam | adamw | lars
+    lr: float = 0.06  # peak learning rate (after warmup)
+    momentum: float = 0.9  # sgd / lars momentum
+    nesterov: bool = False  # sgd only
+    weight_decay: float = 5e-4  # L2 penalty; biases and norm layers are excluded
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])  # adam / adamw
+    schedule: str = "cosine"  # cosine (warmup + cosine) | plateau (ReduceLROnPlateau on epoch loss) | constant
+    warmup_epochs: float = 10.0  # linear warmup length in epochs (cosine and constant)
+    min_lr: float = 0.0  # cosine: final learning rate
+    plateau_factor: float = 0.5  # plateau: lr multiplier on a plateau
+    plateau_patience: int = 5  # plateau: epochs without improvement before reducing
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 100  # passes over the training set
+    batch_size: int = 256  # global batch (all ranks together), images; each gives two views
+    seed: int = 0  # seeds the model, data order and augmentations
+    device: str = "auto"  # auto (cuda > mps > cpu) | cuda | cuda:N | mps | cpu
+    precision: str = "auto"  # auto (bf16 where the hardware has it, else fp32) | fp32 | bf16 | fp16
+    channels_last: bool = True  # NHWC memory format for convolutions
+    compile: bool = False  # torch.compile the model
+    output_dir: str = "runs/simclr"  # run directory: config, metrics, checkpoints, encoder
+    log_every: int = 20  # steps between loss read-backs (each one is a host sync)
+    checkpoint_every: int = 1  # epochs between checkpoints
+    keep_last: int = 0  # also keep this many older epoch checkpoints (0: only checkpoint.pt)
+    eval_every: int = 0  # epochs between kNN monitor evaluations on the test split (0: only at the end)
+    knn_k: int = 200  # kNN monitor neighbours
+    knn_temperature: float = 0.1  # kNN monitor vote temperature
+
+
+@dataclass
+class Config:
+    data: DataConfig = field(default_factory=DataConfig)
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+
+CHOICES = {
+    "data.dataset": ("cifar10", "cifar100", "folder", "synthetic"),
+    "augment.preset": ("simclr", "baseline"),
+    "model.arch": ("resnet18", "resnet34", "resnet50"),
+    "model.stem": ("cifar", "imagenet"),
+    "optim.name": ("sgd", "adam", "adamw", "lars"),
+    "optim.schedule": ("cosine", "plateau", "constant"),
+    "train.precision": ("auto", "fp32", "bf16", "fp16"),
+}
+
+# (key, test, what the value must be): checked after every load and override.
+RULES = [
+    ("loss.temperature", lambda v: v > 0, "> 0"),
+    ("train.batch_size", lambda v: v >= 2, ">= 2 (NT-Xent needs negatives)"),
+    ("train.epochs", lambda v: v >= 1, ">= 1"),
+    ("train.log_every", lambda v: v >= 1, ">= 1"),
+    ("train.checkpoint_every", lambda v: v >= 1, ">= 1"),
+    ("train.keep_last", lambda v: v >= 0, ">= 0"),
+    ("train.eval_every", lambda v: v >= 0, ">= 0"),
+    ("train.knn_k", lambda v: v >= 1, ">= 1"),
+    ("train.knn_temperature", lambda v: v > 0, "> 0"),
+    ("optim.lr", lambda v: v > 0, "> 0"),
+    ("optim.weight_decay", lambda v: v >= 0, ">= 0"),
+    ("optim.momentum", lambda v: 0 <= v < 1, "in [0, 1)"),
+    ("optim.warmup_epochs", lambda v: v >= 0, ">= 0"),
+    ("optim.min_lr", lambda v: v >= 0, ">= 0"),
+    ("optim.betas", lambda v: len(v) == 2 and all(0 <= b < 1 for b in v), "two numbers in [0, 1)"),
+    ("optim.plateau_factor", lambda v: 0 < v < 1, "in (0, 1)"),
+    ("optim.plateau_patience", lambda v: v >= 0, ">= 0"),
+    ("augment.crop_scale_min", lambda v: 0 < v <= 1, "in (0, 1]"),
+    ("augment.jitter_strength", lambda v: v >= 0, ">= 0"),
+    ("model.width", lambda v: v >= 4, ">= 4"),
+    ("model.head_out", lambda v: v >= 1, ">= 1"),
+    ("model.head_layers", lambda v: v in (2, 3), "2 or 3"),
+    ("model.head_hidden", lambda v: v is None or v >= 1, ">= 1 or null"),
+    ("data.image_size", lambda v: v >= 8, ">= 8"),
+    ("data.num_workers", lambda v: v >= 0, ">= 0"),
+    ("data.synthetic_size", lambda v: v >= 2, ">= 2"),
+    ("data.size_dataset_train", lambda v: v is None or v >= 2, ">= 2 or null"),
+]
+
+
+def _unknown_key(key: str, known: list[str], where: str) -> ConfigError:
+    hint = difflib.get_close_matches(key, known, n=1)
+    fix = f"did you mean '{hint[0]}'?" if hint else f"valid keys: {', '.join(known)}"
+    return ConfigError(f"unknown config key '{where}{key}': {fix}")
+
+
+def _coerce(value: Any, hint: Any, key: str) -> Any:
+    """Check one YAML value against its field's type; ints are accepted where floats are expected."""
+    origin, args = get_origin(hint), get_args(hint)
+    if origin in (Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        hint = next(a for a in args if a is not type(None))
+        origin = get_origin(hint)
+    if origin is list:
+        if not isinstance(value, list):
+            raise ConfigError(f"'{key}' must be a list, got {value!r}")
+        return [_coerce(v, get_args(hint)[0], key) for v in value]
+    if hint is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    if hint is bool and isinstance(value, bool):
+        return value
+    if hint in (int, str) and isinstance(value, hint) and not isinstance(value, bool):
+        return value
+    raise ConfigError(f"'{key}' must be {getattr(hint, '__name__', hint)}, got {value!r}")
+
+
+def _build(cls: type, raw: Any, where: str = "") -> Any:
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"'{where.rstrip('.') or 'config'}' must be a mapping of keys to values")
+    hints = get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for key, value in raw.items():
+        if key not in names:
+            raise _unknown_key(str(key), names, where)
+        if dataclasses.is_dataclass(hints[key]):
+            kwargs[key] = _build(hints[key], value, f"{where}{key}.")
+        else:
+            kwargs[key] = _coerce(value, hints[key], f"{where}{key}")
+    return cls(**kwargs)
+
+
+def get_value(cfg: Config, key: str) -> Any:
+    section, name = key.split(".")
+    return getattr(getattr(cfg, section), name)
+
+
+def validate(cfg: Config) -> Config:
+    for key, choices in CHOICES.items():
+        if get_value(cfg, key) not in choices:
+            raise ConfigError(f"'{key}' must be one of {', '.join(choices)}; got {get_value(cfg, key)!r}")
+    for key, test, what in RULES:
+        if not test(get_value(cfg, key)):
+            raise ConfigError(f"'{key}' must be {what}; got {get_value(cfg, key)!r}")
+    if cfg.data.dataset == "folder" and not cfg.data.root:
+        raise ConfigError("the folder dataset needs 'data.root' set to a folder of images")
+    return cfg
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """'optim.lr=0.5' -> (['optim', 'lr'], 0.5); the value is read as YAML (numbers, true/false, null)."""
+    key, sep, value = text.partition("=")
+    parts = key.strip().split(".")
+    if not sep or len(parts) != 2 or not all(parts):
+        raise ConfigError(f"override '{text}' must look like section.key=value, e.g. optim.lr=0.5")
+    try:
+        return parts, yaml.safe_load(value) if value.strip() else None
+    except yaml.YAMLError:
+        return parts, value
+
+
+def read_yaml(path: str | Path) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path} (see examples/ for a starting point)")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark else ""
+        problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+        raise ConfigError(f"{path}{where}: not valid YAML ({problem}); Python tags (!!python/...) are refused")
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path}: not a text file; give a YAML config")
+    if raw is not None and not isinstance(raw, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping of sections (data, model, optim, ...)")
+    return raw or {}
+
+
+def merge_overrides(raw: dict, overrides: list[str]) -> dict:
+    raw = json.loads(json.dumps(raw))  # deep copy of plain data; the caller's dict stays as it was
+    for text in overrides:
+        (section, name), value = parse_override(text)
+        node = raw.setdefault(section, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"'{section}' must be a mapping of keys to values")
+        node[name] = value
+    return raw
+
+
+def config_from_dict(raw: dict | None) -> Config:
+    return validate(_build(Config, raw))
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+    raw = read_yaml(path) if path else {}
+    return config_from_dict(merge_overrides(raw, overrides or []))
+
+
+def config_to_dict(cfg: Config) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def dump_config(cfg: Config) -> str:
+    return yaml.safe_dump(config_to_dict(cfg), sort_keys=False)
+
+
+def config_digest(cfg: Config) -> str:
+    """Short stable fingerprint of a config, recorded in encoder files as provenance."""
+    return hashlib.sha256(json.dumps(config_to_dict(cfg), sort_keys=True).encode()).hexdigest()[:12]
