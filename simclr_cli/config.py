@@ -85,7 +85,7 @@ class TrainConfig:
     log_every: int = 20  # steps between loss read-backs (each one is a host sync)
     checkpoint_every: int = 1  # epochs between checkpoints
     keep_last: int = 0  # also keep this many older epoch checkpoints (0: only checkpoint.pt)
-    eval_every: int = 0  # epochs between kNN monitor evaluations on the test split (0: only at the end)
+    eval_every: int = 10  # epochs between kNN monitor evaluations on the test split (0: only at the end)
     knn_k: int = 200  # kNN monitor neighbours
     knn_temperature: float = 0.1  # kNN monitor vote temperature
 

@@ -1,8 +1,10 @@
 """Graceful interruption: the first Ctrl-C or SIGTERM asks the loop to stop after the current step.
 
 The loop then writes its checkpoint and raises `StopRequested`; the CLI prints how to resume and exits
-130 (SIGINT) or 143 (SIGTERM), the shell's convention of 128 + signal number. A second signal exits at
-once: the previous checkpoint is still intact because checkpoints are only ever replaced by rename.
+130 (SIGINT) or 143 (SIGTERM), the shell's convention of 128 + signal number. A second signal raises
+`ForcedStop` (a SystemExit with the same code) at once, wherever the main thread is: the previous checkpoint
+is still intact because checkpoints are only ever replaced by rename, and a half-written temporary file is
+removed on the way out.
 """
 
 from __future__ import annotations
@@ -16,10 +18,22 @@ EXIT_CODES = {"SIGINT": 130, "SIGTERM": 143}
 
 
 class StopRequested(Exception):
-    def __init__(self, signal_name: str):
+    """Training stopped on a signal; `checkpoint` is the file holding the stopped state (None: none yet)."""
+
+    def __init__(self, signal_name: str, checkpoint: str | None = None, epoch: int = 0, step: int = 0,
+                 saved: bool = False):
         super().__init__(signal_name)
         self.signal_name = signal_name
         self.exit_code = EXIT_CODES.get(signal_name, 1)
+        self.checkpoint, self.epoch, self.step, self.saved = checkpoint, epoch, step, saved
+
+
+class ForcedStop(SystemExit):
+    """A second signal: leave now, without finishing the step or writing a checkpoint."""
+
+    def __init__(self, signal_name: str):
+        super().__init__(EXIT_CODES.get(signal_name, 1))
+        self.signal_name = signal_name
 
 
 class StopFlag:
@@ -33,7 +47,7 @@ class StopFlag:
 
 @contextlib.contextmanager
 def stop_guard() -> Iterator[StopFlag]:
-    """Install the two-stage SIGINT/SIGTERM handlers for the duration of a training loop."""
+    """Install the two-stage SIGINT/SIGTERM handlers for the duration of a training run."""
     flag = StopFlag()
     if threading.current_thread() is not threading.main_thread():  # signals only reach the main thread
         yield flag
@@ -42,7 +56,7 @@ def stop_guard() -> Iterator[StopFlag]:
     def handle(signum, frame):
         name = signal.Signals(signum).name
         if flag.requested:  # second signal: leave now
-            raise SystemExit(EXIT_CODES.get(name, 1))
+            raise ForcedStop(name)
         flag.signal_name = name
 
     previous = {s: signal.signal(s, handle) for s in (signal.SIGINT, signal.SIGTERM)}
