@@ -1,0 +1,269 @@
+"""Embedding: image files -> a float32 .npy of representations h, one row per image, streamed.
+
+Owns what `simclr embed` does beneath the CLI: turning IMAGES (a folder, one image, or a text file listing
+paths) into an ordered path list; writing the .npy header first and rows batch by batch, so memory stays
+flat however many images there are; outputs that never hold a partial array after a failure; and bad files
+(report every one and write nothing, or leave them out). Each batch goes through `evaluate.extract_features`,
+so the rows equal what `simclr probe` extracts from the same images.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import os
+import shutil
+import stat
+import struct
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import BinaryIO, Callable, Iterator, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from simclr_cli.checkpoint import LoadedEncoder, load_encoder
+from simclr_cli.evaluate import extract_features
+from simclr_cli.images import IMAGE_EXTENSIONS, DatasetError, iter_decoded, list_images
+from simclr_cli.runtime import pick_device, resolve_precision
+
+Callback = Callable[[str, dict], None]
+
+DEFAULT_ENCODER = Path("encoder.pth")  # looked up in the working directory when no --encoder is given
+# A .npy v1.0 header is magic + version + 2-byte length + a Python dict literal padded with spaces. Padding it
+# to a fixed 128 bytes leaves room for any (rows, dim), so the row count can be rewritten in place once a
+# --skip-bad run knows it, and keeps the data 64-byte aligned as numpy's own writer does.
+HEADER_BYTES = 128
+
+
+class EmbedError(DatasetError):
+    """A user-facing problem with an embed run; one line naming the fix."""
+
+
+class BadImagesError(EmbedError):
+    """Some images did not decode and --skip-bad was not given; `failures` lists (path, reason)."""
+
+    def __init__(self, failures: list[tuple[Path, str]], total: int) -> None:
+        self.failures = failures
+        super().__init__(f"{len(failures)} of {total} images could not be decoded (listed above); nothing was "
+                         "written: fix or remove them, or pass --skip-bad to leave them out")
+
+
+@dataclass
+class EmbedResult:
+    rows: int  # images embedded, rows of the array
+    dim: int  # D, the representation's size
+    seconds: float  # decode + forward + write, after the encoder was loaded
+    output: str  # where the array went
+    paths: list[Path] = field(repr=False)  # path of each row, in order
+    failures: list[tuple[Path, str]] = field(default_factory=list)  # skipped (path, reason)
+
+    @property
+    def images_per_s(self) -> float:
+        return self.rows / self.seconds if self.seconds > 0 else 0.0
+
+
+# --- inputs ----------------------------------------------------------------------------------------------
+
+def read_path_list(list_file: Path) -> list[Path]:
+    """One path per line; blank lines skipped, surrounding spaces stripped, relative paths taken relative to
+    the list file's folder (so a list travels with its images)."""
+    try:
+        lines = list_file.read_text(encoding="utf-8").splitlines()
+    except UnicodeDecodeError:
+        raise EmbedError(f"{list_file} is neither an image ({', '.join(IMAGE_EXTENSIONS)}) nor a UTF-8 text "
+                         "file listing image paths: point at a folder, an image or a list") from None
+    paths = [Path(s).expanduser() for s in (line.strip() for line in lines) if s]
+    return [p if p.is_absolute() else list_file.parent / p for p in paths]
+
+
+def resolve_paths(images: str | Path) -> list[Path]:
+    """IMAGES -> the paths to embed, in row order: a folder (recursive, sorted), one image, or a list file."""
+    images = Path(images).expanduser()
+    if images.is_file() and images.suffix.lower() not in IMAGE_EXTENSIONS:
+        paths = read_path_list(images)
+        if not paths:
+            raise EmbedError(f"{images} lists no image paths: put one path per line")
+        return paths
+    paths = list_images(images)  # a folder or one image; raises DatasetError when IMAGES does not exist
+    if not paths:
+        raise EmbedError(f"no images under {images} ({', '.join(IMAGE_EXTENSIONS)}): point at a folder of "
+                         "images, one image, or a text file listing paths")
+    return paths
+
+
+def resolve_encoder(encoder: str | Path | None) -> Path:
+    if encoder is not None:
+        return Path(encoder).expanduser()
+    if not DEFAULT_ENCODER.is_file():
+        raise EmbedError(f"no {DEFAULT_ENCODER} in the working directory ({Path.cwd()}): write one with "
+                         "`simclr extract`, or pass --encoder PATH (an encoder file, checkpoint or state dict)")
+    return DEFAULT_ENCODER
+
+
+# --- the .npy stream -------------------------------------------------------------------------------------
+
+def npy_header(rows: int, dim: int) -> bytes:
+    """A .npy v1.0 header for a little-endian float32 C-order (rows, dim) array, exactly HEADER_BYTES long."""
+    text = "{'descr': '<f4', 'fortran_order': False, 'shape': (%d, %d), }" % (rows, dim)
+    text = text.ljust(HEADER_BYTES - 11) + "\n"  # 11 = magic (6) + version (2) + length (2) + this newline
+    return b"\x93NUMPY\x01\x00" + struct.pack("<H", len(text)) + text.encode("latin1")
+
+
+class NpyWriter:
+    """Header first, then rows as they come; `finish` rewrites the row count in place when it changed.
+
+    `seekable` False (a pipe): the header must already be right, so the row count may not change.
+    """
+
+    def __init__(self, fp: BinaryIO, rows: int, dim: int, seekable: bool) -> None:
+        self.fp, self.dim, self.seekable, self.planned, self.rows = fp, dim, seekable, rows, 0
+        self.start = fp.tell() if seekable else 0
+        fp.write(npy_header(rows, dim))
+
+    def write(self, h: torch.Tensor) -> None:
+        self.fp.write(np.ascontiguousarray(h.numpy(), dtype="<f4").tobytes())  # (B, D) rows
+        self.rows += h.shape[0]
+
+    def finish(self) -> None:
+        if self.rows != self.planned:
+            if not self.seekable:
+                raise RuntimeError(f"wrote {self.rows} rows after a header for {self.planned} to a stream")
+            self.fp.seek(self.start)
+            self.fp.write(npy_header(self.rows, self.dim))
+            self.fp.seek(0, io.SEEK_END)
+        self.fp.flush()
+
+
+def _is_regular_file(fp: BinaryIO) -> bool:
+    """True when `fp` is a plain file we may seek in and truncate: `> out.npy`, not a pipe, tty or `>>`."""
+    try:
+        fd = fp.fileno()
+    except (AttributeError, OSError, ValueError):  # io.UnsupportedOperation is an OSError
+        return False
+    try:
+        import fcntl
+        appending = bool(fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_APPEND)
+    except ImportError:  # Windows: no fcntl; treat as a stream
+        appending = True
+    return stat.S_ISREG(os.fstat(fd).st_mode) and not appending
+
+
+@contextlib.contextmanager
+def atomic_file(path: Path) -> Iterator[BinaryIO]:
+    """A temporary file beside `path`, fsync'ed and renamed over it on success, removed on any failure."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    umask = os.umask(0)
+    os.umask(umask)
+    try:
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; the result should be as readable as `>` makes it
+        with os.fdopen(fd, "wb") as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+@contextlib.contextmanager
+def stdout_target(stdout: BinaryIO, rows_may_shrink: bool) -> Iterator[tuple[BinaryIO, bool]]:
+    """(file, seekable) for an array going to stdout.
+
+    A regular file (`> out.npy`) is written in place, its row count patched at the end, and truncated back
+    to where it started if the run fails. A pipe cannot be patched: with --skip-bad the row count is only
+    known at the end, so rows are spooled to a temporary file on disk (not memory) and copied out after;
+    otherwise they stream straight through and a failed run leaves a short stream that numpy.load refuses.
+    """
+    stdout.flush()
+    if _is_regular_file(stdout):
+        start = stdout.tell()
+        try:
+            yield stdout, True
+        except BaseException:
+            stdout.seek(start)
+            stdout.truncate()
+            raise
+    elif rows_may_shrink:
+        with tempfile.TemporaryFile(prefix="simclr-embed-") as spool:
+            yield spool, True
+            spool.seek(0)
+            shutil.copyfileobj(spool, stdout, 1 << 20)
+    else:
+        yield stdout, False
+    stdout.flush()
+
+
+# --- the loop --------------------------------------------------------------------------------------------
+
+def embed_paths(loaded: LoadedEncoder, paths: Sequence[Path], fp: BinaryIO, seekable: bool, *, device: torch.device,
+                precision: str, normalize: bool = False, batch_size: int = 256, workers: int = 2,
+                skip_bad: bool = False, callback: Callback | None = None) -> tuple[list[Path], list]:
+    """Decode `paths` in workers, encode each batch, stream rows to `fp` as a .npy. Returns (kept paths,
+    failures).
+
+    Without `skip_bad` the first bad file stops the encoding, but decoding goes on so every bad file is
+    reported; then BadImagesError is raised and nothing is committed.
+    """
+    callback = callback or (lambda event, data: None)
+    writer = NpyWriter(fp, len(paths), loaded.encoder.feature_dim, seekable)
+    kept: list[int] = []
+    failures: list[tuple[Path, str]] = []
+    done = 0
+    for batch in iter_decoded(paths, loaded.image_size, batch_size=batch_size, num_workers=workers):
+        for i, why in batch.failures:
+            failures.append((paths[i], why))
+            callback("bad", {"path": paths[i], "reason": why})
+        if len(batch.indices) and (skip_bad or not failures):
+            # probe's own extraction on this one batch, so the rows equal what `probe` computes
+            h = extract_features(loaded.encoder, batch.images, loaded.mean, loaded.std, loaded.image_size, device,
+                                 precision, batch_size=len(batch.images))  # (B, D) float32
+            writer.write(F.normalize(h, dim=1) if normalize else h)
+            kept += batch.indices.tolist()
+        done += len(batch.indices) + len(batch.failures)
+        callback("progress", {"done": done, "total": len(paths), "bad": len(failures)})
+    if failures and not skip_bad:
+        raise BadImagesError(failures, len(paths))
+    if not kept:
+        raise EmbedError(f"none of the {len(paths)} images could be decoded: check the files")
+    writer.finish()
+    return [paths[i] for i in kept], failures
+
+
+def embed_images(images: str | Path, encoder: str | Path | None = None, output: str | Path | None = None,
+                 stdout: BinaryIO | None = None, *, paths_out: str | Path | None = None, normalize: bool = False,
+                 batch_size: int = 256, workers: int = 2, skip_bad: bool = False, device: str = "auto",
+                 callback: Callback | None = None) -> EmbedResult:
+    """Embed IMAGES with an encoder file into a float32 (N, D) .npy at `output`, or on `stdout` when None."""
+    if output is None and (stdout is None or stdout.isatty()):
+        raise EmbedError("refusing to write a binary .npy to the terminal: redirect it "
+                         "(simclr embed IMAGES > vectors.npy) or pass -o vectors.npy")
+    output = None if output is None else Path(output).expanduser()
+    if output is not None and output.is_dir():
+        raise EmbedError(f"-o {output} is a folder: give a file name, e.g. {output / 'vectors.npy'}")
+    paths = resolve_paths(images)
+    loaded = load_encoder(resolve_encoder(encoder))
+    dev = pick_device(device)
+    precision = resolve_precision("auto", dev)
+    callback = callback or (lambda event, data: None)
+    callback("start", {"images": len(paths), "dim": loaded.encoder.feature_dim, "image_size": loaded.image_size,
+                       "kind": loaded.kind, "notes": loaded.notes, "device": str(dev), "precision": precision})
+    t0 = time.perf_counter()
+    with contextlib.ExitStack() as stack:
+        if output is not None:
+            fp, seekable = stack.enter_context(atomic_file(output)), True
+        else:
+            fp, seekable = stack.enter_context(stdout_target(stdout, rows_may_shrink=skip_bad))
+        kept, failures = embed_paths(loaded, paths, fp, seekable, device=dev, precision=precision,
+                                     normalize=normalize, batch_size=batch_size, workers=workers,
+                                     skip_bad=skip_bad, callback=callback)
+        if paths_out is not None:  # inside the stack: a failed --paths write leaves no array either
+            with atomic_file(Path(paths_out).expanduser()) as f:
+                f.write("".join(f"{p}\n" for p in kept).encode("utf-8", "surrogateescape"))
+    return EmbedResult(len(kept), loaded.encoder.feature_dim, time.perf_counter() - t0,
+                       str(output) if output is not None else "stdout", kept, failures)
