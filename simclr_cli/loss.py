@@ -10,6 +10,8 @@ A batch of N images gives 2N views; row i of `z1` and row i of `z2` are the posi
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
@@ -73,7 +75,9 @@ def nt_xent(
             from torch.distributed.nn.functional import all_gather
 
             # One gather of both views; global column layout is [z1_0; z2_0; z1_1; z2_1; ...].
-            z_all = torch.cat(all_gather(z), dim=0)  # (2N, D)
+            with warnings.catch_warnings():  # torch 2.14 marks it deprecated; it is still the gather with a backward
+                warnings.simplefilter("ignore", FutureWarning)
+                z_all = torch.cat(all_gather(z), dim=0)  # (2N, D)
         else:
             z_all = z  # (2n, D)
         logits = z @ z_all.T / temperature  # (2n, 2N): s_ik / tau
