@@ -1,0 +1,98 @@
+"""Representation quality at equal wall-clock: the CPU recipe against the original design, and untrained.
+
+Each recipe pretrains on the real CIFAR-10 copy for a fixed wall-clock budget (default 10 minutes): a few
+calibration steps measure its speed, `train.epochs` is set so the cosine schedule ends inside the budget,
+and a hard stop at the budget catches a slow machine. Then every encoder, and an untrained one of each
+architecture, is probed (linear top-1 and kNN top-1 on the test split). One table, all measured here.
+
+    python benchmarks/quality.py --data-dir DIR                 # DIR holds cifar-10-batches-py/
+    python benchmarks/quality.py --data-dir DIR --budget-min 3  # a quicker look
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+from simclr_cli.config import load_config
+from simclr_cli.evaluate import run_probe
+from simclr_cli.train import Trainer
+
+CALIBRATION_STEPS = 3
+BUDGET_USE = 0.92  # leave room for the data load, checkpoints and the final encoder write
+
+
+class BudgetSpent(Exception):
+    pass
+
+
+def steps_per_second(cfg) -> float:
+    trainer = Trainer(cfg)
+    batch = trainer.data.images[: trainer.local_batch]
+    trainer.train_step(batch)  # warm-up: first-call allocations
+    start = time.perf_counter()
+    for _ in range(CALIBRATION_STEPS):
+        trainer.train_step(batch).item()
+    return CALIBRATION_STEPS / (time.perf_counter() - start)
+
+
+def pretrain_for(config: str, data_dir: str, out: Path, budget_s: float, extra: list[str]) -> dict:
+    overrides = [f"data.root={data_dir}", "data.download=false", f"train.output_dir={out}", "train.eval_every=0",
+                 "train.checkpoint_every=1000000"] + extra
+    cfg = load_config(config, overrides)
+    rate = steps_per_second(cfg)
+    trainer = Trainer(cfg)
+    epochs = max(1, int(budget_s * BUDGET_USE * rate / trainer.steps_per_epoch))
+    cfg = load_config(config, overrides + [f"train.epochs={epochs}"])
+    start = time.perf_counter()
+
+    def watch(event: str, data: dict) -> None:
+        if event == "log" and time.perf_counter() - start > budget_s:
+            raise BudgetSpent()
+
+    trainer = Trainer(cfg, watch)
+    try:
+        trainer.run()
+        stopped = False
+    except BudgetSpent:
+        stopped = True
+    encoder = trainer.write_encoder()
+    return {"encoder": str(encoder), "epochs_planned": epochs, "epochs_done": trainer.state.epoch,
+            "steps": trainer.state.step, "train_s": time.perf_counter() - start, "hit_budget": stopped,
+            "steps_per_s": rate}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--data-dir", required=True, help="folder holding cifar-10-batches-py/")
+    p.add_argument("--budget-min", type=float, default=10.0, help="pretraining wall-clock per recipe, minutes")
+    p.add_argument("--recipe", default="examples/cpu.yaml", help="the CPU recipe")
+    p.add_argument("--baseline", default="examples/baseline.yaml", help="the original design")
+    p.add_argument("--out", default="runs/quality", help="run directories and report.json")
+    p.add_argument("--set", action="append", default=[], help="override for the CPU recipe only")
+    args = p.parse_args()
+    out = Path(args.out)
+    rows, report = [], {"budget_min": args.budget_min, "runs": {}}
+    for name, config, extra in (("cpu recipe", args.recipe, args.set), ("original design", args.baseline, [])):
+        print(f"pretraining {name} ({config}) for {args.budget_min:g} min ...", flush=True)
+        run = pretrain_for(config, args.data_dir, out / name.replace(" ", "-"), args.budget_min * 60, extra)
+        for label, random_init in ((name, False), (f"untrained ({name} arch)", True)):
+            probe = run_probe(run["encoder"], "cifar10", args.data_dir, random_init=random_init)
+            res = probe["results"]["random_init" if random_init else "trained"]
+            rows.append((label, res["knn_top1"], res["linear_top1"],
+                         "-" if random_init else f"{run['epochs_done']} ep, {run['steps']} steps, {run['train_s']:.0f} s"))
+            report["runs"][label] = {"run": None if random_init else run, "probe": res, "encoder": probe["encoder"]}
+    print(f"\nCIFAR-10 test split, pretraining budget {args.budget_min:g} min each on this machine")
+    print(f"{'encoder':<30} {'kNN top-1':>9} {'linear top-1':>12}  pretraining")
+    for label, knn, linear, note in rows:
+        print(f"{label:<30} {100 * knn:8.2f}% {100 * linear:11.2f}%  {note}")
+    gap = rows[0][1] - rows[2][1]
+    print(f"kNN gain of the CPU recipe over the original design: {100 * gap:+.2f} points (target >= +15)")
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "report.json").write_text(json.dumps(report, indent=2, default=str))
+
+
+if __name__ == "__main__":
+    main()
