@@ -7,13 +7,14 @@ fsync'ed, then renamed over the target, so a crash or `kill -9` never leaves a t
 
 from __future__ import annotations
 
+import contextlib
 import os
 import pickle
 import tempfile
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO, Iterator
 
 import torch
 
@@ -34,8 +35,9 @@ class CheckpointError(ValueError):
     """A file that cannot be used as asked; the message is one line naming the fix."""
 
 
-def _atomic_write(path: str | Path, write) -> Path:
-    """Call write(binary file) on a temporary file beside `path`, fsync, then rename over `path`."""
+@contextlib.contextmanager
+def atomic_file(path: str | Path) -> Iterator[BinaryIO]:
+    """A temporary file beside `path`, fsync'ed and renamed over it on success, removed on any failure."""
     path = Path(path)
     if path.is_dir():
         raise CheckpointError(f"{path} is a folder: give a file name, e.g. {path / 'encoder.pth'}")
@@ -44,9 +46,12 @@ def _atomic_write(path: str | Path, write) -> Path:
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     except OSError as err:
         raise CheckpointError(f"cannot write {path} ({err.strerror}): choose another output path") from None
+    umask = os.umask(0)
+    os.umask(umask)
     try:
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; the result should be as readable as `>` makes it
         with os.fdopen(fd, "wb") as f:
-            write(f)
+            yield f
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -58,7 +63,13 @@ def _atomic_write(path: str | Path, write) -> Path:
         os.fsync(dir_fd)
     finally:
         os.close(dir_fd)
-    return path
+
+
+def _atomic_write(path: str | Path, write) -> Path:
+    """Call write(binary file) on a temporary file beside `path`, fsync, then rename over `path`."""
+    with atomic_file(path) as f:
+        write(f)
+    return Path(path)
 
 
 def atomic_save(obj: Any, path: str | Path) -> Path:

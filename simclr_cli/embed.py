@@ -25,7 +25,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from simclr_cli.checkpoint import LoadedEncoder, load_encoder
+from simclr_cli.checkpoint import LoadedEncoder, atomic_file, load_encoder
 from simclr_cli.evaluate import extract_features
 from simclr_cli.images import IMAGE_EXTENSIONS, DatasetError, iter_decoded, list_images
 from simclr_cli.runtime import pick_device, resolve_precision
@@ -150,25 +150,6 @@ def _is_regular_file(fp: BinaryIO) -> bool:
     except ImportError:  # Windows: no fcntl; treat as a stream
         appending = True
     return stat.S_ISREG(os.fstat(fd).st_mode) and not appending
-
-
-@contextlib.contextmanager
-def atomic_file(path: Path) -> Iterator[BinaryIO]:
-    """A temporary file beside `path`, fsync'ed and renamed over it on success, removed on any failure."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    umask = os.umask(0)
-    os.umask(umask)
-    try:
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; the result should be as readable as `>` makes it
-        with os.fdopen(fd, "wb") as f:
-            yield f
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 @contextlib.contextmanager

@@ -34,12 +34,7 @@ SUB = ["data.dataset=synthetic", "data.synthetic_size=160", "data.image_size=16"
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "COLUMNS": "200"}
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def sets(options: list[str]) -> list[str]:

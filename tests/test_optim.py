@@ -19,13 +19,7 @@ from simclr_cli.optim import (
 )
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # Tiny tensors: thread hand-off costs more than the maths (0.08 s vs 0.001 s per step here).
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _tiny_model(seed: int = 0) -> nn.Module:

@@ -26,13 +26,7 @@ TINY = ["data.dataset=synthetic", "data.synthetic_size=48", "data.image_size=16"
         "train.batch_size=16", "train.precision=fp32", "train.device=cpu", "train.log_every=2", "train.epochs=3"]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """One intra-op thread: fast on a shared 2-core machine, and the same reductions in every run compared."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny(out: Path, *extra: str):

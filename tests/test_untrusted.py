@@ -19,12 +19,7 @@ TINY = ["data.dataset=synthetic", "data.synthetic_size=48", "data.image_size=16"
 SETS = [arg for kv in TINY for arg in ("--set", kv)]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def pretrain_cli(*args: str) -> tuple[int, str]:
