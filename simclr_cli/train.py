@@ -24,7 +24,7 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
 from simclr_cli.augment import Augmenter
-from simclr_cli.checkpoint import (CheckpointError, atomic_save, checkpoint_payload, encoder_payload,
+from simclr_cli.checkpoint import (CheckpointError, atomic_save, atomic_write_text, checkpoint_payload, encoder_payload,
                                    load_checkpoint, restore_rng)
 from simclr_cli.config import Config, ConfigError, config_to_dict, dump_config
 from simclr_cli.data import DatasetError, ImageSet, load_dataset, normalization_for
@@ -116,13 +116,6 @@ def remove_stale_temp_files(path: Path) -> list[Path]:
     for p in stale:
         p.unlink(missing_ok=True)
     return stale
-
-
-def write_text_atomic(path: Path, text: str) -> None:
-    """Write beside `path`, then rename over it: a kill never leaves a half-written config or metrics file."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def check_world(cfg: Config, world_size: int, device: torch.device) -> None:
@@ -273,7 +266,7 @@ class Trainer:
                 continue
             if isinstance(record, dict) and isinstance(record.get("step"), int) and record["step"] <= step:
                 kept.append(line + "\n")
-        write_text_atomic(path, "".join(kept))
+        atomic_write_text("".join(kept), path)
 
     def describe(self) -> dict:
         cfg = self.cfg
@@ -471,7 +464,7 @@ class Trainer:
         if self.dist.is_main:
             if s.step == 0:  # a new run: lines from an earlier attempt that never reached a checkpoint go
                 (self.out / "metrics.jsonl").unlink(missing_ok=True)
-            write_text_atomic(self.out / "config.yaml", dump_config(cfg))
+            atomic_write_text(dump_config(cfg), self.out / "config.yaml")
         try:
             if stop.requested:  # a signal while the data or model was being set up
                 raise StopRequested(stop.signal_name)
