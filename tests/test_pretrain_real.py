@@ -7,15 +7,18 @@ from simclr_cli.train import pretrain
 
 
 def test_loss_falls_on_real_cifar10(cifar10_root, tmp_path):
+    # lr 0.05 without warmup: measured on this CPU with 1 and 2 threads, the loss falls ~0.4 in 24 steps;
+    # the quickstart's lr 0.3 applied from step 0 barely moves it (4.78 -> 4.74), and lr 1e-6 not at all.
     cfg = load_config("examples/quickstart.yaml", [
         f"data.root={cifar10_root}", "data.size_dataset_train=1536", "model.width=16", "train.batch_size=64",
-        "train.epochs=1", "train.log_every=4", "optim.warmup_epochs=0", "optim.schedule=constant",
-        "train.eval_every=0", f"train.output_dir={tmp_path / 'run'}",
+        "train.epochs=1", "train.log_every=2", "optim.warmup_epochs=0", "optim.schedule=constant",
+        "optim.lr=0.05", "train.eval_every=0", f"train.output_dir={tmp_path / 'run'}",
     ])
     summary = pretrain(cfg)
     steps = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     losses = [r["loss"] for r in steps if r["kind"] == "step"]
-    assert summary["steps"] == 24 and len(losses) == 6
-    # Random init scores about log(2 * 64 - 1) = 4.84; a few SGD steps on real images pull the views together.
-    assert losses[-1] < losses[0] - 0.05, losses
+    assert summary["steps"] == 24 and len(losses) == 12
+    # Random init scores about log(2 * 64 - 1) = 4.84; SGD on real images pulls the two views together.
+    first, last = sum(losses[:2]) / 2, sum(losses[-3:]) / 3
+    assert last < first - 0.15, losses
     assert (tmp_path / "run" / "encoder.pth").stat().st_size > 0
