@@ -11,6 +11,8 @@ import dataclasses
 import difflib
 import hashlib
 import json
+import math
+import re
 import types
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -149,7 +151,8 @@ def _unknown_key(key: str, known: list[str], where: str) -> ConfigError:
 
 
 def _coerce(value: Any, hint: Any, key: str) -> Any:
-    """Check one YAML value against its field's type; ints are accepted where floats are expected."""
+    """Check one YAML value against its field's type; ints are accepted where floats are expected, and so is
+    exponent notation without a dot such as 5e-4, which YAML 1.1 reads as a string."""
     origin, args = get_origin(hint), get_args(hint)
     if origin in (Union, types.UnionType):
         if value is None and type(None) in args:
@@ -160,7 +163,11 @@ def _coerce(value: Any, hint: Any, key: str) -> Any:
         if not isinstance(value, list):
             raise ConfigError(f"'{key}' must be a list, got {value!r}")
         return [_coerce(v, get_args(hint)[0], key) for v in value]
+    if hint is float and isinstance(value, str) and re.fullmatch(r"\s*[-+]?\d+(\.\d*)?[eE][-+]?\d+\s*", value):
+        value = float(value)
     if hint is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+        if not math.isfinite(value):
+            raise ConfigError(f"'{key}' must be a finite number, got {value!r}")
         return float(value)
     if hint is bool and isinstance(value, bool):
         return value

@@ -33,6 +33,17 @@ def test_precedence_defaults_yaml_set(tmp_path):
     assert cfg.optim.momentum == Config().optim.momentum  # defaults fill the rest
 
 
+def test_exponent_without_dot_is_a_float_and_infinity_is_refused(tmp_path):
+    # YAML 1.1 reads 1e-3 (no dot) as a string; a user writing it means a number.
+    assert load_config(overrides=["optim.lr=1e-3"]).optim.lr == 1e-3
+    assert load_config(write(tmp_path, "optim:\n  weight_decay: 5e-4\n")).optim.weight_decay == 5e-4
+    for bad in ("optim.lr=1e400", "optim.lr=.inf", "loss.temperature=.nan"):
+        with pytest.raises(ConfigError, match="must be a finite number"):
+            load_config(overrides=[bad])
+    with pytest.raises(ConfigError, match="must be float"):
+        load_config(overrides=["optim.lr=1e-3x"])
+
+
 def test_int_accepted_for_float_and_types_checked(tmp_path):
     assert load_config(overrides=["optim.lr=1"]).optim.lr == 1.0
     with pytest.raises(ConfigError, match="train.epochs' must be int"):
