@@ -111,7 +111,8 @@ def loader_rate(runner: StepRunner, images, preset, mean, std, batch, steps, war
     return 2 * batch / timed(step, steps, warmup, device)
 
 
-def measure(args) -> list[tuple[str, float, str]]:
+def measure(args):
+    """Yields (row, views/s, notes) as each row is measured."""
     device = pick_device(args.device)
     precision = resolve_precision(args.precision, device)
     cfg = load_config(args.config, [f"model.arch={args.arch}", f"train.compile={args.compile}"] + args.set)
@@ -121,7 +122,7 @@ def measure(args) -> list[tuple[str, float, str]]:
     gpu_images = images.to(device)
     aug = Augmenter("simclr", 32, mean, std)
     gen = torch.Generator(device=device).manual_seed(0)
-    B, rows = args.batch, []
+    B = args.batch
 
     def pick():
         return gpu_images[torch.randint(len(gpu_images), (B,), generator=gen, device=device)]
@@ -131,22 +132,21 @@ def measure(args) -> list[tuple[str, float, str]]:
     t_ceiling = timed(lambda: runner.step(ready), args.steps, args.warmup, device)
     t_aug = timed(lambda: aug(pick(), gen), args.steps, 1, device)
     t_e2e = timed(lambda: runner.step(torch.cat(aug(pick(), gen))), args.steps, args.warmup, device)
-    rows += [("ceiling (random tensors)", 2 * B / t_ceiling, f"{precision}, channels_last"),
-             ("simclr-cli step", 2 * B / t_e2e, f"{precision}, channels_last; augmentation {100 * t_aug / t_e2e:.1f}% of the step")]
+    yield "ceiling (random tensors)", 2 * B / t_ceiling, f"{precision}, channels_last"
+    yield "simclr-cli step", 2 * B / t_e2e, f"{precision}, channels_last; augmentation {100 * t_aug / t_e2e:.1f}% of the step"
     if args.compare_precision:
         for other in ("fp32", "bf16"):
             if other != precision:
                 r = StepRunner(cfg, device, other, channels_last=True)
                 t = timed(lambda: r.step(torch.cat(aug(pick(), gen))), args.steps, args.warmup, device)
-                rows.append((f"simclr-cli step, {other}", 2 * B / t, f"{other}, channels_last"))
+                yield f"simclr-cli step, {other}", 2 * B / t, f"{other}, channels_last"
     fp32 = StepRunner(cfg, device, "fp32", channels_last=False)
-    rows.append(("usual pipeline", loader_rate(fp32, images, "simclr", mean, std, B, args.steps, args.warmup, device),
-                 "PIL transforms, DataLoader 2 workers, fp32, contiguous"))
+    yield ("usual pipeline", loader_rate(fp32, images, "simclr", mean, std, B, args.steps, args.warmup, device),
+           "PIL transforms, DataLoader 2 workers, fp32, contiguous")
     orig_cfg = load_config(None, ["model.stem=imagenet", "optim.name=adam", "optim.lr=0.001", f"model.arch={args.arch}"])
     orig = StepRunner(orig_cfg, device, "fp32", channels_last=False)
-    rows.append(("original design", loader_rate(orig, images, "baseline", mean, std, B, args.steps, args.warmup, device),
-                 "its weak views via PIL, ImageNet stem, Adam, fp32"))
-    return rows
+    yield ("original design", loader_rate(orig, images, "baseline", mean, std, B, args.steps, args.warmup, device),
+           "its weak views via PIL, ImageNet stem, Adam, fp32")
 
 
 def main() -> None:
@@ -169,12 +169,11 @@ def main() -> None:
     print(f"device {device} ({torch.cuda.get_device_name(device) if device.type == 'cuda' else 'CPU'}), "
           f"precision {resolve_precision(args.precision, device)}, torch {torch.__version__}, batch {args.batch} "
           f"images ({2 * args.batch} views), {args.arch}, {args.steps} timed steps per row", flush=True)
-    rows = measure(args)
-    rates = {name: rate for name, rate, _ in rows}
-    width = max(len(name) for name, _, _ in rows)
-    print(f"{'row':<{width}}  {'views/s':>9}  notes")
-    for name, rate, note in rows:
-        print(f"{name:<{width}}  {rate:9.1f}  {note}")
+    width, rates = 24, {}
+    print(f"{'row':<{width}}  {'views/s':>9}  notes", flush=True)
+    for name, rate, note in measure(args):
+        rates[name] = rate
+        print(f"{name:<{width}}  {rate:9.1f}  {note}", flush=True)
     e2e = rates["simclr-cli step"]
     print(f"simclr-cli / ceiling        = {e2e / rates['ceiling (random tensors)']:.2f}  (target >= 0.95)")
     print(f"simclr-cli / usual pipeline = {e2e / rates['usual pipeline']:.2f}  (target >= 3.5)")
