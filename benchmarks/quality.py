@@ -1,9 +1,10 @@
 """Representation quality at equal wall-clock: the CPU recipe against the original design, and untrained.
 
 Each recipe pretrains on the real CIFAR-10 copy for a fixed wall-clock budget (default 10 minutes): a few
-calibration steps measure its speed, `train.epochs` is set so the cosine schedule ends inside the budget,
-and a hard stop at the budget catches a slow machine. Then every encoder, and an untrained one of each
-architecture, is probed (linear top-1 and kNN top-1 on the test split). One table, all measured here.
+calibration steps measure its speed, the cosine schedule is planned to end at the step the budget allows
+(a fraction of an epoch counts), training stops there, and a hard stop at the budget catches a slow
+machine. Then every encoder, and an untrained one of each architecture, is probed (linear top-1 and kNN
+top-1 on the test split). One table, all measured here.
 
     python benchmarks/quality.py --data-dir DIR                 # DIR holds cifar-10-batches-py/
     python benchmarks/quality.py --data-dir DIR --budget-min 3  # a quicker look
@@ -13,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import time
 from pathlib import Path
 
@@ -20,7 +22,7 @@ from simclr_cli.config import load_config
 from simclr_cli.evaluate import run_probe
 from simclr_cli.train import Trainer
 
-CALIBRATION_STEPS = 3
+CALIBRATION_STEPS = 5
 BUDGET_USE = 0.92  # leave room for the data load, checkpoints and the final encoder write
 
 
@@ -31,7 +33,8 @@ class BudgetSpent(Exception):
 def steps_per_second(cfg) -> float:
     trainer = Trainer(cfg)
     batch = trainer.data.images[: trainer.local_batch]
-    trainer.train_step(batch)  # warm-up: first-call allocations
+    for _ in range(2):  # warm-up: first-call allocations
+        trainer.train_step(batch).item()
     start = time.perf_counter()
     for _ in range(CALIBRATION_STEPS):
         trainer.train_step(batch).item()
@@ -44,24 +47,28 @@ def pretrain_for(config: str, data_dir: str, out: Path, budget_s: float, extra: 
     cfg = load_config(config, overrides)
     rate = steps_per_second(cfg)
     trainer = Trainer(cfg)
-    epochs = max(1, int(budget_s * BUDGET_USE * rate / trainer.steps_per_epoch))
+    budget_steps = max(1, int(budget_s * BUDGET_USE * rate))
+    epochs = math.ceil(budget_steps / trainer.steps_per_epoch)
     cfg = load_config(config, overrides + [f"train.epochs={epochs}"])
     start = time.perf_counter()
 
     def watch(event: str, data: dict) -> None:
-        if event == "log" and time.perf_counter() - start > budget_s:
+        if event == "log" and (data["step"] >= budget_steps or time.perf_counter() - start > budget_s):
             raise BudgetSpent()
 
     trainer = Trainer(cfg, watch)
+    per_step = getattr(trainer.scheduler, "per_step", None)
+    if per_step is not None and per_step.decay:  # warmup + cosine: end the decay at the budget's last step, not at an epoch's end
+        per_step.total_steps = budget_steps
     try:
         trainer.run()
         stopped = False
     except BudgetSpent:
-        stopped = True
+        stopped = time.perf_counter() - start > budget_s
     encoder = trainer.write_encoder()
-    return {"encoder": str(encoder), "epochs_planned": epochs, "epochs_done": trainer.state.epoch,
+    return {"encoder": str(encoder), "steps_planned": budget_steps, "epochs_done": trainer.state.epoch,
             "steps": trainer.state.step, "train_s": time.perf_counter() - start, "hit_budget": stopped,
-            "steps_per_s": rate}
+            "steps_per_s": rate, "steps_per_epoch": trainer.steps_per_epoch}
 
 
 def main() -> None:
@@ -82,7 +89,7 @@ def main() -> None:
             probe = run_probe(run["encoder"], "cifar10", args.data_dir, random_init=random_init)
             res = probe["results"]["random_init" if random_init else "trained"]
             rows.append((label, res["knn_top1"], res["linear_top1"],
-                         "-" if random_init else f"{run['epochs_done']} ep, {run['steps']} steps, {run['train_s']:.0f} s"))
+                         "-" if random_init else f"{run['steps'] / run['steps_per_epoch']:.2f} ep, {run['steps']} steps, {run['train_s']:.0f} s"))
             report["runs"][label] = {"run": None if random_init else run, "probe": res, "encoder": probe["encoder"]}
     print(f"\nCIFAR-10 test split, pretraining budget {args.budget_min:g} min each on this machine")
     print(f"{'encoder':<30} {'kNN top-1':>9} {'linear top-1':>12}  pretraining")

@@ -92,12 +92,17 @@ def safe_load(path: str | Path) -> Any:
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
-        if "weights_only" in str(err) or "Unsupported global" in str(err):
+        if "global" in str(err).lower():  # the file names a Python callable: loading it could run code
             raise CheckpointError(
                 f"{path} holds pickled Python objects that could run code; refused (only tensors and plain "
                 "data are loaded). Re-save it as a plain state dict from a source you trust"
             ) from None
-        raise CheckpointError(f"{path} is not a PyTorch file this tool can read ({err})") from None
+        with path.open("rb") as f:
+            raw_pickle = f.read(1) == b"\x80"  # pickle's PROTO opcode; torch.save writes a zip archive
+        if raw_pickle:
+            raise CheckpointError(f"{path} is a raw pickle stream, not a torch.save file; refused (a pickle can run "
+                                  "code). Re-save it with torch.save from a source you trust") from None
+        raise CheckpointError(f"{path} is truncated or not a PyTorch file (no checkpoint could be read)") from None
     except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError) as err:
         reason = str(err).splitlines()[0] if str(err) else type(err).__name__
         raise CheckpointError(f"{path} is truncated or not a PyTorch file ({reason})") from None

@@ -133,7 +133,9 @@ RULES = [
     ("optim.plateau_patience", lambda v: v >= 0, ">= 0"),
     ("augment.crop_scale_min", lambda v: 0 < v <= 1, "in (0, 1]"),
     ("augment.jitter_strength", lambda v: v >= 0, ">= 0"),
-    ("model.width", lambda v: v >= 4, ">= 4"),
+    # Under 8, torch 2.14's CPU backward of a channels_last 1x1 stride-2 convolution (the ResNet shortcut)
+    # with fewer than 8 input channels corrupts the heap: the process hangs or aborts in free().
+    ("model.width", lambda v: v >= 8, ">= 8"),
     ("model.head_out", lambda v: v >= 1, ">= 1"),
     ("model.head_layers", lambda v: v in (2, 3), "2 or 3"),
     ("model.head_hidden", lambda v: v is None or v >= 1, ">= 1 or null"),

@@ -128,3 +128,11 @@ def test_examples_load_and_every_key_is_commented():
             if line.strip() and not line.strip().startswith("#") and not line.rstrip().endswith(":"):
                 assert "#" in line, f"{path.name}: key without a comment: {line!r}"
         assert yaml.safe_load(path.read_text())
+
+
+def test_width_under_8_is_refused_for_a_torch_cpu_heap_corruption():
+    # torch 2.14.1, CPU: backward of a channels_last 1x1 stride-2 conv with 4-7 input channels aborts in free()
+    # (width 4 gives the 4 -> 8 shortcut). Width 8 and up, and contiguous tensors, are fine.
+    with pytest.raises(ConfigError, match="'model.width' must be >= 8"):
+        load_config(overrides=["model.width=4"])
+    assert load_config(overrides=["model.width=8"]).model.width == 8

@@ -165,7 +165,7 @@ def test_malicious_pickle_never_runs(tmp_path, writer):
         with open(path, "wb") as f:
             pickle.dump(WritesAFile(target), f, protocol=2)
     for call in (load_encoder, lambda p: extract_encoder(p, tmp_path / "out.pth")):
-        with pytest.raises(CheckpointError, match="refused|not a PyTorch file"):
+        with pytest.raises(CheckpointError, match="refused"):
             call(path)
     assert not target.exists()
 

@@ -137,8 +137,6 @@ def test_a_checkpoint_that_is_not_one_is_one_line(tmp_path):
     assert_one_line(err, "holds no config")
 
 
-@pytest.mark.xfail(strict=True, reason="checkpoint.safe_load reports every UnpicklingError as 'pickled Python "
-                   "objects that could run code'; only 'Unsupported global' means that")
 def test_a_text_file_as_checkpoint_is_not_called_malicious(tmp_path):
     run = tmp_path / "run"
     run.mkdir()
