@@ -85,6 +85,8 @@ def main() -> None:
     for name, config, extra in (("cpu recipe", args.recipe, args.set), ("original design", args.baseline, [])):
         print(f"pretraining {name} ({config}) for {args.budget_min:g} min ...", flush=True)
         run = pretrain_for(config, args.data_dir, out / name.replace(" ", "-"), args.budget_min * 60, extra)
+        print(f"  {run['steps']} steps ({run['steps'] / run['steps_per_epoch']:.2f} epochs) in {run['train_s']:.0f} s; "
+              "probing it and an untrained copy ...", flush=True)
         for label, random_init in ((name, False), (f"untrained ({name} arch)", True)):
             probe = run_probe(run["encoder"], "cifar10", args.data_dir, random_init=random_init)
             res = probe["results"]["random_init" if random_init else "trained"]
@@ -92,9 +94,9 @@ def main() -> None:
                          "-" if random_init else f"{run['steps'] / run['steps_per_epoch']:.2f} ep, {run['steps']} steps, {run['train_s']:.0f} s"))
             report["runs"][label] = {"run": None if random_init else run, "probe": res, "encoder": probe["encoder"]}
     print(f"\nCIFAR-10 test split, pretraining budget {args.budget_min:g} min each on this machine")
-    print(f"{'encoder':<30} {'kNN top-1':>9} {'linear top-1':>12}  pretraining")
+    print(f"{'encoder':<34} {'kNN top-1':>9} {'linear top-1':>12}  pretraining")
     for label, knn, linear, note in rows:
-        print(f"{label:<30} {100 * knn:8.2f}% {100 * linear:11.2f}%  {note}")
+        print(f"{label:<34} {100 * knn:8.2f}% {100 * linear:11.2f}%  {note}")
     gap = rows[0][1] - rows[2][1]
     print(f"kNN gain of the CPU recipe over the original design: {100 * gap:+.2f} points (target >= +15)")
     out.mkdir(parents=True, exist_ok=True)

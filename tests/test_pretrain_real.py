@@ -8,7 +8,7 @@ from simclr_cli.train import pretrain
 
 def test_loss_falls_on_real_cifar10(cifar10_root, tmp_path):
     # lr 0.05 without warmup: measured on this CPU with 1 and 2 threads, the loss falls ~0.4 in 24 steps;
-    # the quickstart's lr 0.3 applied from step 0 barely moves it (4.78 -> 4.74), and lr 1e-6 not at all.
+    # lr 0.3 applied from step 0 barely moves it (4.78 -> 4.74), and lr 1e-6 not at all.
     cfg = load_config("examples/quickstart.yaml", [
         f"data.root={cifar10_root}", "data.size_dataset_train=1536", "model.width=16", "train.batch_size=64",
         "train.epochs=1", "train.log_every=2", "optim.warmup_epochs=0", "optim.schedule=constant",
