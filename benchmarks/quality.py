@@ -58,8 +58,8 @@ def pretrain_for(config: str, data_dir: str, out: Path, budget_s: float, extra: 
 
     trainer = Trainer(cfg, watch)
     per_step = getattr(trainer.scheduler, "per_step", None)
-    if per_step is not None and per_step.decay:  # warmup + cosine: end the decay at the budget's last step, not at an epoch's end
-        per_step.total_steps = budget_steps
+    if per_step is not None and per_step.decay:  # warmup + cosine: the decay ends at the budget's last step,
+        per_step.total_steps = budget_steps  # not at the end of an epoch
     try:
         trainer.run()
         stopped = False
@@ -85,13 +85,14 @@ def main() -> None:
     for name, config, extra in (("cpu recipe", args.recipe, args.set), ("original design", args.baseline, [])):
         print(f"pretraining {name} ({config}) for {args.budget_min:g} min ...", flush=True)
         run = pretrain_for(config, args.data_dir, out / name.replace(" ", "-"), args.budget_min * 60, extra)
-        print(f"  {run['steps']} steps ({run['steps'] / run['steps_per_epoch']:.2f} epochs) in {run['train_s']:.0f} s; "
-              "probing it and an untrained copy ...", flush=True)
+        epochs = run["steps"] / run["steps_per_epoch"]
+        print(f"  {run['steps']} steps ({epochs:.2f} epochs) in {run['train_s']:.0f} s; probing it and an untrained "
+              "copy ...", flush=True)
         for label, random_init in ((name, False), (f"untrained ({name} arch)", True)):
             probe = run_probe(run["encoder"], "cifar10", args.data_dir, random_init=random_init)
             res = probe["results"]["random_init" if random_init else "trained"]
             rows.append((label, res["knn_top1"], res["linear_top1"],
-                         "-" if random_init else f"{run['steps'] / run['steps_per_epoch']:.2f} ep, {run['steps']} steps, {run['train_s']:.0f} s"))
+                         "-" if random_init else f"{epochs:.2f} ep, {run['steps']} steps, {run['train_s']:.0f} s"))
             report["runs"][label] = {"run": None if random_init else run, "probe": res, "encoder": probe["encoder"]}
     print(f"\nCIFAR-10 test split, pretraining budget {args.budget_min:g} min each on this machine")
     print(f"{'encoder':<34} {'kNN top-1':>9} {'linear top-1':>12}  pretraining")
