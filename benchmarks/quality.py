@@ -30,7 +30,8 @@ class BudgetSpent(Exception):
     pass
 
 
-def steps_per_second(cfg) -> float:
+def calibrate(cfg) -> tuple[float, int]:
+    """(training steps per second, steps per epoch) of a config, from a few steps on this machine."""
     trainer = Trainer(cfg)
     batch = trainer.data.images[: trainer.local_batch]
     for _ in range(2):  # warm-up: first-call allocations
@@ -38,17 +39,16 @@ def steps_per_second(cfg) -> float:
     start = time.perf_counter()
     for _ in range(CALIBRATION_STEPS):
         trainer.train_step(batch).item()
-    return CALIBRATION_STEPS / (time.perf_counter() - start)
+    return CALIBRATION_STEPS / (time.perf_counter() - start), trainer.steps_per_epoch
 
 
 def pretrain_for(config: str, data_dir: str, out: Path, budget_s: float, extra: list[str]) -> dict:
     overrides = [f"data.root={data_dir}", "data.download=false", f"train.output_dir={out}", "train.eval_every=0",
                  "train.checkpoint_every=1000000"] + extra
     cfg = load_config(config, overrides)
-    rate = steps_per_second(cfg)
-    trainer = Trainer(cfg)
+    rate, steps_per_epoch = calibrate(cfg)
     budget_steps = max(1, int(budget_s * BUDGET_USE * rate))
-    epochs = math.ceil(budget_steps / trainer.steps_per_epoch)
+    epochs = math.ceil(budget_steps / steps_per_epoch)
     cfg = load_config(config, overrides + [f"train.epochs={epochs}"])
     start = time.perf_counter()
 

@@ -18,7 +18,7 @@ def test_budget_ends_the_cosine_mid_epoch(tmp_path, monkeypatch):
     write_fake_cifar(tmp_path / "data", "cifar10", n_per_batch=40)  # 200 training images
     # No timing in a test: a "measured" 0.0285 steps/s over a 600 s budget plans 17 steps, and the run takes
     # a few seconds, far inside the wall-clock stop.
-    monkeypatch.setattr(quality, "steps_per_second", lambda cfg: 0.0285)
+    monkeypatch.setattr(quality, "calibrate", lambda cfg: (0.0285, 12))
     monkeypatch.setattr(quality, "BUDGET_USE", 1.0)
     extra = ["model.width=8", "train.batch_size=16", "train.log_every=1", "optim.lr=0.1", "optim.warmup_epochs=0",
              "optim.min_lr=0"]
