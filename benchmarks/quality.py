@@ -1,9 +1,9 @@
 """Representation quality at equal wall-clock: the CPU recipe against the original design, and untrained.
 
 Each recipe pretrains on the real CIFAR-10 copy for a fixed wall-clock budget (default 10 minutes): a few
-calibration steps measure its speed, the cosine schedule is planned to end at the step the budget allows
-(a fraction of an epoch counts), training stops there, and a hard stop at the budget catches a slow
-machine. Then every encoder, and an untrained one of each architecture, is probed (linear top-1 and kNN
+calibration steps measure its speed and plan where the cosine schedule ends; at every log the plan is
+redone from the speed measured so far in the run, so the decay ends, and training stops, at the step the
+budget allows (a fraction of an epoch counts). A hard stop at the budget catches a machine that slows. Then every encoder, and an untrained one of each architecture, is probed (linear top-1 and kNN
 top-1 on the test split). One table, all measured here.
 
     python benchmarks/quality.py --data-dir DIR                 # DIR holds cifar-10-batches-py/
@@ -23,7 +23,8 @@ from simclr_cli.evaluate import run_probe
 from simclr_cli.train import Trainer
 
 CALIBRATION_STEPS = 5
-BUDGET_USE = 0.92  # leave room for the data load, checkpoints and the final encoder write
+BUDGET_USE = 0.92  # first plan, from calibration: leaves room for an unmeasured data load
+DEADLINE_USE = 0.97  # re-plans aim the last step here: room for the last log window and the encoder write
 
 
 class BudgetSpent(Exception):
@@ -42,31 +43,49 @@ def calibrate(cfg) -> tuple[float, int]:
     return CALIBRATION_STEPS / (time.perf_counter() - start), trainer.steps_per_epoch
 
 
+def replan(step: int, now: float, first: tuple[int, float] | None, deadline: float, planned: int) -> int:
+    """The step the budget allows, from the run's own speed between its first log (`first`: step, time) and
+    now; `planned` until two logs have been seen."""
+    if first is None or step <= first[0] or now <= first[1]:
+        return planned
+    rate = (step - first[0]) / (now - first[1])
+    return max(step, step + int((deadline - now) * rate))
+
+
 def pretrain_for(config: str, data_dir: str, out: Path, budget_s: float, extra: list[str]) -> dict:
     overrides = [f"data.root={data_dir}", "data.download=false", f"train.output_dir={out}", "train.eval_every=0",
                  "train.checkpoint_every=1000000"] + extra
     cfg = load_config(config, overrides)
     rate, steps_per_epoch = calibrate(cfg)
-    budget_steps = max(1, int(budget_s * BUDGET_USE * rate))
-    epochs = math.ceil(budget_steps / steps_per_epoch)
+    plan = {"steps": max(1, int(budget_s * BUDGET_USE * rate)), "first": None}
+    # Epochs with headroom: the run may prove faster than its calibration; the stop below ends it.
+    epochs = 2 * math.ceil(plan["steps"] / steps_per_epoch) + 1
     cfg = load_config(config, overrides + [f"train.epochs={epochs}"])
     start = time.perf_counter()
+    deadline = start + budget_s * DEADLINE_USE
 
     def watch(event: str, data: dict) -> None:
-        if event == "log" and (data["step"] >= budget_steps or time.perf_counter() - start > budget_s):
+        if event != "log":
+            return
+        now = time.perf_counter()
+        plan["steps"] = replan(data["step"], now, plan["first"], deadline, plan["steps"])
+        plan["first"] = plan["first"] or (data["step"], now)
+        if per_step is not None and per_step.decay:  # warmup + cosine: the decay ends at the planned step
+            per_step.total_steps = max(plan["steps"], per_step.warmup_steps + 1)
+        if data["step"] >= plan["steps"] or now - start > budget_s:
             raise BudgetSpent()
 
     trainer = Trainer(cfg, watch)
     per_step = getattr(trainer.scheduler, "per_step", None)
-    if per_step is not None and per_step.decay:  # warmup + cosine: the decay ends at the budget's last step,
-        per_step.total_steps = budget_steps  # not at the end of an epoch
+    if per_step is not None and per_step.decay:  # not at the end of an epoch
+        per_step.total_steps = max(plan["steps"], per_step.warmup_steps + 1)
     try:
         trainer.run()
         stopped = False
     except BudgetSpent:
         stopped = time.perf_counter() - start > budget_s
     encoder = trainer.write_encoder()
-    return {"encoder": str(encoder), "steps_planned": budget_steps, "epochs_done": trainer.state.epoch,
+    return {"encoder": str(encoder), "steps_planned": plan["steps"], "epochs_done": trainer.state.epoch,
             "steps": trainer.state.step, "train_s": time.perf_counter() - start, "hit_budget": stopped,
             "steps_per_s": rate, "steps_per_epoch": trainer.steps_per_epoch}
 
