@@ -41,6 +41,7 @@ class AugmentConfig:
     preset: str = "simclr"  # simclr (the paper's CIFAR recipe) | baseline (the original design's)
     crop_scale_min: float = 0.08  # simclr: smallest crop area as a fraction of the image
     jitter_strength: float = 1.0  # simclr: multiplies colour jitter 0.4/0.4/0.4/0.1
+    view_size: int | None = None  # pixels of each training view; null = data.image_size (what probes use)
 
 
 @dataclass
@@ -133,6 +134,7 @@ RULES = [
     ("optim.plateau_patience", lambda v: v >= 0, ">= 0"),
     ("augment.crop_scale_min", lambda v: 0 < v <= 1, "in (0, 1]"),
     ("augment.jitter_strength", lambda v: v >= 0, ">= 0"),
+    ("augment.view_size", lambda v: v is None or v >= 8, ">= 8 or null"),
     # Under 8, torch 2.14's CPU backward of a channels_last 1x1 stride-2 convolution (the ResNet shortcut)
     # with fewer than 8 input channels corrupts the heap: the process hangs or aborts in free().
     ("model.width", lambda v: v >= 8, ">= 8"),

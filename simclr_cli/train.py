@@ -169,7 +169,10 @@ class Trainer:
         self.data = load_train_set(cfg, self.dist).to(self.device)
         self.mean, self.std = normalization_for(cfg.data.dataset)
         a = cfg.augment
-        self.augment = Augmenter(a.preset, cfg.data.image_size, self.mean, self.std, a.crop_scale_min, a.jitter_strength)
+        # Views may be smaller than the images (fewer pixels per step); the encoder is still probed and
+        # embeds at data.image_size, which the average pool allows.
+        self.augment = Augmenter(a.preset, a.view_size or cfg.data.image_size, self.mean, self.std,
+                                 a.crop_scale_min, a.jitter_strength)
         self.generator = torch.Generator(device=self.device)
         self.model = build_model(cfg.model).to(self.device)
         if cfg.train.channels_last:
