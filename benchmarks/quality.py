@@ -3,8 +3,9 @@
 Each recipe pretrains on the real CIFAR-10 copy for a fixed wall-clock budget (default 10 minutes): a few
 calibration steps measure its speed and plan where the cosine schedule ends; at every log the plan is
 redone from the speed measured so far in the run, so the decay ends, and training stops, at the step the
-budget allows (a fraction of an epoch counts). A hard stop at the budget catches a machine that slows. Then every encoder, and an untrained one of each architecture, is probed (linear top-1 and kNN
-top-1 on the test split). One table, all measured here.
+budget allows (a fraction of an epoch counts). A hard stop at the budget catches a machine that slows.
+Then every encoder, and an untrained one of each architecture, is probed (linear top-1 and kNN top-1 on
+the test split). One table, all measured here.
 
     python benchmarks/quality.py --data-dir DIR                 # DIR holds cifar-10-batches-py/
     python benchmarks/quality.py --data-dir DIR --budget-min 3  # a quicker look
