@@ -65,21 +65,23 @@ def pretrain_for(config: str, data_dir: str, out: Path, budget_s: float, extra: 
     start = time.perf_counter()
     deadline = start + budget_s * DEADLINE_USE
 
+    def aim() -> None:  # warmup + cosine: the decay ends at the planned step, not at an epoch's end
+        if per_step is not None and per_step.decay:
+            per_step.total_steps = max(plan["steps"], per_step.warmup_steps + 1)
+
     def watch(event: str, data: dict) -> None:
         if event != "log":
             return
         now = time.perf_counter()
         plan["steps"] = replan(data["step"], now, plan["first"], deadline, plan["steps"])
         plan["first"] = plan["first"] or (data["step"], now)
-        if per_step is not None and per_step.decay:  # warmup + cosine: the decay ends at the planned step
-            per_step.total_steps = max(plan["steps"], per_step.warmup_steps + 1)
+        aim()
         if data["step"] >= plan["steps"] or now - start > budget_s:
             raise BudgetSpent()
 
     trainer = Trainer(cfg, watch)
     per_step = getattr(trainer.scheduler, "per_step", None)
-    if per_step is not None and per_step.decay:  # not at the end of an epoch
-        per_step.total_steps = max(plan["steps"], per_step.warmup_steps + 1)
+    aim()
     try:
         trainer.run()
         stopped = False
