@@ -13,8 +13,6 @@ from pathlib import Path
 
 import pytest
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
 from torch.nn.parallel import DistributedDataParallel
 from typer.testing import CliRunner
 
@@ -24,6 +22,8 @@ from simclr_cli.cli import app
 from simclr_cli.config import ModelConfig, load_config
 from simclr_cli.loss import nt_xent
 from simclr_cli.model import build_model
+
+from ranks import run_ranks  # tests/ranks.py
 
 WORLD = 2
 TEMPERATURE = 0.2
@@ -59,26 +59,21 @@ def _grads(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {name: p.grad.clone() for name, p in model.named_parameters()}
 
 
-def _rank_worker(rank: int, init_file: str, state: dict, x1: torch.Tensor, x2: torch.Tensor, out_dir: str) -> None:
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
-    try:
-        model = _tiny_model()
-        model.load_state_dict(state)
-        net = DistributedDataParallel(model)
-        n = len(x1) // WORLD
-        mine = slice(rank * n, (rank + 1) * n)  # this rank's shard of the global batch
-        result = {}
-        for mode in ("eval", "train"):  # BN on running statistics, then on this rank's own batch
-            net.train(mode == "train")
-            net.zero_grad(set_to_none=True)
-            result[mode] = (_step(net, x1[mine], x2[mine]), _grads(model))
+def _rank_worker(rank: int, state: dict, x1: torch.Tensor, x2: torch.Tensor, out_dir: str) -> None:
+    model = _tiny_model()
+    model.load_state_dict(state)
+    net = DistributedDataParallel(model)
+    n = len(x1) // WORLD
+    mine = slice(rank * n, (rank + 1) * n)  # this rank's shard of the global batch
+    result = {}
+    for mode in ("eval", "train"):  # BN on running statistics, then on this rank's own batch
+        net.train(mode == "train")
         net.zero_grad(set_to_none=True)
-        with net.no_sync():  # no gradient all-reduce: only the loss value matters here
-            result["local"] = _step(net, x1[mine], x2[mine], gather=False)
-        torch.save(result, os.path.join(out_dir, f"rank{rank}.pt"))
-    finally:
-        dist.destroy_process_group()
+        result[mode] = (_step(net, x1[mine], x2[mine]), _grads(model))
+    net.zero_grad(set_to_none=True)
+    with net.no_sync():  # no gradient all-reduce: only the loss value matters here
+        result["local"] = _step(net, x1[mine], x2[mine], gather=False)
+    torch.save(result, os.path.join(out_dir, f"rank{rank}.pt"))
 
 
 def test_two_ranks_give_the_loss_and_gradients_of_one_process(tmp_path: Path) -> None:
@@ -97,8 +92,8 @@ def test_two_ranks_give_the_loss_and_gradients_of_one_process(tmp_path: Path) ->
     with torch.no_grad():  # running statistics from the global batch, so eval-mode BN is not the identity
         model.train()(torch.cat([x1, x2]))
     state = {k: v.clone() for k, v in model.state_dict().items()}
-    mp.spawn(_rank_worker, args=(str(tmp_path / "init"), state, x1, x2, str(tmp_path)), nprocs=WORLD)
-    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(WORLD)]
+    run_ranks(_rank_worker, (state, x1, x2, str(tmp_path)), WORLD)
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(WORLD)]
 
     for mode in ("eval", "train"):
         model.load_state_dict(state)

@@ -7,10 +7,10 @@ import os
 
 import pytest
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
 
 from simclr_cli.loss import nt_xent, nt_xent_reference
+
+from ranks import run_ranks  # tests/ranks.py
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -102,27 +102,22 @@ def test_bad_inputs_raise(z1: torch.Tensor, z2: torch.Tensor, temperature: float
 WORLD = 2
 
 
-def _rank_worker(rank: int, init_file: str, z1: torch.Tensor, z2: torch.Tensor, out_dir: str) -> None:
-    torch.set_num_threads(1)  # two ranks on two cores
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
-    try:
-        n = z1.shape[0] // WORLD
-        result = {}
-        for gather in (True, False):
-            local1 = z1[rank * n : (rank + 1) * n].clone().requires_grad_()
-            local2 = z2[rank * n : (rank + 1) * n].clone().requires_grad_()
-            loss = nt_xent(local1, local2, temperature=0.2, gather=gather)
-            loss.backward()
-            result[gather] = (loss.detach(), local1.grad, local2.grad)
-        torch.save(result, os.path.join(out_dir, f"rank{rank}.pt"))
-    finally:
-        dist.destroy_process_group()
+def _rank_worker(rank: int, z1: torch.Tensor, z2: torch.Tensor, out_dir: str) -> None:
+    n = z1.shape[0] // WORLD
+    result = {}
+    for gather in (True, False):
+        local1 = z1[rank * n : (rank + 1) * n].clone().requires_grad_()
+        local2 = z2[rank * n : (rank + 1) * n].clone().requires_grad_()
+        loss = nt_xent(local1, local2, temperature=0.2, gather=gather)
+        loss.backward()
+        result[gather] = (loss.detach(), local1.grad, local2.grad)
+    torch.save(result, os.path.join(out_dir, f"rank{rank}.pt"))
 
 
 def test_two_gloo_ranks_match_one_process(tmp_path) -> None:
     z1, z2 = _pair(2 * WORLD, 6, seed=7)  # global N = 4, n = 2 per rank
-    mp.spawn(_rank_worker, args=(str(tmp_path / "init"), z1, z2, str(tmp_path)), nprocs=WORLD)
-    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(WORLD)]
+    run_ranks(_rank_worker, (z1, z2, str(tmp_path)), WORLD)
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(WORLD)]
 
     g1, g2 = z1.clone().requires_grad_(), z2.clone().requires_grad_()
     single = nt_xent(g1, g2, temperature=0.2)
