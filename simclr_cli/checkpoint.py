@@ -11,7 +11,6 @@ import contextlib
 import os
 import pickle
 import tempfile
-import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO, Iterator
@@ -35,12 +34,19 @@ class CheckpointError(ValueError):
     """A file that cannot be used as asked; the message is one line naming the fix."""
 
 
+def check_output_path(path: str | Path, example: str | None = None) -> None:
+    """Refuse an output path that is a folder before any work is done for it."""
+    path = Path(path).expanduser()
+    if path.is_dir():
+        hint = f", e.g. {path / example}" if example else " inside it"
+        raise CheckpointError(f"{path} is a folder: give a file name{hint}")
+
+
 @contextlib.contextmanager
 def atomic_file(path: str | Path) -> Iterator[BinaryIO]:
     """A temporary file beside `path`, fsync'ed and renamed over it on success, removed on any failure."""
     path = Path(path)
-    if path.is_dir():
-        raise CheckpointError(f"{path} is a folder: give a file name, e.g. {path / 'encoder.pth'}")
+    check_output_path(path)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
@@ -85,6 +91,8 @@ def atomic_write_text(text: str, path: str | Path) -> Path:
 def safe_load(path: str | Path) -> Any:
     """torch.load with weights_only=True, turning every failure into a one-line CheckpointError."""
     path = Path(path)
+    if path.is_dir():
+        raise CheckpointError(f"{path} is a folder, not a file: give the encoder.pth or checkpoint.pt inside it")
     if not path.is_file():
         raise CheckpointError(f"file not found: {path}")
     if path.stat().st_size == 0:
@@ -103,32 +111,41 @@ def safe_load(path: str | Path) -> Any:
             raise CheckpointError(f"{path} is a raw pickle stream, not a torch.save file; refused (a pickle can run "
                                   "code). Re-save it with torch.save from a source you trust") from None
         raise CheckpointError(f"{path} is truncated or not a PyTorch file (no checkpoint could be read)") from None
-    except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError) as err:
-        reason = str(err).splitlines()[0] if str(err) else type(err).__name__
-        raise CheckpointError(f"{path} is truncated or not a PyTorch file ({reason})") from None
+    except Exception as err:  # torch's readers raise RuntimeError, EOFError, BadZipFile, KeyError, ... on junk
+        reason = str(err).strip().splitlines()[0].split(". ")[0][:160] if str(err).strip() else "no message"
+        raise CheckpointError(f"{path} is truncated or not a PyTorch file ({type(err).__name__}: {reason}): "
+                              "give a file that torch.save wrote (an encoder.pth or checkpoint.pt)") from None
 
 
 def capture_rng(generator: torch.Generator | None = None) -> dict:
-    import random
-
-    state = {"python": random.getstate(), "torch": torch.get_rng_state()}
+    """The RNG streams a resumed run continues: torch's CPU and CUDA streams and the augmentation generator
+    (whose state only fits a generator on the same kind of device, so that kind is recorded beside it)."""
+    state = {"torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     if generator is not None:
         state["augment"] = generator.get_state()
+        state["augment_device"] = generator.device.type
     return state
 
 
-def restore_rng(state: dict, generator: torch.Generator | None = None) -> None:
-    import random
-
-    version, internal, gauss = state["python"]
-    random.setstate((version, tuple(internal), gauss))
+def restore_rng(state: dict, generator: torch.Generator | None = None) -> bool:
+    """Restore what `capture_rng` saved. Returns False when the augmentation stream could not be restored
+    because the generator is on another kind of device than the one that saved it (the caller reseeds)."""
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-    if generator is not None and "augment" in state:
+        saved = state["cuda"]  # one state per GPU of the machine that saved it; restore those this one has
+        for index in range(min(len(saved), torch.cuda.device_count())):
+            torch.cuda.set_rng_state(saved[index], index)
+    if generator is None or "augment" not in state:
+        return True
+    if state.get("augment_device", generator.device.type) != generator.device.type:
+        return False
+    try:
         generator.set_state(state["augment"])
+    except RuntimeError:  # a checkpoint from before augment_device was recorded, saved on another device
+        return False
+    return True
 
 
 def load_checkpoint(path: str | Path) -> dict:

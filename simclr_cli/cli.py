@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Annotated, Iterator, Optional
 
 import typer
+import typer.core
 from rich.console import Console
 from rich.panel import Panel
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
@@ -21,8 +22,36 @@ from rich.table import Table
 from simclr_cli import __version__
 
 console = Console(stderr=True)
+# The click that typer runs on: vendored as typer._click since typer 0.23, the click package before.
+_click = getattr(typer.core, "_click", None) or __import__("click")
+
+
+class OneLineErrors(typer.core.TyperGroup):
+    """A usage mistake (`--seed -1`, a missing argument, an unknown option) is one line on stderr and exit
+    code 2, like every other user error, instead of a usage box; `simclr` alone still shows the help."""
+
+    def main(self, *args, standalone_mode: bool = True, **kwargs):
+        if not standalone_mode:
+            return super().main(*args, standalone_mode=False, **kwargs)
+        try:
+            code = super().main(*args, standalone_mode=False, **kwargs)  # an Exit's code, or the command's None
+        except _click.exceptions.NoArgsIsHelpError as err:
+            err.show()
+            sys.exit(err.exit_code)
+        except _click.exceptions.ClickException as err:
+            where = f"; see {err.ctx.command_path} --help" if getattr(err, "ctx", None) is not None else ""
+            console.print(f"[red]error:[/red] {err.format_message().rstrip('.')}{where}", highlight=False,
+                          soft_wrap=True)
+            sys.exit(err.exit_code)
+        except typer.Abort:
+            console.print("aborted", highlight=False)
+            sys.exit(1)
+        sys.exit(code if isinstance(code, int) else 0)
+
+
 app = typer.Typer(
     name="simclr",
+    cls=OneLineErrors,
     help="SimCLR self-supervised learning of image representations: pretrain, extract, probe, embed.\n\n"
          "Example: simclr pretrain --config examples/quickstart.yaml",
     no_args_is_help=True,
@@ -35,7 +64,8 @@ USER_ERROR_EXIT = 2
 
 # Shared options, defined once.
 SetOption = Annotated[list[str], typer.Option("--set", help="Override a config key, e.g. --set optim.lr=0.5 (repeatable).")]
-DeviceOption = Annotated[Optional[str], typer.Option("--device", help="auto | cpu | cuda | cuda:N | mps (default: the config's).")]
+DeviceOption = Annotated[Optional[str], typer.Option("--device", help="auto (cuda > mps > cpu) | cpu | cuda | cuda:N | mps. Default: auto (pretrain: the config's train.device).", show_default=False)]
+PrecisionOption = Annotated[Optional[str], typer.Option("--precision", help="auto (bf16 where the hardware runs it fast, else fp32) | fp32 | bf16 (pretrain also fp16). Default: fp32 for embed (the same vectors on any machine), auto for probe (speed), the config's train.precision for pretrain.", show_default=False)]
 
 
 def user_errors() -> tuple[type[Exception], ...]:
@@ -114,6 +144,7 @@ def pretrain(
     overrides: SetOption = [],
     output_dir: Annotated[Optional[Path], typer.Option("--output-dir", "-o", help="Run directory (default: the config's train.output_dir).")] = None,
     device: DeviceOption = None,
+    precision: PrecisionOption = None,
     resume: Annotated[bool, typer.Option("--resume", help="Continue the run in the output directory from its checkpoint.pt.")] = False,
     nproc: Annotated[Optional[int], typer.Option("--nproc", min=1, help="Processes on this machine, e.g. --nproc 4 for 4 GPUs: starts torchrun with the same options; train.batch_size stays the global batch.")] = None,
 ) -> None:
@@ -125,17 +156,16 @@ def pretrain(
     from simclr_cli.train import NonFiniteLoss, pretrain as run_pretrain
 
     flags = list(overrides)
-    if output_dir is not None:
-        flags.append(f"train.output_dir={output_dir}")
-    if device is not None:
-        flags.append(f"train.device={device}")
+    # Dedicated flags are taken as typed (never read as YAML): "runs/exp #3" keeps its "#3", "42" is a folder.
+    values = {key: str(value) for key, value in (("train.output_dir", output_dir), ("train.device", device),
+                                                 ("train.precision", precision)) if value is not None}
     display = PretrainDisplay(is_main_process())
     say = console.print if is_main_process() else (lambda *args, **kwargs: None)  # once, not once per rank
     with handle_errors():
-        cfg = load_config(config, flags)
+        cfg = load_config(config, flags, values)
         saved_config = Path(cfg.train.output_dir) / "config.yaml"
         if config is None and resume and saved_config.is_file():  # resume the run as it was configured
-            cfg = config_from_dict(merge_overrides(read_yaml(saved_config), flags))
+            cfg = config_from_dict(merge_overrides(read_yaml(saved_config), flags, values))
         if nproc is not None and nproc > 1:
             from simclr_cli.launch import forwarded_args, launch_pretrain
 
@@ -186,7 +216,8 @@ def embed(
     batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="Images per forward pass.")] = 256,
     skip_bad: Annotated[bool, typer.Option("--skip-bad", help="Leave out files that do not decode (and out of --paths) instead of failing.")] = False,
     workers: Annotated[int, typer.Option("--workers", min=0, help="Image-decoding worker processes (0: decode in this process).")] = 2,
-    device: Annotated[str, typer.Option("--device", help="auto (cuda > mps > cpu) | cpu | cuda | cuda:N | mps.")] = "auto",
+    device: DeviceOption = None,
+    precision: PrecisionOption = None,
 ) -> None:
     """Embed images as a float32 .npy of shape (N, D): the encoder's representation h, row i for image i.
 
@@ -220,8 +251,8 @@ def embed(
     with handle_errors():
         try:
             result = embed_images(images, encoder, output, sys.stdout.buffer, paths_out=paths, normalize=normalize,
-                                  batch_size=batch_size, workers=workers, skip_bad=skip_bad, device=device,
-                                  callback=show)
+                                  batch_size=batch_size, workers=workers, skip_bad=skip_bad, device=device or "auto",
+                                  precision=precision or "fp32", callback=show)
         except BrokenPipeError:  # the reader left (`| head`): stop quietly, as cat does
             os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit
             raise typer.Exit(1)
@@ -233,7 +264,7 @@ def embed(
 
 
 TORCHVISION_LOAD_HINT = ("m = torchvision.models.{arch}(){stem}; m.fc = torch.nn.Identity(); "
-                         "m.load_state_dict(torch.load('{path}'), strict=True)")
+                         "m.load_state_dict(torch.load('{path}', weights_only=True), strict=True)")
 
 
 @app.command(epilog="Example: simclr extract runs/simclr/checkpoint.pt -o encoder.pth  "
@@ -290,8 +321,8 @@ class ProbeDisplay:
         for key, value in rows.items():
             grid.add_row(f"[bold]{key}[/bold]", value)
         console.print(Panel(grid, title=f"simclr probe {__version__}", expand=False), highlight=False)
-        for note in e["notes"]:
-            console.print(f"[yellow]note:[/yellow] {note}", highlight=False)
+        for note in [*e["notes"], *d["notes"]]:
+            console.print(f"[yellow]note:[/yellow] {note}", highlight=False, soft_wrap=True)
         self.progress.start()
 
     def on_extract(self, d: dict) -> None:
@@ -332,20 +363,25 @@ def probe(
     baseline: Annotated[bool, typer.Option("--baseline", help="Probe the encoder and its random-init twin, side by side.")] = False,
     layer: Annotated[int, typer.Option("--layer", min=0, help="0: the representation h; k: after the first k projection-head blocks.")] = 0,
     download: Annotated[bool, typer.Option("--download", help="Fetch CIFAR with torchvision when it is missing.")] = False,
-    device: Annotated[str, typer.Option("--device", help="auto (cuda > mps > cpu) | cpu | cuda | cuda:N | mps.")] = "auto",
+    device: DeviceOption = None,
+    precision: PrecisionOption = None,
+    seed: Annotated[Optional[int], typer.Option("--seed", min=0, help="Seed of a flat folder's 80/20 split and of the held-out 10% that picks the L2 strength. Default: the encoder's pretraining train.seed, so the test images are the ones pretraining held out.", show_default=False)] = None,
     batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="Images per forward pass during extraction.")] = 512,
     synthetic_size: Annotated[int, typer.Option("--synthetic-size", min=2, hidden=True, help="Images per split of the synthetic dataset (tests, demos).")] = 2000,
 ) -> None:
     """Linear probe and kNN on frozen features: fit on the train split, report on the test split."""
     import json
 
-    from simclr_cli.checkpoint import atomic_write_text
+    from simclr_cli.checkpoint import atomic_write_text, check_output_path
     from simclr_cli.evaluate import run_probe
 
     display = ProbeDisplay()
     with handle_errors():
+        if json_path is not None:  # before minutes of extraction, not after
+            check_output_path(json_path, "probe.json")
         try:
-            report = run_probe(encoder, dataset, data_dir, device=device, batch_size=batch_size, layer=layer,
+            report = run_probe(encoder, dataset, data_dir, device=device or "auto", precision=precision or "auto",
+                               batch_size=batch_size, layer=layer, seed=seed,
                                random_init=random_init, baseline=baseline, download=download,
                                synthetic_size=synthetic_size, callback=display)
         finally:

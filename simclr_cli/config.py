@@ -7,7 +7,9 @@ directory and into every checkpoint, so later commands rebuild the encoder from 
 
 from __future__ import annotations
 
+import copy
 import dataclasses
+import datetime
 import difflib
 import hashlib
 import json
@@ -79,7 +81,7 @@ class OptimConfig:
 class TrainConfig:
     epochs: int = 100  # passes over the training set
     batch_size: int = 256  # global batch (all ranks together), images; each gives two views
-    seed: int = 0  # seeds the model, data order and augmentations
+    seed: int = 0  # seeds the model, data order, augmentations and a flat folder's split; 0 .. 2**32 - 1
     device: str = "auto"  # auto (cuda > mps > cpu) | cuda | cuda:N | mps | cpu
     precision: str = "auto"  # auto (bf16 where the hardware has it, else fp32) | fp32 | bf16 | fp16
     channels_last: bool = True  # NHWC memory format for convolutions
@@ -117,6 +119,8 @@ CHOICES = {
 RULES = [
     ("loss.temperature", lambda v: v > 0, "> 0"),
     ("train.batch_size", lambda v: v >= 2, ">= 2 (NT-Xent needs negatives)"),
+    # Seeds are combined as seed * 1_000_003 + ... into torch generators, which take 64 bits.
+    ("train.seed", lambda v: 0 <= v < 2**32, "in 0 .. 4294967295"),
     ("train.epochs", lambda v: v >= 1, ">= 1"),
     ("train.log_every", lambda v: v >= 1, ">= 1"),
     ("train.checkpoint_every", lambda v: v >= 1, ">= 1"),
@@ -154,6 +158,19 @@ def _unknown_key(key: str, known: list[str], where: str) -> ConfigError:
     return ConfigError(f"unknown config key '{where}{key}': {fix}")
 
 
+def _shown(value: Any) -> str:
+    """A YAML value as the user wrote it, with a hint when YAML read it as something else than text."""
+    if isinstance(value, (datetime.date, datetime.datetime)):
+        return f"{value.isoformat()}, which YAML reads as a date (quote it to mean text: '{value.isoformat()}')"
+    if isinstance(value, bytes):
+        return f"{len(value)} bytes of !!binary data"
+    if isinstance(value, (set, frozenset)):
+        return f"a !!set {sorted(map(str, value))}"
+    if isinstance(value, dict):
+        return "a mapping"
+    return repr(value)
+
+
 def _coerce(value: Any, hint: Any, key: str) -> Any:
     """Check one YAML value against its field's type; ints are accepted where floats are expected, and so is
     exponent notation without a dot such as 5e-4, which YAML 1.1 reads as a string."""
@@ -165,7 +182,7 @@ def _coerce(value: Any, hint: Any, key: str) -> Any:
         origin = get_origin(hint)
     if origin is list:
         if not isinstance(value, list):
-            raise ConfigError(f"'{key}' must be a list, got {value!r}")
+            raise ConfigError(f"'{key}' must be a list, got {_shown(value)}")
         return [_coerce(v, get_args(hint)[0], key) for v in value]
     if hint is float and isinstance(value, str) and re.fullmatch(r"\s*[-+]?\d+(\.\d*)?[eE][-+]?\d+\s*", value):
         value = float(value)
@@ -177,7 +194,7 @@ def _coerce(value: Any, hint: Any, key: str) -> Any:
         return value
     if hint in (int, str) and isinstance(value, hint) and not isinstance(value, bool):
         return value
-    raise ConfigError(f"'{key}' must be {getattr(hint, '__name__', hint)}, got {value!r}")
+    raise ConfigError(f"'{key}' must be {getattr(hint, '__name__', hint)}, got {_shown(value)}")
 
 
 def _build(cls: type, raw: Any, where: str = "") -> Any:
@@ -212,15 +229,36 @@ def validate(cfg: Config) -> Config:
             raise ConfigError(f"'{key}' must be {what}; got {get_value(cfg, key)!r}")
     if cfg.data.dataset == "folder" and not cfg.data.root:
         raise ConfigError("the folder dataset needs 'data.root' set to a folder of images")
+    if cfg.optim.nesterov and (cfg.optim.name not in ("sgd", "lars") or cfg.optim.momentum == 0):
+        raise ConfigError(f"'optim.nesterov' needs optim.name sgd or lars with optim.momentum > 0; got "
+                          f"{cfg.optim.name} with momentum {cfg.optim.momentum:g}: set optim.nesterov=false")
     return cfg
 
 
+def _field_hint(section: str, name: str) -> Any:
+    """The type of Config.section.name, or None when there is no such key (validation names it later)."""
+    sections = get_type_hints(Config)
+    if section not in sections:
+        return None
+    return get_type_hints(sections[section]).get(name)
+
+
+def _is_text(hint: Any) -> bool:
+    return hint is str or (get_origin(hint) in (Union, types.UnionType) and str in get_args(hint))
+
+
 def parse_override(text: str) -> tuple[list[str], Any]:
-    """'optim.lr=0.5' -> (['optim', 'lr'], 0.5); the value is read as YAML (numbers, true/false, null)."""
+    """'optim.lr=0.5' -> (['optim', 'lr'], 0.5). The value is read as YAML (numbers, true/false, lists, null),
+    except for a key that holds text (a path, a device, a name): there it is the text as typed, so
+    `train.output_dir=runs/exp #3` keeps its '#3' and `train.output_dir=42` is the folder '42'."""
     key, sep, value = text.partition("=")
     parts = key.strip().split(".")
     if not sep or len(parts) != 2 or not all(parts):
         raise ConfigError(f"override '{text}' must look like section.key=value, e.g. optim.lr=0.5")
+    hint = _field_hint(*parts)
+    if _is_text(hint):
+        optional = hint is not str
+        return parts, None if optional and value.strip() in ("", "null", "~") else value
     try:
         return parts, yaml.safe_load(value) if value.strip() else None
     except yaml.YAMLError:
@@ -229,6 +267,8 @@ def parse_override(text: str) -> tuple[list[str], Any]:
 
 def read_yaml(path: str | Path) -> dict:
     path = Path(path)
+    if path.is_dir():
+        raise ConfigError(f"{path} is a folder: give a YAML config file (see examples/ for a starting point)")
     if not path.is_file():
         raise ConfigError(f"config file not found: {path} (see examples/ for a starting point)")
     try:
@@ -245,10 +285,12 @@ def read_yaml(path: str | Path) -> dict:
     return raw or {}
 
 
-def merge_overrides(raw: dict, overrides: list[str]) -> dict:
-    raw = json.loads(json.dumps(raw))  # deep copy of plain data; the caller's dict stays as it was
-    for text in overrides:
-        (section, name), value = parse_override(text)
+def merge_overrides(raw: dict, overrides: list[str], values: dict[str, Any] | None = None) -> dict:
+    """`raw` with each `--set` text applied, then `values` ({"train.output_dir": ...}: dedicated flags,
+    taken as they are, never parsed). The caller's dict stays as it was."""
+    raw = copy.deepcopy(raw)  # YAML may hold dates, bytes or sets: validation names them, a copy must not fail
+    pairs = [parse_override(text) for text in overrides] + [(key.split("."), v) for key, v in (values or {}).items()]
+    for (section, name), value in pairs:
         node = raw.setdefault(section, {})
         if not isinstance(node, dict):
             raise ConfigError(f"'{section}' must be a mapping of keys to values")
@@ -260,9 +302,11 @@ def config_from_dict(raw: dict | None) -> Config:
     return validate(_build(Config, raw))
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None,
+                values: dict[str, Any] | None = None) -> Config:
+    """defaults < the YAML file at `path` < `overrides` (--set texts) < `values` (dedicated flags, as given)."""
     raw = read_yaml(path) if path else {}
-    return config_from_dict(merge_overrides(raw, overrides or []))
+    return config_from_dict(merge_overrides(raw, overrides or [], values))
 
 
 def config_to_dict(cfg: Config) -> dict:

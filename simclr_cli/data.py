@@ -20,8 +20,8 @@ import torch
 import torch.nn.functional as F
 
 from simclr_cli.images import (IMAGE_EXTENSIONS, DatasetError, DecodedBatch, ImageDecodeError,  # noqa: F401
-                               ImageFolderDataset, decode_all, decode_image, iter_decoded, list_images,
-                               load_image_folder)
+                               ImageFolderDataset, decode_all, decode_image, has_split_folders, iter_decoded,
+                               list_images, load_image_folder)
 
 DATASETS = ("cifar10", "cifar100", "folder", "synthetic")
 SPLITS = ("train", "test")

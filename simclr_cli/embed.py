@@ -25,8 +25,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from simclr_cli.checkpoint import LoadedEncoder, atomic_file, load_encoder
-from simclr_cli.evaluate import extract_features
+from simclr_cli.checkpoint import LoadedEncoder, atomic_file, check_output_path, load_encoder
+from simclr_cli.evaluate import PROBE_PRECISIONS, extract_features, for_inference
 from simclr_cli.images import IMAGE_EXTENSIONS, DatasetError, iter_decoded, list_images
 from simclr_cli.runtime import pick_device, resolve_precision
 
@@ -219,18 +219,24 @@ def embed_paths(loaded: LoadedEncoder, paths: Sequence[Path], fp: BinaryIO, seek
 def embed_images(images: str | Path, encoder: str | Path | None = None, output: str | Path | None = None,
                  stdout: BinaryIO | None = None, *, paths_out: str | Path | None = None, normalize: bool = False,
                  batch_size: int = 256, workers: int = 2, skip_bad: bool = False, device: str = "auto",
-                 callback: Callback | None = None) -> EmbedResult:
-    """Embed IMAGES with an encoder file into a float32 (N, D) .npy at `output`, or on `stdout` when None."""
+                 precision: str = "fp32", callback: Callback | None = None) -> EmbedResult:
+    """Embed IMAGES with an encoder file into a float32 (N, D) .npy at `output`, or on `stdout` when None.
+
+    precision defaults to fp32, not auto: the same encoder and images then give the same rows on any
+    machine (within ~1e-5), where auto would round them to bf16 on CPUs with AMX and on GPUs."""
     if output is None and (stdout is None or stdout.isatty()):
         raise EmbedError("refusing to write a binary .npy to the terminal: redirect it "
                          "(simclr embed IMAGES > vectors.npy) or pass -o vectors.npy")
     output = None if output is None else Path(output).expanduser()
     if output is not None and output.is_dir():
         raise EmbedError(f"-o {output} is a folder: give a file name, e.g. {output / 'vectors.npy'}")
+    dev = pick_device(device)
+    precision = resolve_precision(precision, dev, PROBE_PRECISIONS)
+    if paths_out is not None:
+        check_output_path(paths_out, "paths.txt")
     paths = resolve_paths(images)
     loaded = load_encoder(resolve_encoder(encoder))
-    dev = pick_device(device)
-    precision = resolve_precision("auto", dev)
+    loaded.encoder, _ = for_inference(loaded.encoder, None, dev)
     callback = callback or (lambda event, data: None)
     callback("start", {"images": len(paths), "dim": loaded.encoder.feature_dim, "image_size": loaded.image_size,
                        "kind": loaded.kind, "notes": loaded.notes, "device": str(dev), "precision": precision})

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 
 from simclr_cli import __version__
 from simclr_cli.checkpoint import CheckpointError, LoadedEncoder, load_encoder
-from simclr_cli.data import DatasetError, ImageSet, default_data_root, load_dataset
+from simclr_cli.data import DatasetError, ImageSet, default_data_root, has_split_folders, load_dataset
 from simclr_cli.model import ProjectionHead, ResNetEncoder
 from simclr_cli.runtime import autocast, pick_device, resolve_precision
 
@@ -48,6 +48,36 @@ def check_layer(head: ProjectionHead | None, layer: int) -> None:
                               f"0..{0 if head is None else head.layers}")
 
 
+def for_inference(encoder: ResNetEncoder, head: ProjectionHead | None, device: torch.device):
+    """A loaded (not live) encoder and head on `device`, in eval mode and channels_last, the fastest layout
+    for convolutions here; `extract_features` then feeds it channels_last batches."""
+    encoder = encoder.eval().to(device).to(memory_format=torch.channels_last)
+    return encoder, head.eval().to(device) if head is not None else None
+
+
+def _memory_format(module: torch.nn.Module) -> torch.memory_format:
+    """channels_last when the module's first convolution is stored that way, else contiguous."""
+    conv = next((m.weight for m in module.modules() if isinstance(m, torch.nn.Conv2d)), None)
+    if conv is not None and conv.dim() == 4 and not conv.is_contiguous() and \
+            conv.is_contiguous(memory_format=torch.channels_last):
+        return torch.channels_last
+    return torch.contiguous_format
+
+
+@contextlib.contextmanager
+def _eval_mode(*modules: torch.nn.Module | None):
+    """eval() for the block; each module gets its own train/eval mode back afterwards (the monitor runs on
+    the live model, which must go on training exactly as before)."""
+    modes = [(m, m.training) for m in modules if m is not None]
+    for m, _ in modes:
+        m.eval()
+    try:
+        yield
+    finally:
+        for m, was_training in modes:
+            m.train(was_training)
+
+
 @torch.no_grad()
 def extract_features(encoder: ResNetEncoder, images_u8: torch.Tensor, mean: Sequence[float], std: Sequence[float],
                      size: int, device: torch.device, precision: str = "fp32", batch_size: int = 512,
@@ -55,25 +85,28 @@ def extract_features(encoder: ResNetEncoder, images_u8: torch.Tensor, mean: Sequ
                      callback: Callable[[int, int], None] | None = None) -> torch.Tensor:
     """Frozen features of uint8 images (N, 3, H, W) -> float32 (N, D) on the CPU.
 
+    The encoder (and head) must already be on `device` (`for_inference` puts a loaded one there); nothing
+    about them is changed: eval mode for the pass, their own mode after, their memory format untouched.
     layer 0 is the representation h; layer k > 0 the output of the projection head's first k blocks
     (SimCLR v2 probes from a middle head layer). callback(done, total) after each batch.
     """
     check_layer(head, layer)
-    encoder = encoder.eval().to(device).to(memory_format=torch.channels_last)
-    head = head.eval().to(device) if head is not None and layer else None
+    head = head if layer else None
+    fmt = _memory_format(encoder)
     n, out = images_u8.shape[0], None
-    for i in range(0, n, batch_size):
-        x = preprocess(images_u8[i:i + batch_size].to(device, non_blocking=True), mean, std, size)
-        x = x.contiguous(memory_format=torch.channels_last)
-        with autocast(device, precision):
-            h = encoder(x)  # (B, feature_dim)
-            if head is not None:
-                h = head(h, layer=layer)  # (B, hidden or head_out)
-        if out is None:
-            out = torch.empty((n, h.shape[1]), dtype=torch.float32)
-        out[i:i + len(h)] = h.float().cpu()
-        if callback is not None:
-            callback(min(i + batch_size, n), n)
+    with _eval_mode(encoder, head):
+        for i in range(0, n, batch_size):
+            x = preprocess(images_u8[i:i + batch_size].to(device, non_blocking=True), mean, std, size)
+            x = x.contiguous(memory_format=fmt)
+            with autocast(device, precision):
+                h = encoder(x)  # (B, feature_dim)
+                if head is not None:
+                    h = head(h, layer=layer)  # (B, hidden or head_out)
+            if out is None:
+                out = torch.empty((n, h.shape[1]), dtype=torch.float32)
+            out[i:i + len(h)] = h.float().cpu()
+            if callback is not None:
+                callback(min(i + batch_size, n), n)
     return out if out is not None else torch.empty((0, 0))
 
 
@@ -257,6 +290,7 @@ def random_encoder(loaded: LoadedEncoder, seed: int) -> tuple[ResNetEncoder, Pro
 def _evaluate_one(name: str, encoder, head, loaded: LoadedEncoder, train: ImageSet, test: ImageSet, opts: dict,
                   emit: Callback) -> dict:
     feats, t0 = {}, time.perf_counter()
+    encoder, head = for_inference(encoder, head, opts["device"])
     for split, data in (("train", train), ("test", test)):
         def progress(done: int, total: int, split=split) -> None:
             emit("extract", {"model": name, "split": split, "done": done, "total": total})
@@ -281,33 +315,56 @@ def _evaluate_one(name: str, encoder, head, loaded: LoadedEncoder, train: ImageS
     return result
 
 
+PROBE_PRECISIONS = ("auto", "fp32", "bf16")
+
+
+def split_seed(loaded: LoadedEncoder, dataset: str, data_dir: str | Path | None, seed: int | None) -> tuple[int, list[str]]:
+    """The seed of a flat folder's 80/20 split (and of the probe's held-out 10%): `seed` when given, else the
+    pretraining seed the encoder file records, so the probe's test images are the ones pretraining held out.
+    Returns (seed, notes) with a note where that cannot be known."""
+    pretrained = loaded.provenance.get("seed")
+    chosen = seed if seed is not None else int(pretrained) if isinstance(pretrained, int) else 0
+    notes = []
+    if dataset == "folder" and data_dir is not None and not has_split_folders(Path(data_dir).expanduser()):
+        if pretrained is None:
+            notes.append(f"the encoder file records no pretraining seed: the folder is split 80/20 with seed "
+                         f"{chosen}; if the encoder was pretrained on this folder, its test images may have been "
+                         "pretraining images (pass --seed with the pretraining train.seed)")
+        elif chosen != pretrained:
+            notes.append(f"--seed {chosen} splits the folder differently from pretraining (train.seed {pretrained}): "
+                         "test images may have been pretraining images")
+    return chosen, notes
+
+
 def run_probe(encoder_path: str | Path, dataset: str = "cifar10", data_dir: str | Path | None = None, *,
               device: str = "auto", precision: str = "auto", batch_size: int = 512, layer: int = 0,
               random_init: bool = False, baseline: bool = False, k: int = 200, temperature: float = 0.1,
-              download: bool = False, num_workers: int = 2, synthetic_size: int = 2000, seed: int = 0,
+              download: bool = False, num_workers: int = 2, synthetic_size: int = 2000, seed: int | None = None,
               callback: Callback | None = None) -> dict:
     """The probe protocol on one encoder file. random_init: probe an untrained encoder of the same
-    architecture instead (seeded by the file's pretraining seed, else 0); baseline: probe both."""
+    architecture instead (seeded by the file's pretraining seed, else 0); baseline: probe both. seed: of a
+    flat folder's split and the held-out 10% (None: the encoder's pretraining seed, see `split_seed`)."""
     emit = callback or (lambda event, data: None)
     if batch_size < 1 or layer < 0 or k < 1 or temperature <= 0:
         raise DatasetError(f"need batch size >= 1, layer >= 0, k >= 1, temperature > 0; got {batch_size}, {layer}, "
                            f"{k}, {temperature}")
     t0 = time.perf_counter()
+    dev = pick_device(device)
+    prec = resolve_precision(precision, dev, PROBE_PRECISIONS)
     loaded = load_encoder(encoder_path)
     check_layer(loaded.head, layer)
-    dev = pick_device(device)
-    prec = resolve_precision(precision, dev)
     models = (["trained"] if not random_init or baseline else []) + (["random_init"] if random_init or baseline else [])
     init_seed = int(loaded.provenance.get("seed") or 0)
+    seed, notes = split_seed(loaded, dataset, data_dir, seed)
     train, test = load_splits(dataset, data_dir, loaded.image_size, download=download, num_workers=num_workers,
                               synthetic_size=synthetic_size, seed=seed)
     load_s = time.perf_counter() - t0
     root = str(data_dir or default_data_root()) if dataset != "synthetic" else None
     info = {"encoder": {"path": str(encoder_path), **loaded.describe()},
             "dataset": {"name": dataset, "root": root, "train_size": len(train),
-                        "test_size": len(test), "num_classes": len(train.classes)},
+                        "test_size": len(test), "num_classes": len(train.classes), "split_seed": seed},
             "device": str(dev), "precision": prec, "layer": layer, "models": models,
-            "knn": {"k": k, "temperature": temperature}, "random_init_seed": init_seed}
+            "knn": {"k": k, "temperature": temperature}, "random_init_seed": init_seed, "notes": notes}
     emit("start", info)
     opts = {"device": dev, "precision": prec, "batch_size": batch_size, "layer": layer, "k": k,
             "temperature": temperature, "seed": seed}

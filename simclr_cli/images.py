@@ -23,6 +23,11 @@ IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".
 # The decoders PIL may pick, whatever the extension says (JPEG also yields MPO, PIL's label for many camera
 # JPEGs). Without this list a renamed EPS file would make PIL run Ghostscript on it.
 PIL_FORMATS = ("JPEG", "PNG", "WEBP", "BMP", "GIF", "TIFF")
+# Files past these bounds are bad files (named, skipped with --skip-bad), not images to decode: a few hundred
+# compressed bytes can declare a 1 x 200,000 PNG, or 30,000 x 30,000 pixels (2.7 GB decoded, per worker).
+# 64 megapixels covers 48 MP phone photos; a centre crop keeps under 1/32 of a stripe past 32:1.
+MAX_PIXELS = 64_000_000  # width x height after JPEG draft scaling
+MAX_ASPECT = 32  # longer side / shorter side
 
 
 class DatasetError(ValueError):
@@ -97,16 +102,28 @@ def _to_rgb(img: Image.Image) -> Image.Image:
     return img if img.mode == "RGB" else img.convert("RGB")
 
 
-def _resize_center_crop(img: Image.Image, size: int) -> Image.Image:
-    """Shorter side -> `size` (bilinear; PIL widens the filter when shrinking, so it is antialiased), then
-    the central size x size square."""
+def _check_size(img: Image.Image) -> None:
+    """Refuse sizes no photo has, before any pixel is decoded (PIL knows the size from the header)."""
     w, h = img.size
-    scale = size / min(w, h)
-    new_w, new_h = max(size, round(w * scale)), max(size, round(h * scale))
-    if (new_w, new_h) != (w, h):
-        img = img.resize((new_w, new_h), Image.Resampling.BILINEAR)
-    left, top = (new_w - size) // 2, (new_h - size) // 2
-    return img.crop((left, top, left + size, top + size))
+    if w < 1 or h < 1:
+        raise ValueError(f"{w}x{h} pixels")
+    if w * h > MAX_PIXELS:
+        raise ValueError(f"{w}x{h} pixels is more than the {MAX_PIXELS // 1_000_000} megapixels decoded per image")
+    if max(w, h) > MAX_ASPECT * min(w, h):
+        raise ValueError(f"{w}x{h} pixels is a stripe (aspect ratio over {MAX_ASPECT}:1), not a picture to "
+                         "centre-crop")
+
+
+def _resize_center_crop(img: Image.Image, size: int) -> Image.Image:
+    """The central square of the image (side = its shorter side, in source coordinates), resized to
+    size x size (bilinear; PIL widens the filter when shrinking, so it is antialiased). Cropping first means
+    the resize never makes pixels that the crop throws away."""
+    w, h = img.size
+    side = min(w, h)
+    left, top = (w - side) / 2, (h - side) / 2
+    if side == size and left == int(left) and top == int(top):
+        return img.crop((int(left), int(top), int(left) + size, int(top) + size))
+    return img.resize((size, size), Image.Resampling.BILINEAR, box=(left, top, left + side, top + side))
 
 
 def decode_image(path: str | Path, size: int) -> torch.Tensor:
@@ -114,7 +131,8 @@ def decode_image(path: str | Path, size: int) -> torch.Tensor:
 
     EXIF orientation is applied; GIF/WebP animations give their first frame. Truncated files fail
     (`img.load()` runs inside the try, with PIL's LOAD_TRUNCATED_IMAGES forced off for the call, since other
-    libraries sometimes switch it on and a half-grey image would then pass silently).
+    libraries sometimes switch it on and a half-grey image would then pass silently). Sizes past MAX_PIXELS
+    or MAX_ASPECT fail before decoding.
     """
     saved = ImageFile.LOAD_TRUNCATED_IMAGES
     ImageFile.LOAD_TRUNCATED_IMAGES = False
@@ -125,6 +143,7 @@ def decode_image(path: str | Path, size: int) -> torch.Tensor:
                 # Let libjpeg downscale by 1/2..1/8 while decoding, never below (size, size): 1024x768 -> 224
                 # takes 6 ms instead of 16 ms here. Pixels differ slightly from a full decode + resize.
                 img.draft("RGB", (size, size))
+            _check_size(img)
             img.load()
             img = ImageOps.exif_transpose(img)
             img = _resize_center_crop(_to_rgb(img), size)
@@ -225,16 +244,23 @@ def decode_all(paths: Sequence[Path], size: int, num_workers: int) -> torch.Tens
     return out
 
 
+def has_split_folders(root: Path) -> bool:
+    """True when an image folder brings its own split: root/train/ and root/test/."""
+    return (root / "train").is_dir() and (root / "test").is_dir()
+
+
 def load_image_folder(root: Path, split: str, size: int, num_workers: int, seed: int,
                       test_fraction: float) -> tuple[torch.Tensor, torch.Tensor | None, list[str] | None]:
     """One split of an image folder: (uint8 images, int64 labels or None, classes or None).
 
-    With root/train/ and root/test/ the split is that subfolder (classes shared by both); otherwise a seeded
-    split of the whole folder, stratified by class, holds out `test_fraction` as "test".
+    With root/train/ and root/test/ the split is that subfolder (classes shared by both). Otherwise, with
+    class subfolders, a seeded split of the whole folder, stratified by class, holds out `test_fraction` as
+    "test" (for the kNN monitor and `simclr probe`, which split with the same seed); without labels there is
+    nothing a test split could be used for, so "train" is every image.
     """
     if not root.is_dir():
         raise DatasetError(f"image folder {root} does not exist: set data.root to a folder of images")
-    presplit = (root / "train").is_dir() and (root / "test").is_dir()
+    presplit = has_split_folders(root)
     parts = {s: list_images(root / s) for s in ("train", "test")} if presplit else {"all": list_images(root)}
     paths = [p for ps in parts.values() for p in ps]
     bases = [root / s if presplit else root for s, ps in parts.items() for _ in ps]
@@ -245,6 +271,11 @@ def load_image_folder(root: Path, split: str, size: int, num_workers: int, seed:
     if presplit:
         start = 0 if split == "train" else len(parts["train"])
         keep = list(range(start, start + len(parts[split])))
+    elif labels is None:
+        if split == "test":
+            raise DatasetError(f"{root} has neither class subfolders nor train/ and test/: there is no labelled "
+                               "test split (put the images in DIR/<class>/ folders)")
+        keep = list(range(len(paths)))
     else:
         keep = _split_indices(len(paths), labels, split, seed, test_fraction)
     if not keep:

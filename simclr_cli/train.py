@@ -99,14 +99,15 @@ def check_resume_config(saved: dict, cfg: Config) -> list[str]:
     return [f"{k}: {old.get(k)!r} -> {new[k]!r}" for k in changed]
 
 
-def prepare_output_dir(path: Path) -> None:
-    try:
-        path.mkdir(parents=True, exist_ok=True)
-        probe = path / ".write-test"
-        probe.write_bytes(b"")
-        probe.unlink()
-    except OSError as err:
-        raise ConfigError(f"output directory {path} is not writable ({err.strerror}): choose another --output-dir")
+def check_output_dir(path: Path) -> None:
+    """Refuse an output directory that cannot be written, without creating it: a run that fails on its data
+    or model afterwards leaves no empty run directory behind (`run()` creates it)."""
+    existing = next(p for p in (path, *path.parents) if p.exists() or p == p.parent)
+    if not existing.is_dir():
+        raise ConfigError(f"output directory {path}: {existing} is a file, not a folder: choose another --output-dir")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ConfigError(f"output directory {path} is not writable (no write permission on {existing}): choose "
+                          "another --output-dir")
 
 
 def remove_stale_temp_files(path: Path) -> list[Path]:
@@ -163,7 +164,7 @@ class Trainer:
         self.precision = resolve_precision(cfg.train.precision, self.device)
         self.out = Path(cfg.train.output_dir)
         if self.dist.is_main:
-            prepare_output_dir(self.out)
+            check_output_dir(self.out)
             remove_stale_temp_files(self.out)
         torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
         self.data = load_train_set(cfg, self.dist).to(self.device)
@@ -235,7 +236,12 @@ class Trainer:
         # The saved augmentation stream is rank 0's: it fits rank 0 of the same world size only. Other ranks
         # (and other world sizes) take a fresh stream of their own; each epoch start reseeds them all anyway.
         same_stream = ckpt.get("world_size", 1) == self.dist.world_size and self.dist.is_main
-        restore_rng(ckpt["rng"], self.generator if same_stream else None)
+        if not restore_rng(ckpt["rng"], self.generator if same_stream else None):
+            same_stream = False  # saved on another kind of device: its generator state does not fit this one
+            self.emit("notice", {"message": f"resumed on {self.device.type} from a checkpoint saved on "
+                                            f"{ckpt['rng'].get('augment_device', 'another device')}: weights, "
+                                            "optimiser, schedule and data order continue exactly; the "
+                                            "augmentation stream is reseeded, so views differ from an unbroken run"})
         if not same_stream:
             rank_seed = 104_729 * (self.dist.rank + 1)
             self.generator.manual_seed(self.cfg.train.seed * 1_000_003 + ckpt["step"] * 7919 + rank_seed)
@@ -465,6 +471,11 @@ class Trainer:
             stop = self.agreed_stop = RankAgreedStop(stop, self.device)
         cfg, s = self.cfg, self.state
         if self.dist.is_main:
+            try:
+                self.out.mkdir(parents=True, exist_ok=True)
+            except OSError as err:
+                raise ConfigError(f"cannot create output directory {self.out} ({err.strerror}): choose another "
+                                  "--output-dir") from None
             if s.step == 0:  # a new run: lines from an earlier attempt that never reached a checkpoint go
                 (self.out / "metrics.jsonl").unlink(missing_ok=True)
             atomic_write_text(dump_config(cfg), self.out / "config.yaml")
@@ -510,13 +521,11 @@ def pretrain(cfg: Config, resume: bool = False, callback: Callback | None = None
     path = Path(cfg.train.output_dir) / "checkpoint.pt"
     ckpt = None
     if resume:
+        if path.is_dir():
+            raise CheckpointError(f"{path} is a folder, not a checkpoint: give --output-dir a run directory")
         if not path.is_file():
             raise CheckpointError(f"nothing to resume: {path} does not exist (drop --resume to start a new run)")
-        try:
-            ckpt = load_checkpoint(path)
-        except (KeyError, IndexError) as err:  # torch's legacy reader on some non-PyTorch files
-            raise CheckpointError(f"{path} is truncated or not a PyTorch file ({type(err).__name__}: {err}): "
-                                  "give the checkpoint.pt that `simclr pretrain` wrote") from None
+        ckpt = load_checkpoint(path)
         if not isinstance(ckpt.get("config"), dict):
             raise CheckpointError(f"{path} holds no config: give the checkpoint.pt that `simclr pretrain` wrote")
         check_resume_config(ckpt["config"], cfg)
@@ -528,7 +537,10 @@ def pretrain(cfg: Config, resume: bool = False, callback: Callback | None = None
             trainer = Trainer(cfg, callback)
             if ckpt is not None:
                 trainer.resume(ckpt)
-            return trainer.run(stop)
+            summary = trainer.run(stop)
+        if owns_group and dist.is_initialized():
+            dist.barrier()  # leave together: a rank tearing down while another still sends can abort it
+        return summary
     finally:
         if owns_group:  # NCCL warns on every rank at exit about a group never destroyed
             shutdown_distributed()

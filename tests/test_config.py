@@ -74,7 +74,7 @@ BAD_VALUES = {
     "train.knn_temperature": "0", "optim.lr": "0", "optim.weight_decay": "-1", "optim.momentum": "1",
     "optim.warmup_epochs": "-1", "optim.min_lr": "-0.1", "optim.betas": "[0.9]", "optim.plateau_factor": "1",
     "optim.plateau_patience": "-1", "augment.crop_scale_min": "0", "augment.jitter_strength": "-1",
-    "augment.view_size": "4",
+    "augment.view_size": "4", "train.seed": "20000000000000",
     "model.width": "2", "model.head_out": "0", "model.head_layers": "4", "model.head_hidden": "0",
     "data.image_size": "4", "data.num_workers": "-1", "data.synthetic_size": "1", "data.size_dataset_train": "1",
 }
@@ -137,3 +137,33 @@ def test_width_under_8_is_refused_for_a_torch_cpu_heap_corruption():
     with pytest.raises(ConfigError, match="'model.width' must be >= 8"):
         load_config(overrides=["model.width=4"])
     assert load_config(overrides=["model.width=8"]).model.width == 8
+
+
+@pytest.mark.parametrize("value, shown", [("2024-06-01", "as a date"), ("!!binary aGVsbG8=", "!!binary"),
+                                          ("!!set {a, b}", "!!set")])
+def test_yaml_values_that_are_not_text_are_named(tmp_path, value, shown):
+    """A YAML date, !!binary or !!set used to end in a JSON TypeError and a traceback."""
+    with pytest.raises(ConfigError, match=f"'train.output_dir' must be str, got .*{shown}"):
+        load_config(write(tmp_path, f"train:\n  output_dir: {value}\n"))
+
+
+@pytest.mark.parametrize("text", ["runs/exp #3", "42", "no", "2024-06-01", "null"])
+def test_text_keys_take_the_override_as_typed(text):
+    """A key holding a path or a word is a string: the '#3' is not a YAML comment, 42 is a folder name."""
+    assert load_config(overrides=[f"train.output_dir={text}"]).train.output_dir == text
+    assert load_config(overrides=[f"data.root={text}"]).data.root == (None if text == "null" else text)
+
+
+def test_dedicated_flag_values_are_never_parsed_and_win(tmp_path):
+    path = write(tmp_path, "train:\n  output_dir: from-yaml\n")
+    cfg = load_config(path, ["train.output_dir=from-set"], {"train.output_dir": "runs/exp #3", "train.device": "cpu"})
+    assert (cfg.train.output_dir, cfg.train.device) == ("runs/exp #3", "cpu")
+
+
+def test_nesterov_needs_momentum():
+    """torch.optim.SGD raises on nesterov with momentum 0 only when the run starts: refuse it in the config."""
+    with pytest.raises(ConfigError, match="optim.nesterov"):
+        load_config(overrides=["optim.nesterov=true", "optim.momentum=0"])
+    with pytest.raises(ConfigError, match="optim.nesterov"):
+        load_config(overrides=["optim.nesterov=true", "optim.name=adam"])
+    assert load_config(overrides=["optim.nesterov=true"]).optim.nesterov

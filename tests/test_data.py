@@ -175,12 +175,24 @@ def test_folder_with_classes_has_seeded_stratified_split(tmp_path):
     assert torch.equal(again.images, test.images) and torch.equal(again.labels, test.labels)
 
 
-def test_folder_split_is_a_partition(tmp_path):
+def test_unlabelled_flat_folder_pretrains_on_every_image(tmp_path):
+    """Without class folders nothing could use a held-out split: "train" is every image, "test" is refused."""
     for i in range(10):  # flat folder, each image a different grey level so images identify themselves
         save(tmp_path / f"{i}.png", solid((i * 20,) * 3))
+    for seed in (0, 1):
+        train = load_dataset("folder", "train", tmp_path, image_size=4, num_workers=0, seed=seed)
+        assert train.labels is None and train.classes is None and len(train) == 10
+        assert sorted(train.images[:, 0, 0, 0].tolist()) == [i * 20 for i in range(10)]
+    with pytest.raises(DatasetError, match="no labelled test split"):
+        load_dataset("folder", "test", tmp_path, image_size=4, num_workers=0)
+
+
+def test_labelled_flat_folder_split_is_a_seeded_partition(tmp_path):
+    for i in range(10):
+        save(tmp_path / ("a" if i % 2 else "b") / f"{i}.png", solid((i * 20,) * 3))
     train = load_dataset("folder", "train", tmp_path, image_size=4, num_workers=0, seed=1)
     test = load_dataset("folder", "test", tmp_path, image_size=4, num_workers=0, seed=1)
-    assert train.labels is None and train.classes is None and (len(train), len(test)) == (8, 2)
+    assert (len(train), len(test)) == (8, 2)
     ids = sorted(train.images[:, 0, 0, 0].tolist() + test.images[:, 0, 0, 0].tolist())
     assert ids == [i * 20 for i in range(10)]
     seeds = {tuple(load_dataset("folder", "test", tmp_path, image_size=4, num_workers=0, seed=s)
@@ -212,7 +224,7 @@ def test_folder_errors(tmp_path):
         load_dataset("folder", "train", tmp_path)
     with pytest.raises(DatasetError, match="root"):
         load_dataset("folder", "train", None)
-    save(tmp_path / "one.png", solid())
+    save(tmp_path / "a" / "one.png", solid())
     with pytest.raises(DatasetError, match="test split .* is empty"):
         load_dataset("folder", "test", tmp_path, num_workers=0)
     save(tmp_path / "split" / "train" / "good.png", solid())
