@@ -122,6 +122,7 @@ RULES = [
     # Seeds are combined as seed * 1_000_003 + ... into torch generators, which take 64 bits.
     ("train.seed", lambda v: 0 <= v < 2**32, "in 0 .. 4294967295"),
     ("train.epochs", lambda v: v >= 1, ">= 1"),
+    ("train.output_dir", lambda v: v.strip() != "", "a folder name, not empty"),
     ("train.log_every", lambda v: v >= 1, ">= 1"),
     ("train.checkpoint_every", lambda v: v >= 1, ">= 1"),
     ("train.keep_last", lambda v: v >= 0, ">= 0"),

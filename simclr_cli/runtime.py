@@ -153,5 +153,7 @@ def describe_device(device: torch.device, precision: str) -> dict[str, str]:
         name = f"Apple MPS ({platform.machine()})"
     else:
         bf16 = "bf16 hardware" if cpu_has_fast_bf16() else "no bf16 hardware"
+        if forced_precision():
+            bf16 += f", auto = {forced_precision()} by {PRECISION_ENV}"
         name = f"{platform.processor() or platform.machine()} CPU, {torch.get_num_threads()} threads, {bf16}"
     return {"device": f"{device} - {name}", "precision": precision, "torch": torch.__version__}
