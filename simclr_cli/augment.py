@@ -1,16 +1,14 @@
 """Batched, per-sample random views on the training device, and the named presets that compose them.
 
-Owns the augmentation ops (each a pure function of a float batch in [0, 1] and explicit per-sample
-parameters, so it can be checked against torchvision's per-image functional op), the samplers for those
-parameters, and `Augmenter`, which turns a uint8 batch into two normalised float32 views. Every random
-number comes from the `torch.Generator` passed in, drawn on that generator's device, so a run that saves
+Owns the geometric ops (each a pure function of a float batch in [0, 1] and explicit per-sample
+parameters, so it can be checked against torchvision's per-image functional op; the colour ops are in
+`colour.py`), the samplers for those parameters, and `Augmenter`, which turns a uint8 batch into two
+normalised float32 views. Every random number comes from the `torch.Generator` passed in, drawn on that generator's device, so a run that saves
 and restores the generator state resumes with the same views. No Python loop over images anywhere.
 """
 
 from __future__ import annotations
 
-import functools
-import itertools
 import math
 from typing import Sequence
 
@@ -18,29 +16,18 @@ import torch
 import torch.nn.functional as F
 from torchvision.ops import roi_align
 
+from simclr_cli.colour import (JITTER_IDENTITY, JITTER_PERMS, adjust_brightness, color_jitter_, const, contrast_,
+                               grayscale_, per_sample)
+from simclr_cli.data import NORMALIZATION
+
 PRESETS = ("simclr", "baseline")
-# CIFAR-10 training-set channel statistics on the [0, 1] scale (std over pixels, not the 0.2023 folklore).
-CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
-CIFAR10_STD = (0.2470, 0.2435, 0.2616)
-# ITU-R 601 luma weights, the ones torchvision's rgb_to_grayscale uses.
-_LUMA = (0.2989, 0.587, 0.114)
 _CROP_TRIES = 10  # candidate boxes per sample, as in torchvision's RandomResizedCrop
-
-
-@functools.lru_cache(maxsize=64)
-def _const(values: tuple[float, ...], device: torch.device, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """A small constant on `device`, copied there once: a fresh host-to-CUDA copy each step would sync."""
-    return torch.tensor(values, dtype=dtype, device=device)  # shared: never modify in place
 
 
 def _rand(generator: torch.Generator | None, shape: tuple[int, ...], device: torch.device) -> torch.Tensor:
     """Uniform [0, 1) drawn on the generator's device (so its state alone fixes the draw), moved to `device`."""
     src = generator.device if generator is not None else device
     return torch.rand(shape, generator=generator, device=src).to(device)
-
-
-def _per_sample(values: torch.Tensor) -> torch.Tensor:
-    return values.reshape(-1, 1, 1, 1)  # (B,) -> (B, 1, 1, 1), broadcasts over (B, C, H, W)
 
 
 def sample_crop_boxes(B: int, H: int, W: int, scale: tuple[float, float], ratio: tuple[float, float],
@@ -74,7 +61,7 @@ def sample_crop_boxes(B: int, H: int, W: int, scale: tuple[float, float], ratio:
         fb_w, fb_h = int(round(H * max(ratio))), H
     else:
         fb_w, fb_h = W, H
-    fallback = _const(((H - fb_h) // 2, (W - fb_w) // 2, fb_h, fb_w), device)
+    fallback = const(((H - fb_h) // 2, (W - fb_w) // 2, fb_h, fb_w), device)
     boxes = torch.stack([top, left, h, w], dim=1)  # (B, 4)
     return torch.where(ok.any(dim=1, keepdim=True), boxes, fallback)
 
@@ -95,143 +82,7 @@ def resized_crop(x: torch.Tensor, boxes: torch.Tensor, size: int) -> torch.Tenso
 
 def hflip(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Mirror left-right the images where mask (B,) bool is True."""
-    return torch.where(_per_sample(mask), x.flip(-1), x)
-
-
-def _gray(x: torch.Tensor) -> torch.Tensor:
-    r, g, b = x.unbind(dim=1)
-    return torch.mul(r, _LUMA[0]).add_(g, alpha=_LUMA[1]).add_(b, alpha=_LUMA[2]).unsqueeze(1)  # (B, 1, H, W)
-
-
-# The colour ops come in pairs: a private kernel that overwrites a float batch the caller owns, and a public
-# function that runs it on a copy. Two fresh (256, 3, 32, 32) fp32 buffers cost ~5 ms here against 0.16 ms
-# in place (glibc hands the memory back and it page-faults again), so the pipeline chains kernels in place.
-
-
-def _blend_(x: torch.Tensor, other: torch.Tensor, factors: torch.Tensor) -> torch.Tensor:
-    """x <- clamp(factor * x + (1 - factor) * other, 0, 1): torchvision's _blend with a per-sample ratio."""
-    return x.lerp_(other, 1.0 - _per_sample(factors).to(x.dtype)).clamp_(0.0, 1.0)
-
-
-def _brightness_(x: torch.Tensor, factors: torch.Tensor) -> torch.Tensor:
-    return x.mul_(_per_sample(factors).to(x.dtype)).clamp_(0.0, 1.0)
-
-
-def _contrast_(x: torch.Tensor, factors: torch.Tensor) -> torch.Tensor:
-    f = _per_sample(factors).to(x.dtype)
-    mean = _gray(x).mean(dim=(1, 2, 3), keepdim=True)  # (B, 1, 1, 1)
-    # mul_ + add_ of a per-image scalar: 0.14 ms vs 0.76 ms for lerp_ against a (B, 1, 1, 1) tensor here.
-    return x.mul_(f).add_(mean.mul_(1.0 - f)).clamp_(0.0, 1.0)
-
-
-def _saturation_(x: torch.Tensor, factors: torch.Tensor) -> torch.Tensor:
-    return _blend_(x, _gray(x), factors)
-
-
-# Per channel (R, G, B): the pure colour at hue h (in sextants, [0, 6)) is clamp(sign * |h - centre| + bias,
-# 0, 1); an HSV pixel is then min + chroma * pure. Same hexagonal HSV as torchvision, without a where per
-# sextant.
-_HUE_CENTRE = (3.0, 2.0, 4.0)
-_HUE_SIGN = (1.0, -1.0, -1.0)
-_HUE_BIAS = (-1.0, 2.0, 2.0)
-
-
-def _hue_(x: torch.Tensor, shifts: torch.Tensor) -> torch.Tensor:
-    r, g, b = x.unbind(dim=1)  # each (B, H, W)
-    # Few temporaries, reused through out=. On (256, 32, 32) here: lerp_ with a 0/1 float mask (exact at 0
-    # and 1) 0.08 ms vs torch.where 1.0 ms; floor-based mod 0.15 ms vs remainder_ 0.41 ms.
-    high = torch.maximum(r, g)
-    torch.maximum(high, b, out=high)
-    low = torch.minimum(r, g)
-    torch.minimum(low, b, out=low)
-    red_max, green_max = (high == r).to(x.dtype), (high == g).to(x.dtype)
-    chroma = high.sub_(low)
-    # Hue in sextants, times chroma: 4 + (r - g) if blue is the max, 2 + (b - r) if green, (g - b) if red;
-    # red wins ties, then green, as in torchvision.
-    hue = torch.sub(r, g).add_(chroma, alpha=4.0)
-    other = torch.sub(b, r).add_(chroma, alpha=2.0)
-    hue.lerp_(other, green_max)
-    hue.lerp_(torch.sub(g, b, out=other), red_max)
-    # A gray pixel has chroma 0 and numerator 0: hue 0 whatever the clamped denominator.
-    hue.div_(torch.clamp(chroma, min=1e-12, out=other)).add_(6.0 * shifts.to(x.dtype).reshape(-1, 1, 1))
-    hue.sub_(torch.div(hue, 6.0, out=other).floor_().mul_(6.0))  # mod 6: (B, H, W) in [0, 6)
-    params = [_const(p, x.device, x.dtype).reshape(1, 3, 1, 1) for p in (_HUE_CENTRE, _HUE_SIGN, _HUE_BIAS)]
-    torch.sub(hue.unsqueeze(1), params[0], out=x)  # (B, 3, H, W); r, g, b are no longer read
-    x.abs_().mul_(params[1]).add_(params[2]).clamp_(0.0, 1.0)
-    return x.mul_(chroma.unsqueeze(1)).add_(low.unsqueeze(1))
-
-
-def _grayscale_(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    # lerp with weight 0 or 1 returns x or gray exactly, and writes in place where torch.where would not.
-    return x.lerp_(_gray(x).expand_as(x), _per_sample(mask).to(x.dtype))
-
-
-def adjust_brightness(x: torch.Tensor, factors: torch.Tensor) -> torch.Tensor:
-    """Scale each image by its factor (B,), clamped to [0, 1]."""
-    return _brightness_(x.clone(), factors)
-
-
-def adjust_contrast(x: torch.Tensor, factors: torch.Tensor) -> torch.Tensor:
-    """Blend each image with the mean of its grayscale version (a per-image scalar) by factor (B,)."""
-    return _contrast_(x.clone(), factors)
-
-
-def adjust_saturation(x: torch.Tensor, factors: torch.Tensor) -> torch.Tensor:
-    """Blend each image with its own grayscale version, pixel by pixel, by factor (B,)."""
-    return _saturation_(x.clone(), factors)
-
-
-def adjust_hue(x: torch.Tensor, shifts: torch.Tensor) -> torch.Tensor:
-    """Rotate each image's hue by its shift (B,) in turns, within [-0.5, 0.5], via RGB -> HSV -> RGB."""
-    return _hue_(x.clone(), shifts)
-
-
-def to_grayscale(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Replace the images where mask (B,) is True by their luma, repeated over the 3 channels."""
-    return _grayscale_(x.clone(), mask)
-
-
-_JITTER_KERNELS = (_brightness_, _contrast_, _saturation_, _hue_)
-_JITTER_IDENTITY = (1.0, 1.0, 1.0, 0.0)
-_JITTER_PERMS = tuple(itertools.permutations(range(4)))  # 24 orders; index = a sample's order id
-# One op sequence that holds every order of the 4 ops as a subsequence, with hue (3) once: any order of
-# brightness/contrast/saturation (0, 1, 2 -> "0120120" holds all 6), hue, then any order again. Each
-# sample switches on the 4 slots that spell its own order; the others run with identity factors.
-# That is torchvision's per-image random order at 14 cheap extra ops, with no host sync for the order.
-_JITTER_SEQUENCE = (0, 1, 2, 0, 1, 2, 0, 3, 0, 1, 2, 0, 1, 2, 0)
-
-
-@functools.lru_cache(maxsize=8)
-def _jitter_slots(device: torch.device) -> torch.Tensor:
-    """(24, len(_JITTER_SEQUENCE)) bool: for each order, the slots its greedy left-most embedding uses."""
-    table = torch.zeros(len(_JITTER_PERMS), len(_JITTER_SEQUENCE), dtype=torch.bool)
-    for row, perm in enumerate(_JITTER_PERMS):
-        slot = 0
-        for op in perm:
-            while _JITTER_SEQUENCE[slot] != op:
-                slot += 1
-            table[row, slot] = True
-            slot += 1
-    return table.to(device)
-
-
-def _color_jitter_(x: torch.Tensor, factors: torch.Tensor, order: torch.Tensor) -> torch.Tensor:
-    sequence = _const(_JITTER_SEQUENCE, factors.device, torch.long)
-    identity = _const(_JITTER_IDENTITY, factors.device, factors.dtype)[sequence]  # (15,)
-    active = _jitter_slots(factors.device)[order]  # (B, 15)
-    slot_factors = torch.where(active, factors[:, sequence], identity)  # (B, 15)
-    for slot, op in enumerate(_JITTER_SEQUENCE):
-        _JITTER_KERNELS[op](x, slot_factors[:, slot])
-    return x
-
-
-def color_jitter(x: torch.Tensor, factors: torch.Tensor, order: torch.Tensor) -> torch.Tensor:
-    """Brightness, contrast, saturation and hue in a per-sample order.
-
-    factors: (B, 4) (brightness, contrast, saturation, hue shift); order: (B,) int64 index into
-    itertools.permutations(range(4)), the order in which sample b gets the four ops.
-    """
-    return _color_jitter_(x.clone(), factors, order)
+    return torch.where(per_sample(mask), x.flip(-1), x)
 
 
 def rotate(x: torch.Tensor, angles_deg: torch.Tensor) -> torch.Tensor:
@@ -271,8 +122,8 @@ class Augmenter:
         brightness and contrast 0.4 (always, in that order) + Gaussian noise std 0.05, resized to size.
     """
 
-    def __init__(self, preset: str = "simclr", size: int = 32, mean: Sequence[float] = CIFAR10_MEAN,
-                 std: Sequence[float] = CIFAR10_STD, crop_scale_min: float = 0.08,
+    def __init__(self, preset: str = "simclr", size: int = 32, mean: Sequence[float] = NORMALIZATION["cifar10"][0],
+                 std: Sequence[float] = NORMALIZATION["cifar10"][1], crop_scale_min: float = 0.08,
                  jitter_strength: float = 1.0) -> None:
         if preset not in PRESETS:
             raise ValueError(f"unknown augmentation preset {preset!r}; valid presets: {', '.join(PRESETS)}")
@@ -299,7 +150,7 @@ class Augmenter:
         return tuple(self._normalise(v) for v in views)  # type: ignore[return-value]
 
     def _normalise(self, v: torch.Tensor) -> torch.Tensor:
-        scale, shift = (_const(c, v.device).reshape(1, 3, 1, 1) for c in (self._scale, self._shift))
+        scale, shift = (const(c, v.device).reshape(1, 3, 1, 1) for c in (self._scale, self._shift))
         return v.mul_(scale).add_(shift).contiguous()
 
     def _simclr_view(self, x: torch.Tensor, g: torch.Generator | None) -> torch.Tensor:
@@ -309,14 +160,14 @@ class Augmenter:
         u = _rand(g, (B, 8), x.device)  # (B, 8): flip, jitter p, 4 jitter factors, order, grayscale
         v = hflip(v, u[:, 0] < 0.5)
         s = self.jitter_strength
-        lo = _const((max(0.0, 1 - 0.4 * s),) * 3 + (-min(0.5, 0.1 * s),), x.device)
-        hi = _const((1 + 0.4 * s,) * 3 + (min(0.5, 0.1 * s),), x.device)
+        lo = const((max(0.0, 1 - 0.4 * s),) * 3 + (-min(0.5, 0.1 * s),), x.device)
+        hi = const((1 + 0.4 * s,) * 3 + (min(0.5, 0.1 * s),), x.device)
         factors = lo + (hi - lo) * u[:, 2:6]  # (B, 4): brightness, contrast, saturation, hue shift
         # Jitter with p = 0.8: the other samples get identity factors (exact no-ops; hue 0 is ~1e-7 off).
-        factors = torch.where((u[:, 1] < 0.8).unsqueeze(1), factors, _const(_JITTER_IDENTITY, x.device))
-        order = (u[:, 6] * len(_JITTER_PERMS)).long().clamp_(max=len(_JITTER_PERMS) - 1)
-        v = _color_jitter_(v, factors, order)  # v is this view's own buffer: jitter it in place
-        return _grayscale_(v, u[:, 7] < 0.2)
+        factors = torch.where((u[:, 1] < 0.8).unsqueeze(1), factors, const(JITTER_IDENTITY, x.device))
+        order = (u[:, 6] * len(JITTER_PERMS)).long().clamp_(max=len(JITTER_PERMS) - 1)
+        v = color_jitter_(v, factors, order)  # v is this view's own buffer: jitter it in place
+        return grayscale_(v, u[:, 7] < 0.2)
 
     def _baseline_geometric(self, x: torch.Tensor, g: torch.Generator | None) -> torch.Tensor:
         B, _, H, W = x.shape
@@ -328,8 +179,8 @@ class Augmenter:
         B, _, H, W = x.shape
         if (H, W) != (self.size, self.size):
             # Resize first: the colour ops then run on size x size pixels, not H x W.
-            whole = _const((0.0, 0.0, H, W), x.device).expand(B, 4)
+            whole = const((0.0, 0.0, H, W), x.device).expand(B, 4)
             x = resized_crop(x, whole, self.size)
         factors = 0.6 + 0.8 * _rand(g, (B, 2), x.device)  # (B, 2) in [0.6, 1.4): brightness, contrast
-        v = _contrast_(adjust_brightness(x, factors[:, 0]), factors[:, 1])  # x may be shared: copy once
+        v = contrast_(adjust_brightness(x, factors[:, 0]), factors[:, 1])  # x may be shared: copy once
         return add_gaussian_noise(v, 0.05, g)

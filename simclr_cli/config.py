@@ -22,9 +22,7 @@ from typing import Any, Union, get_args, get_origin, get_type_hints
 
 import yaml
 
-
-class ConfigError(ValueError):
-    """A user's mistake in a config file or override; the message is one line naming the fix."""
+from simclr_cli.errors import ConfigError
 
 
 @dataclass
@@ -105,8 +103,9 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
 
 
+DATASETS = ("cifar10", "cifar100", "folder", "synthetic")  # the one list: data, probe and the config use it
 CHOICES = {
-    "data.dataset": ("cifar10", "cifar100", "folder", "synthetic"),
+    "data.dataset": DATASETS,
     "augment.preset": ("simclr", "baseline"),
     "model.arch": ("resnet18", "resnet34", "resnet50"),
     "model.stem": ("cifar", "imagenet"),

@@ -19,11 +19,12 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from simclr_cli.images import (IMAGE_EXTENSIONS, DatasetError, DecodedBatch, ImageDecodeError,  # noqa: F401
-                               ImageFolderDataset, decode_all, decode_image, has_split_folders, iter_decoded,
-                               list_images, load_image_folder)
+from simclr_cli.config import DATASETS
+from simclr_cli.errors import DatasetError, ImageDecodeError  # noqa: F401  (re-exported)
+from simclr_cli.images import (IMAGE_EXTENSIONS, DecodedBatch, ImageFolderDataset,  # noqa: F401
+                               decode_all, decode_image, has_split_folders, iter_decoded, list_images,
+                               load_image_folder)
 
-DATASETS = ("cifar10", "cifar100", "folder", "synthetic")
 SPLITS = ("train", "test")
 
 # Per-channel mean and std of pixel/255 over each training set. CIFAR-10's std is over all pixels
@@ -141,6 +142,9 @@ _CIFAR = {
     "cifar100": _CifarSpec("CIFAR-100", "cifar-100-python", {"train": ("train",), "test": ("test",)},
                            "meta", "fine_labels", "fine_label_names"),
 }
+
+
+CIFAR_FOLDERS = {name: spec.folder for name, spec in _CIFAR.items()}  # what each archive extracts to
 
 
 def _numpy_globals() -> dict[tuple[str, str], object]:

@@ -3,7 +3,7 @@
 Owns what `simclr embed` does beneath the CLI: turning IMAGES (a folder, one image, or a text file listing
 paths) into an ordered path list; writing the .npy header first and rows batch by batch, so memory stays
 flat however many images there are; outputs that never hold a partial array after a failure; and bad files
-(report every one and write nothing, or leave them out). Each batch goes through `evaluate.extract_features`,
+(report every one and write nothing, or leave them out). Each batch goes through `features.extract_features`,
 so the rows equal what `simclr probe` extracts from the same images.
 """
 
@@ -25,12 +25,12 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from simclr_cli.checkpoint import LoadedEncoder, atomic_file, check_output_path, load_encoder
-from simclr_cli.evaluate import PROBE_PRECISIONS, extract_features, for_inference
-from simclr_cli.images import IMAGE_EXTENSIONS, DatasetError, iter_decoded, list_images
-from simclr_cli.runtime import pick_device, resolve_precision
-
-Callback = Callable[[str, dict], None]
+from simclr_cli.encoder_file import LoadedEncoder, load_encoder
+from simclr_cli.files import atomic_file, check_output_path
+from simclr_cli.features import extract_features, for_inference
+from simclr_cli.errors import CheckpointError, DatasetError, OutputError
+from simclr_cli.images import IMAGE_EXTENSIONS, iter_decoded, list_images
+from simclr_cli.runtime import INFERENCE_PRECISIONS, Callback, pick_device, resolve_precision
 
 DEFAULT_ENCODER = Path("encoder.pth")  # looked up in the working directory when no --encoder is given
 # A .npy v1.0 header is magic + version + 2-byte length + a Python dict literal padded with spaces. Padding it
@@ -39,11 +39,7 @@ DEFAULT_ENCODER = Path("encoder.pth")  # looked up in the working directory when
 HEADER_BYTES = 128
 
 
-class EmbedError(DatasetError):
-    """A user-facing problem with an embed run; one line naming the fix."""
-
-
-class BadImagesError(EmbedError):
+class BadImagesError(DatasetError):
     """Some images did not decode and --skip-bad was not given; `failures` lists (path, reason)."""
 
     def __init__(self, failures: list[tuple[Path, str]], total: int) -> None:
@@ -74,7 +70,7 @@ def read_path_list(list_file: Path) -> list[Path]:
     try:
         lines = list_file.read_text(encoding="utf-8").splitlines()
     except UnicodeDecodeError:
-        raise EmbedError(f"{list_file} is neither an image ({', '.join(IMAGE_EXTENSIONS)}) nor a UTF-8 text "
+        raise DatasetError(f"{list_file} is neither an image ({', '.join(IMAGE_EXTENSIONS)}) nor a UTF-8 text "
                          "file listing image paths: point at a folder, an image or a list") from None
     paths = [Path(s).expanduser() for s in (line.strip() for line in lines) if s]
     return [p if p.is_absolute() else list_file.parent / p for p in paths]
@@ -86,11 +82,11 @@ def resolve_paths(images: str | Path) -> list[Path]:
     if images.is_file() and images.suffix.lower() not in IMAGE_EXTENSIONS:
         paths = read_path_list(images)
         if not paths:
-            raise EmbedError(f"{images} lists no image paths: put one path per line")
+            raise DatasetError(f"{images} lists no image paths: put one path per line")
         return paths
     paths = list_images(images)  # a folder or one image; raises DatasetError when IMAGES does not exist
     if not paths:
-        raise EmbedError(f"no images under {images} ({', '.join(IMAGE_EXTENSIONS)}): point at a folder of "
+        raise DatasetError(f"no images under {images} ({', '.join(IMAGE_EXTENSIONS)}): point at a folder of "
                          "images, one image, or a text file listing paths")
     return paths
 
@@ -99,7 +95,7 @@ def resolve_encoder(encoder: str | Path | None) -> Path:
     if encoder is not None:
         return Path(encoder).expanduser()
     if not DEFAULT_ENCODER.is_file():
-        raise EmbedError(f"no {DEFAULT_ENCODER} in the working directory ({Path.cwd()}): write one with "
+        raise CheckpointError(f"no {DEFAULT_ENCODER} in the working directory ({Path.cwd()}): write one with "
                          "`simclr extract`, or pass --encoder PATH (an encoder file, checkpoint or state dict)")
     return DEFAULT_ENCODER
 
@@ -183,7 +179,7 @@ def stdout_target(stdout: BinaryIO, rows_may_shrink: bool) -> Iterator[tuple[Bin
 # --- the loop --------------------------------------------------------------------------------------------
 
 def embed_paths(loaded: LoadedEncoder, paths: Sequence[Path], fp: BinaryIO, seekable: bool, *, device: torch.device,
-                precision: str, normalize: bool = False, batch_size: int = 256, workers: int = 2,
+                precision: str, normalize: bool = False, batch_size: int = 256, num_workers: int = 2,
                 skip_bad: bool = False, callback: Callback | None = None) -> tuple[list[Path], list]:
     """Decode `paths` in workers, encode each batch, stream rows to `fp` as a .npy. Returns (kept paths,
     failures).
@@ -196,7 +192,7 @@ def embed_paths(loaded: LoadedEncoder, paths: Sequence[Path], fp: BinaryIO, seek
     kept: list[int] = []
     failures: list[tuple[Path, str]] = []
     done = 0
-    for batch in iter_decoded(paths, loaded.image_size, batch_size=batch_size, num_workers=workers):
+    for batch in iter_decoded(paths, loaded.image_size, batch_size=batch_size, num_workers=num_workers):
         for i, why in batch.failures:
             failures.append((paths[i], why))
             callback("bad", {"path": paths[i], "reason": why})
@@ -211,27 +207,27 @@ def embed_paths(loaded: LoadedEncoder, paths: Sequence[Path], fp: BinaryIO, seek
     if failures and not skip_bad:
         raise BadImagesError(failures, len(paths))
     if not kept:
-        raise EmbedError(f"none of the {len(paths)} images could be decoded: check the files")
+        raise DatasetError(f"none of the {len(paths)} images could be decoded: check the files")
     writer.finish()
     return [paths[i] for i in kept], failures
 
 
 def embed_images(images: str | Path, encoder: str | Path | None = None, output: str | Path | None = None,
                  stdout: BinaryIO | None = None, *, paths_out: str | Path | None = None, normalize: bool = False,
-                 batch_size: int = 256, workers: int = 2, skip_bad: bool = False, device: str = "auto",
+                 batch_size: int = 256, num_workers: int = 2, skip_bad: bool = False, device: str = "auto",
                  precision: str = "fp32", callback: Callback | None = None) -> EmbedResult:
     """Embed IMAGES with an encoder file into a float32 (N, D) .npy at `output`, or on `stdout` when None.
 
     precision defaults to fp32, not auto: the same encoder and images then give the same rows on any
     machine (within ~1e-5), where auto would round them to bf16 on CPUs with AMX and on GPUs."""
     if output is None and (stdout is None or stdout.isatty()):
-        raise EmbedError("refusing to write a binary .npy to the terminal: redirect it "
+        raise OutputError("refusing to write a binary .npy to the terminal: redirect it "
                          "(simclr embed IMAGES > vectors.npy) or pass -o vectors.npy")
     output = None if output is None else Path(output).expanduser()
     if output is not None and output.is_dir():
-        raise EmbedError(f"-o {output} is a folder: give a file name, e.g. {output / 'vectors.npy'}")
+        raise OutputError(f"-o {output} is a folder: give a file name, e.g. {output / 'vectors.npy'}")
     dev = pick_device(device)
-    precision = resolve_precision(precision, dev, PROBE_PRECISIONS)
+    precision = resolve_precision(precision, dev, INFERENCE_PRECISIONS)
     if paths_out is not None:
         check_output_path(paths_out, "paths.txt")
     paths = resolve_paths(images)
@@ -247,7 +243,7 @@ def embed_images(images: str | Path, encoder: str | Path | None = None, output: 
         else:
             fp, seekable = stack.enter_context(stdout_target(stdout, rows_may_shrink=skip_bad))
         kept, failures = embed_paths(loaded, paths, fp, seekable, device=dev, precision=precision,
-                                     normalize=normalize, batch_size=batch_size, workers=workers,
+                                     normalize=normalize, batch_size=batch_size, num_workers=num_workers,
                                      skip_bad=skip_bad, callback=callback)
         if paths_out is not None:  # inside the stack: a failed --paths write leaves no array either
             with atomic_file(Path(paths_out).expanduser()) as f:

@@ -1,113 +1,25 @@
-"""Evaluation of frozen encoders: preprocessing, feature extraction, weighted kNN and the linear probe.
+"""Evaluation of frozen features: the weighted kNN classifier, the linear probe, and the kNN monitor that
+pretraining runs on the live encoder.
 
-`run_probe` is the protocol `simclr probe` runs: load an encoder file of any accepted format, extract
-features of a dataset's train and test splits once (no augmentation; the encoder's own image size and
-normalisation), then report on the test split the kNN top-1 (Wu et al. 2018: cosine similarity, k=200,
-votes weighted by exp(sim / 0.1)) and a linear probe (multinomial logistic regression on standardised
-features, L2 strength chosen on a held-out 10% of the train split, never on the test split). Like the
-training loop it reports through `callback(event, data)` and never prints.
+kNN: Wu et al. 2018, cosine similarity, the k most similar bank images vote with weight exp(sim / t).
+Linear probe: multinomial logistic regression on standardised features by full-batch L-BFGS, its L2
+strength chosen on a held-out share of the train split. `probe.py` runs them as `simclr probe`'s protocol.
 """
 
 from __future__ import annotations
 
 import contextlib
-import time
-from pathlib import Path
 from typing import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
 
-from simclr_cli import __version__
-from simclr_cli.checkpoint import CheckpointError, LoadedEncoder, load_encoder
-from simclr_cli.data import DatasetError, ImageSet, default_data_root, has_split_folders, load_dataset
-from simclr_cli.model import ProjectionHead, ResNetEncoder
-from simclr_cli.runtime import autocast, pick_device, resolve_precision
+from simclr_cli.config import Config
+from simclr_cli.data import ImageSet, load_dataset
+from simclr_cli.errors import DatasetError
+from simclr_cli.features import extract_features
 
-Callback = Callable[[str, dict], None]
-PROBE_DATASETS = ("cifar10", "cifar100", "folder", "synthetic")
 WEIGHT_DECAYS = (1e-1, 1e-2, 1e-3, 1e-4, 1e-5, 1e-6)  # L2 grid for the linear probe, strongest first
-CIFAR_FOLDERS = {"cifar10": "cifar-10-batches-py", "cifar100": "cifar-100-python"}
-
-
-def preprocess(images_u8: torch.Tensor, mean: Sequence[float], std: Sequence[float], size: int) -> torch.Tensor:
-    """uint8 (B, 3, H, W) -> float (B, 3, size, size): resized when needed (bilinear, antialias), /255,
-    normalised per channel. On the images' device; `simclr embed` uses it too, so its rows equal probe's."""
-    x = images_u8.float()
-    if tuple(x.shape[-2:]) != (size, size):
-        x = F.interpolate(x, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
-    mean_t = torch.tensor(mean, dtype=torch.float32, device=x.device).view(1, -1, 1, 1)
-    std_t = torch.tensor(std, dtype=torch.float32, device=x.device).view(1, -1, 1, 1)
-    return (x / 255.0 - mean_t) / std_t
-
-
-def check_layer(head: ProjectionHead | None, layer: int) -> None:
-    if layer and (head is None or not 0 < layer <= head.layers):
-        have = "no projection head" if head is None else f"a {head.layers}-layer projection head"
-        raise CheckpointError(f"layer {layer} asked for, but the encoder file has {have}: use a layer in "
-                              f"0..{0 if head is None else head.layers}")
-
-
-def for_inference(encoder: ResNetEncoder, head: ProjectionHead | None, device: torch.device):
-    """A loaded (not live) encoder and head on `device`, in eval mode and channels_last, the fastest layout
-    for convolutions here; `extract_features` then feeds it channels_last batches."""
-    encoder = encoder.eval().to(device).to(memory_format=torch.channels_last)
-    return encoder, head.eval().to(device) if head is not None else None
-
-
-def _memory_format(module: torch.nn.Module) -> torch.memory_format:
-    """channels_last when the module's first convolution is stored that way, else contiguous."""
-    conv = next((m.weight for m in module.modules() if isinstance(m, torch.nn.Conv2d)), None)
-    if conv is not None and conv.dim() == 4 and not conv.is_contiguous() and \
-            conv.is_contiguous(memory_format=torch.channels_last):
-        return torch.channels_last
-    return torch.contiguous_format
-
-
-@contextlib.contextmanager
-def _eval_mode(*modules: torch.nn.Module | None):
-    """eval() for the block; each module gets its own train/eval mode back afterwards (the monitor runs on
-    the live model, which must go on training exactly as before)."""
-    modes = [(m, m.training) for m in modules if m is not None]
-    for m, _ in modes:
-        m.eval()
-    try:
-        yield
-    finally:
-        for m, was_training in modes:
-            m.train(was_training)
-
-
-@torch.no_grad()
-def extract_features(encoder: ResNetEncoder, images_u8: torch.Tensor, mean: Sequence[float], std: Sequence[float],
-                     size: int, device: torch.device, precision: str = "fp32", batch_size: int = 512,
-                     head: ProjectionHead | None = None, layer: int = 0,
-                     callback: Callable[[int, int], None] | None = None) -> torch.Tensor:
-    """Frozen features of uint8 images (N, 3, H, W) -> float32 (N, D) on the CPU.
-
-    The encoder (and head) must already be on `device` (`for_inference` puts a loaded one there); nothing
-    about them is changed: eval mode for the pass, their own mode after, their memory format untouched.
-    layer 0 is the representation h; layer k > 0 the output of the projection head's first k blocks
-    (SimCLR v2 probes from a middle head layer). callback(done, total) after each batch.
-    """
-    check_layer(head, layer)
-    head = head if layer else None
-    fmt = _memory_format(encoder)
-    n, out = images_u8.shape[0], None
-    with _eval_mode(encoder, head):
-        for i in range(0, n, batch_size):
-            x = preprocess(images_u8[i:i + batch_size].to(device, non_blocking=True), mean, std, size)
-            x = x.contiguous(memory_format=fmt)
-            with autocast(device, precision):
-                h = encoder(x)  # (B, feature_dim)
-                if head is not None:
-                    h = head(h, layer=layer)  # (B, hidden or head_out)
-            if out is None:
-                out = torch.empty((n, h.shape[1]), dtype=torch.float32)
-            out[i:i + len(h)] = h.float().cpu()
-            if callback is not None:
-                callback(min(i + batch_size, n), n)
-    return out if out is not None else torch.empty((0, 0))
 
 
 def knn_classify(train_feats: torch.Tensor, train_labels: torch.Tensor, test_feats: torch.Tensor, num_classes: int,
@@ -245,134 +157,34 @@ def _linear_probe(x, y, x_test, y_test, num_classes, weight_decays, val_fraction
             "grid": {f"{wd:g}": acc for wd, acc in grid.items()}, "val_size": len(val_idx)}
 
 
-# --- the protocol ----------------------------------------------------------------------------------------
+class Monitor:
+    """kNN top-1 of the live encoder during pretraining: the training images (unaugmented) are the labelled
+    bank, a held-out labelled split the queries. One forward pass over both sets: about a sixth of a
+    training epoch's compute plus the held-out set. The model is left as it was (see `extract_features`)."""
 
-def load_splits(dataset: str, data_dir: str | Path | None, image_size: int, *, download: bool = False,
-                num_workers: int = 2, synthetic_size: int = 2000, seed: int = 0) -> tuple[ImageSet, ImageSet]:
-    """The labelled train and test splits of a probe dataset, at the encoder's image size."""
-    if dataset not in PROBE_DATASETS:
-        raise DatasetError(f"unknown probe dataset {dataset!r}: use one of {', '.join(PROBE_DATASETS)}")
-    root = None if dataset == "synthetic" else Path(data_dir).expanduser() if data_dir else None
-    if dataset == "folder" and root is None:
-        raise DatasetError("the folder dataset needs --data-dir DIR (DIR/train/<class>/, DIR/test/<class>/ or "
-                           "DIR/<class>/)")
-    if dataset in CIFAR_FOLDERS:
-        root = root or default_data_root()
-        if not download and not (root / CIFAR_FOLDERS[dataset]).is_dir():
-            raise DatasetError(f"{dataset} not found: no {root / CIFAR_FOLDERS[dataset]}; pass --data-dir with the "
-                               f"folder holding {CIFAR_FOLDERS[dataset]}/, or --download")
-    splits = [load_dataset(dataset, split, root, download=download, image_size=image_size, num_workers=num_workers,
-                           synthetic_size=synthetic_size, seed=seed) for split in ("train", "test")]
-    for s in splits:
-        if s.labels is None or not s.classes:
-            raise DatasetError(f"{s.name} has no labels: the probe needs class subfolders (DIR/<class>/*)")
-    if splits[0].classes != splits[1].classes:
-        only = sorted(set(splits[0].classes) ^ set(splits[1].classes))[:3]
-        raise DatasetError(f"the train and test splits have different classes (e.g. {', '.join(only) or 'order'}): "
-                           "give both splits the same class folders")
-    return splits[0], splits[1]
+    def __init__(self, bank: ImageSet, queries: ImageSet, mean: Sequence[float], std: Sequence[float],
+                 image_size: int, device: torch.device, precision: str, knn_k: int, knn_temperature: float):
+        self.bank, self.queries = bank, queries
+        self.extract = lambda encoder, images: extract_features(encoder, images, mean, std, image_size, device,
+                                                                precision)
+        self.knn_k, self.knn_temperature = knn_k, knn_temperature
+
+    def __call__(self, encoder: torch.nn.Module) -> float:
+        bank, queries = self.extract(encoder, self.bank.images), self.extract(encoder, self.queries.images)
+        return knn_accuracy(bank, self.bank.labels, queries, self.queries.labels, len(self.queries.classes),
+                            self.knn_k, self.knn_temperature)
 
 
-def random_encoder(loaded: LoadedEncoder, seed: int) -> tuple[ResNetEncoder, ProjectionHead | None]:
-    """An untrained encoder (and head) of the same shape, built after torch.manual_seed(seed) in the order
-    `model.build_model` uses; the caller's RNG state is left as it was."""
-    e, h = loaded.encoder, loaded.head
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        encoder = ResNetEncoder(e.arch, e.stem, e.width).eval()
-        head = None
-        if h is not None:
-            hidden = h.blocks[0][0].out_features if h.layers > 1 else None
-            head = ProjectionHead(e.feature_dim, hidden, h.blocks[-1][0].out_features, h.layers).eval()
-    return encoder, head
-
-
-def _evaluate_one(name: str, encoder, head, loaded: LoadedEncoder, train: ImageSet, test: ImageSet, opts: dict,
-                  emit: Callback) -> dict:
-    feats, t0 = {}, time.perf_counter()
-    encoder, head = for_inference(encoder, head, opts["device"])
-    for split, data in (("train", train), ("test", test)):
-        def progress(done: int, total: int, split=split) -> None:
-            emit("extract", {"model": name, "split": split, "done": done, "total": total})
-        feats[split] = extract_features(encoder, data.images, loaded.mean, loaded.std, loaded.image_size,
-                                        opts["device"], opts["precision"], opts["batch_size"], head, opts["layer"],
-                                        progress)
-    extract_s = time.perf_counter() - t0
-    num_classes = len(train.classes)
-    emit("stage", {"model": name, "message": "kNN"})
-    t1 = time.perf_counter()
-    knn = knn_accuracy(feats["train"], train.labels, feats["test"], test.labels, num_classes, opts["k"],
-                       opts["temperature"])
-    emit("stage", {"model": name, "message": "linear probe"})
-    t2 = time.perf_counter()
-    linear = linear_probe(feats["train"], train.labels, feats["test"], test.labels, num_classes, seed=opts["seed"])
-    t3 = time.perf_counter()
-    result = {"linear_top1": linear["top1"], "linear_top5": linear["top5"], "knn_top1": knn,
-              "weight_decay": linear["weight_decay"], "linear": linear, "feature_dim": feats["train"].shape[1],
-              "extract_s": extract_s, "images_per_s": (len(train) + len(test)) / extract_s,
-              "knn_s": t2 - t1, "linear_s": t3 - t2}
-    emit("result", {"model": name, **result})
-    return result
-
-
-PROBE_PRECISIONS = ("auto", "fp32", "bf16")
-
-
-def split_seed(loaded: LoadedEncoder, dataset: str, data_dir: str | Path | None, seed: int | None) -> tuple[int, list[str]]:
-    """The seed of a flat folder's 80/20 split (and of the probe's held-out 10%): `seed` when given, else the
-    pretraining seed the encoder file records, so the probe's test images are the ones pretraining held out.
-    Returns (seed, notes) with a note where that cannot be known."""
-    pretrained = loaded.provenance.get("seed")
-    chosen = seed if seed is not None else int(pretrained) if isinstance(pretrained, int) else 0
-    notes = []
-    if dataset == "folder" and data_dir is not None and not has_split_folders(Path(data_dir).expanduser()):
-        if pretrained is None:
-            notes.append(f"the encoder file records no pretraining seed: the folder is split 80/20 with seed "
-                         f"{chosen}; if the encoder was pretrained on this folder, its test images may have been "
-                         "pretraining images (pass --seed with the pretraining train.seed)")
-        elif chosen != pretrained:
-            notes.append(f"--seed {chosen} splits the folder differently from pretraining (train.seed {pretrained}): "
-                         "test images may have been pretraining images")
-    return chosen, notes
-
-
-def run_probe(encoder_path: str | Path, dataset: str = "cifar10", data_dir: str | Path | None = None, *,
-              device: str = "auto", precision: str = "auto", batch_size: int = 512, layer: int = 0,
-              random_init: bool = False, baseline: bool = False, k: int = 200, temperature: float = 0.1,
-              download: bool = False, num_workers: int = 2, synthetic_size: int = 2000, seed: int | None = None,
-              callback: Callback | None = None) -> dict:
-    """The probe protocol on one encoder file. random_init: probe an untrained encoder of the same
-    architecture instead (seeded by the file's pretraining seed, else 0); baseline: probe both. seed: of a
-    flat folder's split and the held-out 10% (None: the encoder's pretraining seed, see `split_seed`)."""
-    emit = callback or (lambda event, data: None)
-    if batch_size < 1 or layer < 0 or k < 1 or temperature <= 0:
-        raise DatasetError(f"need batch size >= 1, layer >= 0, k >= 1, temperature > 0; got {batch_size}, {layer}, "
-                           f"{k}, {temperature}")
-    t0 = time.perf_counter()
-    dev = pick_device(device)
-    prec = resolve_precision(precision, dev, PROBE_PRECISIONS)
-    loaded = load_encoder(encoder_path)
-    check_layer(loaded.head, layer)
-    models = (["trained"] if not random_init or baseline else []) + (["random_init"] if random_init or baseline else [])
-    init_seed = int(loaded.provenance.get("seed") or 0)
-    seed, notes = split_seed(loaded, dataset, data_dir, seed)
-    train, test = load_splits(dataset, data_dir, loaded.image_size, download=download, num_workers=num_workers,
-                              synthetic_size=synthetic_size, seed=seed)
-    load_s = time.perf_counter() - t0
-    root = str(data_dir or default_data_root()) if dataset != "synthetic" else None
-    info = {"encoder": {"path": str(encoder_path), **loaded.describe()},
-            "dataset": {"name": dataset, "root": root, "train_size": len(train),
-                        "test_size": len(test), "num_classes": len(train.classes), "split_seed": seed},
-            "device": str(dev), "precision": prec, "layer": layer, "models": models,
-            "knn": {"k": k, "temperature": temperature}, "random_init_seed": init_seed, "notes": notes}
-    emit("start", info)
-    opts = {"device": dev, "precision": prec, "batch_size": batch_size, "layer": layer, "k": k,
-            "temperature": temperature, "seed": seed}
-    results = {}
-    for name in models:
-        encoder, head = (loaded.encoder, loaded.head) if name == "trained" else random_encoder(loaded, init_seed)
-        results[name] = _evaluate_one(name, encoder, head, loaded, train, test, opts, emit)
-    report = {"simclr_cli": __version__, **info, "results": results,
-              "timing": {"load_s": load_s, "total_s": time.perf_counter() - t0}}
-    emit("end", report)
-    return report
+def load_monitor(cfg: Config, train: ImageSet, mean: Sequence[float], std: Sequence[float], device: torch.device,
+                 precision: str) -> tuple[Monitor | None, str | None]:
+    """The monitor for a run on `train`, or (None, why not): it needs labels and a labelled test split."""
+    d, t = cfg.data, cfg.train
+    if train.labels is None:
+        return None, None  # an unlabelled dataset: nothing to monitor, nothing to say
+    try:
+        queries = load_dataset(d.dataset, "test", d.root, download=d.download, image_size=d.image_size,
+                               num_workers=d.num_workers, synthetic_size=d.synthetic_size, seed=t.seed)
+    except DatasetError as err:
+        return None, f"kNN monitor off: no labelled test split ({err})"
+    return Monitor(train, queries, mean, std, d.image_size, device, precision, t.knn_k,
+                   t.knn_temperature), None

@@ -3,8 +3,6 @@
 Owns the rules every image path in the project follows (pretrain/probe on a folder, `simclr embed`): which
 files count as images, how odd modes become RGB, how a picture becomes a fixed-size square, how a bad file
 is reported by path instead of crashing a worker, and how a folder's classes and train/test split are found.
-`DatasetError` lives here, not in data.py, because `ImageDecodeError` subclasses it and data.py imports this
-module (never the other way round); data.py re-exports both.
 """
 
 from __future__ import annotations
@@ -19,6 +17,8 @@ import torch
 from PIL import Image, ImageFile, ImageOps
 from torch.utils.data import DataLoader, Dataset
 
+from simclr_cli.errors import DatasetError, ImageDecodeError
+
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 # The decoders PIL may pick, whatever the extension says (JPEG also yields MPO, PIL's label for many camera
 # JPEGs). Without this list a renamed EPS file would make PIL run Ghostscript on it.
@@ -28,22 +28,6 @@ PIL_FORMATS = ("JPEG", "PNG", "WEBP", "BMP", "GIF", "TIFF")
 # 64 megapixels covers 48 MP phone photos; a centre crop keeps under 1/32 of a stripe past 32:1.
 MAX_PIXELS = 64_000_000  # width x height after JPEG draft scaling
 MAX_ASPECT = 32  # longer side / shorter side
-
-
-class DatasetError(ValueError):
-    """A user-facing data problem; the message is one line that names the fix."""
-
-
-class ImageDecodeError(DatasetError):
-    """One file that could not be decoded; `path` and `reason` are kept for reports."""
-
-    def __init__(self, path: str | Path, reason: str) -> None:
-        self.path = Path(path)
-        self.reason = reason
-        super().__init__(f"cannot decode image {self.path}: {reason}")
-
-    def __reduce__(self):  # keep (path, reason) when pickled across DataLoader workers
-        return (type(self), (self.path, self.reason))
 
 
 def list_images(root: str | Path) -> list[Path]:

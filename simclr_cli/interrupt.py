@@ -14,6 +14,9 @@ import signal
 import threading
 from typing import Iterator
 
+import torch
+import torch.distributed as dist
+
 EXIT_CODES = {"SIGINT": 130, "SIGTERM": 143}
 
 
@@ -65,3 +68,27 @@ def stop_guard() -> Iterator[StopFlag]:
     finally:
         for s, handler in previous.items():
             signal.signal(s, handler)
+
+
+class RankAgreedStop:
+    """The stop flag of a distributed run, agreed by all ranks at each loss read-back.
+
+    A signal reaches each rank at a slightly different step; if one rank acted on its own flag it would
+    leave the others waiting in a collective it never joins. So each read-back also all-reduces (max) the
+    signal number, and every rank stops at the same step: at most `train.log_every` steps after the signal.
+    """
+
+    def __init__(self, local: StopFlag, device: torch.device):
+        self.local, self.device, self.signal_name = local, device, None
+
+    @property
+    def requested(self) -> bool:
+        return self.signal_name is not None
+
+    def sync(self) -> None:
+        """Collective: every rank calls it at the same step."""
+        local = signal.Signals[self.local.signal_name].value if self.local.requested else 0
+        signum = torch.tensor([local], device=self.device)
+        dist.all_reduce(signum, op=dist.ReduceOp.MAX)
+        if signum.item():
+            self.signal_name = signal.Signals(int(signum.item())).name

@@ -21,13 +21,11 @@ from pathlib import Path
 
 import torch
 
-from simclr_cli.checkpoint import CheckpointError
-from simclr_cli.config import Config, ConfigError
-from simclr_cli.runtime import RuntimeSetupError, pick_device
+from simclr_cli.config import Config
+from simclr_cli.errors import USER_ERROR_EXIT, ConfigError, RuntimeSetupError
+from simclr_cli.rundir import preflight
+from simclr_cli.runtime import pick_device
 from simclr_cli.train import check_world
-
-
-USER_ERROR_EXIT = 2  # the CLI's exit code for a user's mistake
 
 
 @dataclass
@@ -114,12 +112,8 @@ def launch_pretrain(nproc: int, args: list[str], cfg: Config, resume: bool = Fal
     if device.type == "cuda" and nproc > gpus:  # NCCL refuses two ranks on one GPU, with a cryptic error
         raise RuntimeSetupError(f"--nproc {nproc} needs {nproc} GPUs, {gpus} visible: use --nproc {gpus} "
                                 "(one process per GPU), or --device cpu")
+    preflight(cfg, resume, load=False)  # the new-or-resume policy the ranks apply, once, before any starts
     checkpoint = Path(cfg.train.output_dir) / "checkpoint.pt"
-    if resume and not checkpoint.is_file():
-        raise CheckpointError(f"nothing to resume: {checkpoint} does not exist (drop --resume to start a new run)")
-    if not resume and checkpoint.exists():
-        raise ConfigError(f"{checkpoint} already exists: add --resume to continue that run, or choose another "
-                          "--output-dir")
     result = run_torchrun(nproc, ["simclr_cli", "pretrain", *args])
     if result.message and checkpoint.exists():
         result.message += f"; the last checkpoint {checkpoint} is intact: add --resume to continue (any --nproc)"

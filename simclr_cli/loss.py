@@ -1,8 +1,8 @@
 """The NT-Xent contrastive loss of SimCLR (Chen et al. 2020, eq. 1 and Algorithm 1).
 
 Owns `nt_xent()`, the vectorised loss used in training (negatives gathered across ranks when
-torch.distributed runs with more than one process), and `nt_xent_reference()`, a slow loop written
-line by line from Algorithm 1 that the tests use as the oracle.
+torch.distributed runs with more than one process); tests/test_loss.py holds the slow oracle written
+line by line from Algorithm 1.
 
 Notation follows the paper: `z` are projections, `s_ij` cosine similarities, `temperature` is tau.
 A batch of N images gives 2N views; row i of `z1` and row i of `z2` are the positive pair.
@@ -69,51 +69,28 @@ def nt_xent(
     n = z1.shape[0]
     with torch.autocast(device_type=z1.device.type, enabled=False):
         z = F.normalize(torch.cat([z1.float(), z2.float()], dim=0), dim=1)  # (2n, D), unit rows
-        rank, world = _gather_world(gather)
-        if world > 1:
-            # Imported here: torch.distributed.nn is absent from builds without distributed.
-            from torch.distributed.nn.functional import all_gather
-
-            # One gather of both views; global column layout is [z1_0; z2_0; z1_1; z2_1; ...].
-            with warnings.catch_warnings():  # torch 2.14 marks it deprecated; it is still the gather with a backward
-                warnings.simplefilter("ignore", FutureWarning)
-                z_all = torch.cat(all_gather(z), dim=0)  # (2N, D)
-        else:
-            z_all = z  # (2n, D)
+        z_all, rank = _gathered(z, gather)  # (2N, D)
         logits = z @ z_all.T / temperature  # (2n, 2N): s_ik / tau
         rows = torch.arange(2 * n, device=z.device)  # (2n,)
         self_cols = rank * 2 * n + rows  # (2n,): where each local row sits among the columns
-        # Each row keeps its finite positive, so -inf never makes a whole row -inf and
-        # log_softmax stays finite; masked entries get exactly zero gradient.
-        self_mask = torch.zeros_like(logits, dtype=torch.bool)
-        self_mask[rows, self_cols] = True
+        # Each row keeps its finite positive, so -inf never makes a whole row -inf and log_softmax stays
+        # finite; masked entries get exactly zero gradient. A comparison, not an indexed write of True: on
+        # CUDA that write copies a host scalar and waits for it.
+        self_mask = torch.arange(z_all.shape[0], device=z.device)[None, :] == self_cols[:, None]  # (2n, 2N)
         logits = logits.masked_fill(self_mask, float("-inf"))
         # Row i < n (view 1) pairs with i + n (view 2) and vice versa, offset to this rank's block.
         targets = rank * 2 * n + (rows + n) % (2 * n)  # (2n,)
         return F.cross_entropy(logits, targets)
 
 
-def nt_xent_reference(z1: torch.Tensor, z2: torch.Tensor, temperature: float = 0.5) -> torch.Tensor:
-    """Algorithm 1 of the paper with plain loops, in float64: slow and obvious, for tests only.
+def _gathered(z: torch.Tensor, gather: bool) -> tuple[torch.Tensor, int]:
+    """(every rank's z stacked in rank order, this rank): columns [z1_0; z2_0; z1_1; z2_1; ...]."""
+    rank, world = _gather_world(gather)
+    if world == 1:
+        return z, rank
+    # Imported here: torch.distributed.nn is absent from builds without distributed.
+    from torch.distributed.nn.functional import all_gather
 
-    Views are interleaved as in the paper: z_{2k-1} = z1[k], z_{2k} = z2[k] (1-based), and
-    L = 1/(2N) sum_k [ l(2k-1, 2k) + l(2k, 2k-1) ],
-    l(i, j) = -log( exp(s_ij / tau) / sum_{k != i} exp(s_ik / tau) ).
-    """
-    _check_inputs(z1, z2, temperature)
-    n = z1.shape[0]
-    z = []
-    for k in range(n):
-        z.append(z1[k].double())
-        z.append(z2[k].double())
-
-    def s(i: int, j: int) -> torch.Tensor:  # cosine similarity, 0-based indices
-        return torch.dot(z[i], z[j]) / (torch.linalg.norm(z[i]) * torch.linalg.norm(z[j]))
-
-    def l(i: int, j: int) -> torch.Tensor:
-        denominator = sum(torch.exp(s(i, k) / temperature) for k in range(2 * n) if k != i)
-        return -torch.log(torch.exp(s(i, j) / temperature) / denominator)
-
-    total = sum(l(2 * k, 2 * k + 1) + l(2 * k + 1, 2 * k) for k in range(n))
-    return total / (2 * n)
-
+    with warnings.catch_warnings():  # torch 2.14 marks it deprecated; it is still the gather with a backward
+        warnings.simplefilter("ignore", FutureWarning)
+        return torch.cat(all_gather(z), dim=0), rank

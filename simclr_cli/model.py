@@ -107,6 +107,13 @@ class ResNetEncoder(nn.Module):
         return {"arch": self.arch, "stem": self.stem, "width": self.width, "feature_dim": self.feature_dim}
 
 
+def describe_encoder(model_cfg) -> dict:
+    """What `ResNetEncoder(...).describe()` returns for this config, without building the network."""
+    block = Bottleneck if ARCHS[model_cfg.arch][0] == "bottleneck" else BasicBlock
+    return {"arch": model_cfg.arch, "stem": model_cfg.stem, "width": model_cfg.width,
+            "feature_dim": model_cfg.width * 8 * block.expansion}
+
+
 class ProjectionHead(nn.Module):
     """g(h) = z. Two layers: Linear-ReLU-Linear (SimCLR v1). Three: two Linear-BN-ReLU blocks, then Linear (v2).
 

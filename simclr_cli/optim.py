@@ -210,6 +210,17 @@ class Schedule:
         if self.plateau is not None and not self._in_warmup():
             self.plateau.step(epoch_loss)
 
+    def set_total_steps(self, total: int) -> int | None:
+        """Move the schedule's end to optimiser step `total` (a resumed run with other train.epochs); the lr
+        follows from the current step on. Returns the old end when it moved, else None."""
+        old = self.per_step.total_steps
+        if old == total:
+            return None
+        self.per_step.total_steps = total
+        if self.plateau is None or self._in_warmup():
+            self.per_step._apply()
+        return old
+
     def get_last_lr(self) -> list[float]:
         return [g["lr"] for g in self.per_step.optimizer.param_groups]
 

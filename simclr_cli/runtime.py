@@ -1,4 +1,4 @@
-"""Runtime: device choice, numeric precision, torch.distributed set-up, seeding and device descriptions.
+"""Runtime: device choice, numeric precision, torch.distributed set-up, RNG state and device descriptions.
 
 Precision `auto` means bf16 autocast where the hardware runs it fast (CUDA with bf16 support, CPUs with
 AMX or AVX512-BF16) and fp32 elsewhere. Measured on an AVX2-only AMD EPYC (2 cores), a ResNet-18 training
@@ -17,17 +17,20 @@ import os
 import platform
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import torch
 import torch.distributed as dist
 
+from simclr_cli.errors import RuntimeSetupError
 
-class RuntimeSetupError(ValueError):
-    """A device or precision the user asked for that this machine cannot give; one line naming the fix."""
+
+Callback = Callable[[str, dict], None]  # how the core reports: callback(event, data), never print
 
 
 DEVICE_TYPES = ("cpu", "cuda", "mps")  # what the training loop, probe and embed run on
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+INFERENCE_PRECISIONS = ("auto", "fp32", "bf16")  # probe and embed: no fp16 (it needs a loss scale to be safe)
 PRECISION_ENV = "SIMCLR_PRECISION"  # forces what `auto` resolves to (fp32 or bf16)
 
 
@@ -157,3 +160,34 @@ def describe_device(device: torch.device, precision: str) -> dict[str, str]:
             bf16 += f", auto = {forced_precision()} by {PRECISION_ENV}"
         name = f"{platform.processor() or platform.machine()} CPU, {torch.get_num_threads()} threads, {bf16}"
     return {"device": f"{device} - {name}", "precision": precision, "torch": torch.__version__}
+
+
+def capture_rng(generator: torch.Generator | None = None) -> dict:
+    """The RNG streams a resumed run continues: torch's CPU and CUDA streams and the augmentation generator
+    (whose state only fits a generator on the same kind of device, so that kind is recorded beside it)."""
+    state = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    if generator is not None:
+        state["augment"] = generator.get_state()
+        state["augment_device"] = generator.device.type
+    return state
+
+
+def restore_rng(state: dict, generator: torch.Generator | None = None) -> bool:
+    """Restore what `capture_rng` saved. Returns False when the augmentation stream could not be restored
+    because the generator is on another kind of device than the one that saved it (the caller reseeds)."""
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        saved = state["cuda"]  # one state per GPU of the machine that saved it; restore those this one has
+        for index in range(min(len(saved), torch.cuda.device_count())):
+            torch.cuda.set_rng_state(saved[index], index)
+    if generator is None or "augment" not in state:
+        return True
+    if state.get("augment_device", generator.device.type) != generator.device.type:
+        return False
+    try:
+        generator.set_state(state["augment"])
+    except RuntimeError:  # a checkpoint from before augment_device was recorded, saved on another device
+        return False
+    return True

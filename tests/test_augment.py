@@ -13,6 +13,7 @@ from torchvision.transforms.v2 import RandomResizedCrop
 from torchvision.transforms.v2 import functional as TF
 
 from simclr_cli import augment as A
+from simclr_cli import colour as C
 from simclr_cli.augment import Augmenter
 
 BILINEAR = InterpolationMode.BILINEAR
@@ -120,10 +121,10 @@ def test_hflip_per_sample():
 
 
 @pytest.mark.parametrize("op,tv_op,low,high", [
-    (A.adjust_brightness, TF.adjust_brightness, 0.0, 2.0),
-    (A.adjust_contrast, TF.adjust_contrast, 0.0, 2.0),
-    (A.adjust_saturation, TF.adjust_saturation, 0.0, 2.0),
-    (A.adjust_hue, TF.adjust_hue, -0.5, 0.5),
+    (C.adjust_brightness, TF.adjust_brightness, 0.0, 2.0),
+    (C.adjust_contrast, TF.adjust_contrast, 0.0, 2.0),
+    (C.adjust_saturation, TF.adjust_saturation, 0.0, 2.0),
+    (C.adjust_hue, TF.adjust_hue, -0.5, 0.5),
 ])
 @pytest.mark.parametrize("make", [smooth_images, quantised_images])
 def test_colour_op_matches_torchvision(op, tv_op, low, high, make):
@@ -140,7 +141,7 @@ def test_to_grayscale_per_sample():
     x = quantised_images(6, 5, 7)
     mask = torch.tensor([True, False, True, False, False, True])
     ref = torch.stack([TF.rgb_to_grayscale(img, num_output_channels=3) if m else img for img, m in zip(x, mask)])
-    torch.testing.assert_close(A.to_grayscale(x, mask), ref, atol=ATOL, rtol=0)
+    torch.testing.assert_close(C.to_grayscale(x, mask), ref, atol=ATOL, rtol=0)
 
 
 def test_color_jitter_applies_each_samples_own_order():
@@ -155,7 +156,7 @@ def test_color_jitter_applies_each_samples_own_order():
         for op in perm:
             img = tv_ops[op](img, factors[i, op].item())
         ref.append(img)
-    torch.testing.assert_close(A.color_jitter(x, factors, order), torch.stack(ref), atol=ATOL, rtol=0)
+    torch.testing.assert_close(C.color_jitter(x, factors, order), torch.stack(ref), atol=ATOL, rtol=0)
 
 
 @pytest.mark.parametrize("H,W", [(32, 32), (20, 28)])

@@ -114,7 +114,7 @@ def probe(enc: str = "encoder.pth", *extra: str) -> list[str]:
 
 
 def embed(images: str = "images", *extra: str) -> list[str]:
-    argv = ["embed", images, "--workers", "0", *extra]
+    argv = ["embed", images, "--num-workers", "0", *extra]
     for flag, value in (("--encoder", "encoder.pth"), ("-o", "out.npy"), ("--device", "cpu")):
         argv += [] if flag in extra else [flag, value]
     return argv
@@ -171,8 +171,8 @@ ROWS = [
     ("probe-encoder-truncated", probe("half.pth")),
     ("probe-checkpoint-truncated", probe("half.pt")),
     ("probe-dataset-foo", probe("encoder.pth", "--dataset", "foo")),
-    ("probe-cifar10-data-dir-missing", probe("encoder.pth", "--dataset", "cifar10", "--data-dir", "nope")),
-    ("probe-flat-folder-without-labels", probe("encoder.pth", "--dataset", "folder", "--data-dir", "images")),
+    ("probe-cifar10-data-dir-missing", probe("encoder.pth", "--dataset", "cifar10", "--data-root", "nope")),
+    ("probe-flat-folder-without-labels", probe("encoder.pth", "--dataset", "folder", "--data-root", "images")),
     ("probe-seed-negative", probe("encoder.pth", "--seed", "-1")),
     *[(f"probe-device-{k}", probe("encoder.pth", "--device", v)) for k, v in DEVICES.items()],
     ("probe-precision-fp64", probe("encoder.pth", "--precision", "fp64")),

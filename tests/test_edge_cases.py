@@ -18,16 +18,18 @@ import torch
 from PIL import Image
 from typer.testing import CliRunner
 
-from simclr_cli.checkpoint import (CheckpointError, atomic_save, encoder_payload, load_checkpoint, load_encoder,
-                                   restore_rng, safe_load)
+from simclr_cli.checkpoint import CheckpointError, load_checkpoint, safe_load
+from simclr_cli.encoder_file import encoder_payload, load_encoder
+from simclr_cli.files import atomic_save
 from simclr_cli.cli import app
 from simclr_cli.config import config_from_dict, load_config
 from simclr_cli.data import NORMALIZATION, load_dataset
 from simclr_cli.embed import embed_images
-from simclr_cli.evaluate import extract_features, run_probe
+from simclr_cli.features import extract_features
+from simclr_cli.probe import run_probe
 from simclr_cli.images import ImageDecodeError, decode_image
 from simclr_cli.model import ResNetEncoder
-from simclr_cli.runtime import PRECISION_ENV, RuntimeSetupError, pick_device, resolve_precision
+from simclr_cli.runtime import PRECISION_ENV, RuntimeSetupError, pick_device, resolve_precision, restore_rng
 from simclr_cli.train import Trainer, pretrain
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -74,7 +76,7 @@ def test_embed_gives_fp32_rows_where_auto_would_be_bf16(tmp_path, monkeypatch):
     monkeypatch.setenv(PRECISION_ENV, "bf16")  # what auto means on an AMX CPU
     enc = encoder_file(tmp_path / "enc.pth")
     grey_folder(tmp_path / "img", 6)
-    result = embed_images(tmp_path / "img", enc, tmp_path / "v.npy", workers=0, device="cpu")
+    result = embed_images(tmp_path / "img", enc, tmp_path / "v.npy", num_workers=0, device="cpu")
     images = torch.stack([decode_image(p, 16) for p in result.paths])
     loaded = load_encoder(enc)
     expected = extract_features(loaded.encoder, images, loaded.mean, loaded.std, 16, CPU, "fp32")
@@ -160,7 +162,7 @@ def test_monitor_leaves_the_model_in_its_memory_format_and_mode(tmp_path):
     trainer = Trainer(cfg)
     conv = next(m.weight for m in trainer.model.modules() if isinstance(m, torch.nn.Conv2d))
     trainer.model.train()
-    assert trainer.monitor() is not None
+    assert trainer.evaluate() is not None
     assert conv.is_contiguous() and not conv.is_contiguous(memory_format=torch.channels_last)
     assert trainer.model.training
 

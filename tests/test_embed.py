@@ -15,12 +15,13 @@ import torch
 from PIL import Image
 from typer.testing import CliRunner
 
-from simclr_cli.checkpoint import atomic_save, encoder_payload, load_encoder
+from simclr_cli.encoder_file import encoder_payload, load_encoder
 from simclr_cli.cli import app
 from simclr_cli.config import config_from_dict
 from simclr_cli.data import NORMALIZATION, decode_image
 from simclr_cli.embed import HEADER_BYTES, NpyWriter, embed_images, npy_header
-from simclr_cli.evaluate import extract_features
+from simclr_cli.features import extract_features
+from simclr_cli.files import atomic_save
 from simclr_cli.model import ResNetEncoder
 
 BAD = ("bad/corrupt.jpg", "bad/truncated.png", "bad/zero.jpg", "bad/text.jpg", "bad/dangling.png")
@@ -246,7 +247,7 @@ def test_npy_writer_patches_the_row_count_in_place():
 def test_core_reports_through_the_callback(tmp_path, encoder_file):
     write_mixed_folder(tmp_path / "images")
     events = []
-    result = embed_images(tmp_path / "images", encoder_file, tmp_path / "v.npy", skip_bad=True, workers=0,
+    result = embed_images(tmp_path / "images", encoder_file, tmp_path / "v.npy", skip_bad=True, num_workers=0,
                           batch_size=8, callback=lambda e, d: events.append((e, d)))
     assert result.rows == 15 and result.dim == 64 and len(result.failures) == len(BAD)
     assert events[0][0] == "start" and events[0][1]["images"] == 20

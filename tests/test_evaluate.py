@@ -9,10 +9,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from simclr_cli.checkpoint import CheckpointError, atomic_save, encoder_payload, load_encoder
+from simclr_cli.encoder_file import encoder_payload, load_encoder
+from simclr_cli.errors import OptionError
 from simclr_cli.config import load_config
-from simclr_cli.evaluate import (extract_features, holdout_split, knn_accuracy, knn_classify, linear_probe,
-                                 preprocess, random_encoder, run_probe)
+from simclr_cli.evaluate import holdout_split, knn_accuracy, knn_classify, linear_probe
+from simclr_cli.features import extract_features, preprocess
+from simclr_cli.files import atomic_save
+from simclr_cli.probe import random_encoder, run_probe
 from simclr_cli.model import ProjectionHead, ResNetEncoder, build_model
 
 MEAN, STD = (0.4, 0.5, 0.6), (0.2, 0.25, 0.3)
@@ -49,7 +52,7 @@ def test_extract_features_equals_the_plain_forward_in_any_batch_size():
     assert layer1.shape == (10, 32)
     torch.testing.assert_close(layer1, z1, rtol=1e-4, atol=1e-5)
     for head_, layer in ((None, 1), (head, 4)):
-        with pytest.raises(CheckpointError, match="layer"):
+        with pytest.raises(OptionError, match="layer"):
             extract_features(enc, x, MEAN, STD, 16, torch.device("cpu"), head=head_, layer=layer)
 
 

@@ -14,8 +14,9 @@ import yaml
 from torch import nn
 from typer.testing import CliRunner
 
-from simclr_cli.checkpoint import (CheckpointError, atomic_save, checkpoint_payload, encoder_payload,
-                                   extract_encoder, load_encoder)
+from simclr_cli.checkpoint import CheckpointError, checkpoint_payload
+from simclr_cli.encoder_file import encoder_payload, extract_encoder, load_encoder
+from simclr_cli.files import atomic_save
 from simclr_cli.cli import app
 from simclr_cli.config import config_digest, load_config
 from simclr_cli.data import NORMALIZATION, normalization_for

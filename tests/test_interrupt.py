@@ -26,6 +26,7 @@ from simclr_cli.checkpoint import load_checkpoint
 from simclr_cli.cli import app
 from simclr_cli.config import load_config
 from simclr_cli.interrupt import StopRequested
+from simclr_cli.methods import simclr as simclr_method
 from simclr_cli.train import NonFiniteLoss, Trainer, pretrain
 
 # 160 images / batch 16 = 10 steps per epoch, a line per step: long enough to interrupt mid-epoch.
@@ -224,13 +225,13 @@ def test_signal_during_setup_stops_before_training(tmp_path, monkeypatch):
 
 def nan_from_call(monkeypatch, first_bad: int) -> None:
     calls = {"n": 0}
-    loss_fn = train.nt_xent
+    loss_fn = simclr_method.nt_xent
 
     def nt_xent(*args, **kwargs):
         calls["n"] += 1
         loss = loss_fn(*args, **kwargs)
         return loss * float("nan") if calls["n"] >= first_bad else loss
-    monkeypatch.setattr(train, "nt_xent", nt_xent)
+    monkeypatch.setattr(simclr_method, "nt_xent", nt_xent)
 
 
 def checkpoint_watch(tmp_path: Path) -> tuple[list, callable]:

@@ -8,12 +8,36 @@ import os
 import pytest
 import torch
 
-from simclr_cli.loss import nt_xent, nt_xent_reference
+from simclr_cli.loss import nt_xent
 
 from ranks import run_ranks  # tests/ranks.py
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def nt_xent_reference(z1: torch.Tensor, z2: torch.Tensor, temperature: float = 0.5) -> torch.Tensor:
+    """Algorithm 1 of the paper with plain loops, in float64: slow and obvious, for tests only.
+
+    Views are interleaved as in the paper: z_{2k-1} = z1[k], z_{2k} = z2[k] (1-based), and
+    L = 1/(2N) sum_k [ l(2k-1, 2k) + l(2k, 2k-1) ],
+    l(i, j) = -log( exp(s_ij / tau) / sum_{k != i} exp(s_ik / tau) ).
+    """
+    n = z1.shape[0]
+    z = []
+    for k in range(n):
+        z.append(z1[k].double())
+        z.append(z2[k].double())
+
+    def s(i: int, j: int) -> torch.Tensor:  # cosine similarity, 0-based indices
+        return torch.dot(z[i], z[j]) / (torch.linalg.norm(z[i]) * torch.linalg.norm(z[j]))
+
+    def l(i: int, j: int) -> torch.Tensor:
+        denominator = sum(torch.exp(s(i, k) / temperature) for k in range(2 * n) if k != i)
+        return -torch.log(torch.exp(s(i, j) / temperature) / denominator)
+
+    total = sum(l(2 * k, 2 * k + 1) + l(2 * k + 1, 2 * k) for k in range(n))
+    return total / (2 * n)
 
 
 def _pair(n: int, d: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from simclr_cli.checkpoint import load_encoder
+from simclr_cli.encoder_file import load_encoder
 from simclr_cli.config import load_config
 from simclr_cli.train import Trainer
 

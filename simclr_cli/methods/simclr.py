@@ -1,0 +1,25 @@
+"""SimCLR (Chen et al. 2020): one encoder and projection head on both views, NT-Xent over all 2B of them."""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+
+from simclr_cli.config import Config
+from simclr_cli.loss import nt_xent
+from simclr_cli.model import build_model
+
+
+class SimCLRMethod:
+    def __init__(self, cfg: Config) -> None:
+        self.model = build_model(cfg.model)  # encoder + 2- or 3-layer head (SimCLR v1 / v2)
+        self.temperature = cfg.loss.temperature
+
+    def loss(self, net: torch.nn.Module, views: torch.Tensor,
+             ctx: contextlib.AbstractContextManager) -> torch.Tensor:
+        """views (2B, 3, S, S): one forward, so batch norm sees both views; the loss in fp32."""
+        b = views.shape[0] // 2
+        with ctx:
+            _, z = net(views)  # (2B, head_out)
+        return nt_xent(z[:b], z[b:], self.temperature)

@@ -1,0 +1,154 @@
+"""The probe protocol `simclr probe` runs: an encoder file of any accepted format, frozen, scored on a
+labelled dataset.
+
+Features of the train and test splits are extracted once (no augmentation; the encoder's own image size and
+normalisation); then the test split's kNN top-1 (Wu et al. 2018: cosine similarity, k=200, votes weighted
+by exp(sim / 0.1)) and a linear probe (multinomial logistic regression on standardised features, its L2
+strength chosen on a held-out 10% of the train split, never on the test split). It reports through
+`callback(event, data)` and never prints.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import torch
+
+from simclr_cli import __version__
+from simclr_cli.config import DATASETS
+from simclr_cli.data import CIFAR_FOLDERS, ImageSet, default_data_root, has_split_folders, load_dataset
+from simclr_cli.encoder_file import LoadedEncoder, load_encoder
+from simclr_cli.errors import DatasetError, OptionError
+from simclr_cli.evaluate import knn_accuracy, linear_probe
+from simclr_cli.features import check_layer, extract_features, for_inference
+from simclr_cli.model import ProjectionHead, ResNetEncoder
+from simclr_cli.runtime import INFERENCE_PRECISIONS, Callback, pick_device, resolve_precision
+
+
+def load_splits(dataset: str, root: str | Path | None, image_size: int, *, download: bool = False,
+                num_workers: int = 2, synthetic_size: int = 2000, seed: int = 0) -> tuple[ImageSet, ImageSet]:
+    """The labelled train and test splits of a probe dataset, at the encoder's image size."""
+    if dataset not in DATASETS:
+        raise DatasetError(f"unknown probe dataset {dataset!r}: use one of {', '.join(DATASETS)}")
+    root = None if dataset == "synthetic" else Path(root).expanduser() if root else None
+    if dataset == "folder" and root is None:
+        raise DatasetError("the folder dataset needs --data-dir DIR (DIR/train/<class>/, DIR/test/<class>/ or "
+                           "DIR/<class>/)")
+    if dataset in CIFAR_FOLDERS:
+        root = root or default_data_root()
+        if not download and not (root / CIFAR_FOLDERS[dataset]).is_dir():
+            raise DatasetError(f"{dataset} not found: no {root / CIFAR_FOLDERS[dataset]}; pass --data-root with the "
+                               f"folder holding {CIFAR_FOLDERS[dataset]}/, or --download")
+    splits = [load_dataset(dataset, split, root, download=download, image_size=image_size, num_workers=num_workers,
+                           synthetic_size=synthetic_size, seed=seed) for split in ("train", "test")]
+    for s in splits:
+        if s.labels is None or not s.classes:
+            raise DatasetError(f"{s.name} has no labels: the probe needs class subfolders (DIR/<class>/*)")
+    if splits[0].classes != splits[1].classes:
+        only = sorted(set(splits[0].classes) ^ set(splits[1].classes))[:3]
+        raise DatasetError(f"the train and test splits have different classes (e.g. {', '.join(only) or 'order'}): "
+                           "give both splits the same class folders")
+    return splits[0], splits[1]
+
+
+def random_encoder(loaded: LoadedEncoder, seed: int) -> tuple[ResNetEncoder, ProjectionHead | None]:
+    """An untrained encoder (and head) of the same shape, built after torch.manual_seed(seed) in the order
+    `model.build_model` uses; the caller's RNG state is left as it was."""
+    e, h = loaded.encoder, loaded.head
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        encoder = ResNetEncoder(e.arch, e.stem, e.width).eval()
+        head = None
+        if h is not None:
+            hidden = h.blocks[0][0].out_features if h.layers > 1 else None
+            head = ProjectionHead(e.feature_dim, hidden, h.blocks[-1][0].out_features, h.layers).eval()
+    return encoder, head
+
+
+def _evaluate_one(name: str, encoder, head, loaded: LoadedEncoder, train: ImageSet, test: ImageSet, opts: dict,
+                  emit: Callback) -> dict:
+    feats, t0 = {}, time.perf_counter()
+    encoder, head = for_inference(encoder, head, opts["device"])
+    for split, data in (("train", train), ("test", test)):
+        def progress(done: int, total: int, split=split) -> None:
+            emit("extract", {"model": name, "split": split, "done": done, "total": total})
+        feats[split] = extract_features(encoder, data.images, loaded.mean, loaded.std, loaded.image_size,
+                                        opts["device"], opts["precision"], opts["batch_size"], head, opts["layer"],
+                                        progress)
+    extract_s = time.perf_counter() - t0
+    num_classes = len(train.classes)
+    emit("stage", {"model": name, "message": "kNN"})
+    t1 = time.perf_counter()
+    knn = knn_accuracy(feats["train"], train.labels, feats["test"], test.labels, num_classes, opts["knn_k"],
+                       opts["knn_temperature"])
+    emit("stage", {"model": name, "message": "linear probe"})
+    t2 = time.perf_counter()
+    linear = linear_probe(feats["train"], train.labels, feats["test"], test.labels, num_classes, seed=opts["seed"])
+    t3 = time.perf_counter()
+    result = {"linear_top1": linear["top1"], "linear_top5": linear["top5"], "knn_top1": knn,
+              "weight_decay": linear["weight_decay"], "linear": linear, "feature_dim": feats["train"].shape[1],
+              "extract_s": extract_s, "images_per_s": (len(train) + len(test)) / extract_s,
+              "knn_s": t2 - t1, "linear_s": t3 - t2}
+    emit("result", {"model": name, **result})
+    return result
+
+
+def split_seed(loaded: LoadedEncoder, dataset: str, root: str | Path | None, seed: int | None) -> tuple[int, list[str]]:
+    """The seed of a flat folder's 80/20 split (and of the probe's held-out 10%): `seed` when given, else the
+    pretraining seed the encoder file records, so the probe's test images are the ones pretraining held out.
+    Returns (seed, notes) with a note where that cannot be known."""
+    pretrained = loaded.provenance.get("seed")
+    chosen = seed if seed is not None else int(pretrained) if isinstance(pretrained, int) else 0
+    notes = []
+    if dataset == "folder" and root is not None and not has_split_folders(Path(root).expanduser()):
+        if pretrained is None:
+            notes.append(f"the encoder file records no pretraining seed: the folder is split 80/20 with seed "
+                         f"{chosen}; if the encoder was pretrained on this folder, its test images may have been "
+                         "pretraining images (pass --seed with the pretraining train.seed)")
+        elif chosen != pretrained:
+            notes.append(f"--seed {chosen} splits the folder differently from pretraining (train.seed {pretrained}): "
+                         "test images may have been pretraining images")
+    return chosen, notes
+
+
+def run_probe(encoder_path: str | Path, dataset: str = "cifar10", root: str | Path | None = None, *,
+              device: str = "auto", precision: str = "auto", batch_size: int = 512, layer: int = 0,
+              random_init: bool = False, baseline: bool = False, knn_k: int = 200, knn_temperature: float = 0.1,
+              download: bool = False, num_workers: int = 2, synthetic_size: int = 2000, seed: int | None = None,
+              callback: Callback | None = None) -> dict:
+    """The probe protocol on one encoder file. random_init: probe an untrained encoder of the same
+    architecture instead (seeded by the file's pretraining seed, else 0); baseline: probe both. seed: of a
+    flat folder's split and the held-out 10% (None: the encoder's pretraining seed, see `split_seed`)."""
+    emit = callback or (lambda event, data: None)
+    if batch_size < 1 or layer < 0 or knn_k < 1 or knn_temperature <= 0:
+        raise OptionError(f"need batch size >= 1, layer >= 0, knn_k >= 1, knn_temperature > 0; got {batch_size}, "
+                          f"{layer}, {knn_k}, {knn_temperature}")
+    t0 = time.perf_counter()
+    dev = pick_device(device)
+    prec = resolve_precision(precision, dev, INFERENCE_PRECISIONS)
+    loaded = load_encoder(encoder_path)
+    check_layer(loaded.head, layer)
+    models = (["trained"] if not random_init or baseline else []) + (["random_init"] if random_init or baseline else [])
+    init_seed = int(loaded.provenance.get("seed") or 0)
+    seed, notes = split_seed(loaded, dataset, root, seed)
+    train, test = load_splits(dataset, root, loaded.image_size, download=download, num_workers=num_workers,
+                              synthetic_size=synthetic_size, seed=seed)
+    load_s = time.perf_counter() - t0
+    root = str(root or default_data_root()) if dataset != "synthetic" else None
+    info = {"encoder": {"path": str(encoder_path), **loaded.describe()},
+            "dataset": {"name": dataset, "root": root, "train_size": len(train),
+                        "test_size": len(test), "num_classes": len(train.classes), "split_seed": seed},
+            "device": str(dev), "precision": prec, "layer": layer, "models": models,
+            "knn": {"k": knn_k, "temperature": knn_temperature}, "random_init_seed": init_seed, "notes": notes}
+    emit("start", info)
+    opts = {"device": dev, "precision": prec, "batch_size": batch_size, "layer": layer, "knn_k": knn_k,
+            "knn_temperature": knn_temperature, "seed": seed}
+    results = {}
+    for name in models:
+        encoder, head = (loaded.encoder, loaded.head) if name == "trained" else random_encoder(loaded, init_seed)
+        results[name] = _evaluate_one(name, encoder, head, loaded, train, test, opts, emit)
+    report = {"simclr_cli": __version__, **info, "results": results,
+              "timing": {"load_s": load_s, "total_s": time.perf_counter() - t0}}
+    emit("end", report)
+    return report
