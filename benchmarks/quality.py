@@ -7,8 +7,8 @@ budget allows (a fraction of an epoch counts). A hard stop at the budget catches
 Then every encoder, and an untrained one of each architecture, is probed (linear top-1 and kNN top-1 on
 the test split). One table, all measured here.
 
-    python benchmarks/quality.py --data-dir DIR                 # DIR holds cifar-10-batches-py/
-    python benchmarks/quality.py --data-dir DIR --budget-min 3  # a quicker look
+    python benchmarks/quality.py --data-root DIR                # DIR holds cifar-10-batches-py/
+    python benchmarks/quality.py --data-root DIR --budget-min 3 # a quicker look
 """
 
 from __future__ import annotations
@@ -95,7 +95,7 @@ def pretrain_for(config: str, data_dir: str, out: Path, budget_s: float, extra: 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--data-dir", required=True, help="folder holding cifar-10-batches-py/")
+    p.add_argument("--data-root", "--data-dir", dest="data_dir", required=True, help="folder holding cifar-10-batches-py/ (data.root)")
     p.add_argument("--budget-min", type=float, default=10.0, help="pretraining wall-clock per recipe, minutes")
     p.add_argument("--recipe", default="examples/cpu.yaml", help="the CPU recipe")
     p.add_argument("--baseline", default="examples/baseline.yaml", help="the original design")

@@ -23,6 +23,7 @@ from typing import Any, Union, get_args, get_origin, get_type_hints
 import yaml
 
 from simclr_cli.errors import ConfigError
+from simclr_cli.runtime import PRECISIONS
 
 
 @dataclass
@@ -111,7 +112,7 @@ CHOICES = {
     "model.stem": ("cifar", "imagenet"),
     "optim.name": ("sgd", "adam", "adamw", "lars"),
     "optim.schedule": ("cosine", "plateau", "constant"),
-    "train.precision": ("auto", "fp32", "bf16", "fp16"),
+    "train.precision": PRECISIONS,
 }
 
 # (key, test, what the value must be): checked after every load and override.

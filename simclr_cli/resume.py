@@ -8,6 +8,7 @@ stream is reseeded (with a notice); everything else continues exactly.
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from simclr_cli.errors import CheckpointError
@@ -16,6 +17,14 @@ from simclr_cli.runtime import restore_rng
 
 if TYPE_CHECKING:
     from simclr_cli.train import Trainer
+
+
+@dataclass
+class RunState:
+    epoch: int = 0  # epochs completed
+    step: int = 0  # optimiser steps completed
+    history: list[dict] = field(default_factory=list)
+    epoch_losses: list[float] = field(default_factory=list)  # losses read back so far in the unfinished epoch
 
 
 def restore(trainer: Trainer, ckpt: dict) -> None:
@@ -29,8 +38,6 @@ def restore(trainer: Trainer, ckpt: dict) -> None:
 
 
 def _load_state(t: Trainer, ckpt: dict) -> None:
-    from simclr_cli.train import RunState
-
     for change in check_resume_config(ckpt["config"], t.cfg):
         t.emit("notice", {"message": f"resume changes {change}"})
     saved_images = ckpt.get("train_images", len(t.data))

@@ -10,7 +10,6 @@ loss `methods/`'s, the kNN monitor `evaluate.Monitor`'s.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
@@ -27,18 +26,10 @@ from simclr_cli.interrupt import RankAgreedStop, StopFlag, StopRequested, stop_g
 from simclr_cli.methods import build_method
 from simclr_cli.optim import build_optimizer, build_scheduler
 from simclr_cli.readback import LossWindow, NonFiniteLoss, advice, check_finite_weights, read_back  # noqa: F401
-from simclr_cli.resume import restore
+from simclr_cli.resume import RunState, restore
 from simclr_cli.rundir import RunDir, preflight
 from simclr_cli.runtime import (Callback, DistInfo, autocast, describe_device, init_distributed, resolve_precision,
                                shutdown_distributed)
-
-
-@dataclass
-class RunState:
-    epoch: int = 0  # epochs completed
-    step: int = 0  # optimiser steps completed
-    history: list[dict] = field(default_factory=list)
-    epoch_losses: list[float] = field(default_factory=list)  # losses read back so far in the unfinished epoch
 
 
 def check_world(cfg: Config, world_size: int, device: torch.device) -> None:
