@@ -9,12 +9,8 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import datetime
-import difflib
 import hashlib
 import json
-import math
-import re
 import types
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,6 +19,7 @@ from typing import Any, Union, get_args, get_origin, get_type_hints
 import yaml
 
 from simclr_cli.errors import ConfigError
+from simclr_cli.typed import build
 from simclr_cli.runtime import PRECISIONS
 
 
@@ -57,8 +54,17 @@ class ModelConfig:
 
 
 @dataclass
+class MethodConfig:
+    name: str = "simclr"  # simclr | moco (EMA key encoder + queue of negatives: MoCo v2 / SimCLR v2) | byol
+    momentum: float = 0.99  # moco, byol: EMA momentum of the target network at step 0
+    momentum_end: float = 1.0  # moco, byol: ... at the last step, on a cosine (= momentum: constant)
+    queue_size: int = 4096  # moco: past keys kept as negatives (every rank's, gathered)
+    predictor_hidden: int | None = None  # byol: predictor hidden units; None -> the projector's hidden size
+
+
+@dataclass
 class LossConfig:
-    temperature: float = 0.5  # NT-Xent temperature tau
+    temperature: float = 0.5  # NT-Xent (simclr) and InfoNCE (moco) temperature tau; byol has none
 
 
 @dataclass
@@ -99,6 +105,7 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
+    method: MethodConfig = field(default_factory=MethodConfig)
     loss: LossConfig = field(default_factory=LossConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
@@ -107,6 +114,7 @@ class Config:
 DATASETS = ("cifar10", "cifar100", "folder", "synthetic")  # the one list: data, probe and the config use it
 CHOICES = {
     "data.dataset": DATASETS,
+    "method.name": ("simclr", "moco", "byol"),
     "augment.preset": ("simclr", "baseline"),
     "model.arch": ("resnet18", "resnet34", "resnet50"),
     "model.stem": ("cifar", "imagenet"),
@@ -146,74 +154,15 @@ RULES = [
     ("model.head_out", lambda v: v >= 1, ">= 1"),
     ("model.head_layers", lambda v: v in (2, 3), "2 or 3"),
     ("model.head_hidden", lambda v: v is None or v >= 1, ">= 1 or null"),
+    ("method.momentum", lambda v: 0 <= v < 1, "in [0, 1)"),
+    ("method.momentum_end", lambda v: 0 <= v <= 1, "in [0, 1]"),
+    ("method.queue_size", lambda v: v >= 1, ">= 1"),
+    ("method.predictor_hidden", lambda v: v is None or v >= 1, ">= 1 or null"),
     ("data.image_size", lambda v: v >= 8, ">= 8"),
     ("data.num_workers", lambda v: v >= 0, ">= 0"),
     ("data.synthetic_size", lambda v: v >= 2, ">= 2"),
     ("data.size_dataset_train", lambda v: v is None or v >= 2, ">= 2 or null"),
 ]
-
-
-def _unknown_key(key: str, known: list[str], where: str) -> ConfigError:
-    hint = difflib.get_close_matches(key, known, n=1)
-    fix = f"did you mean '{hint[0]}'?" if hint else f"valid keys: {', '.join(known)}"
-    return ConfigError(f"unknown config key '{where}{key}': {fix}")
-
-
-def _shown(value: Any) -> str:
-    """A YAML value as the user wrote it, with a hint when YAML read it as something else than text."""
-    if isinstance(value, (datetime.date, datetime.datetime)):
-        return f"{value.isoformat()}, which YAML reads as a date (quote it to mean text: '{value.isoformat()}')"
-    if isinstance(value, bytes):
-        return f"{len(value)} bytes of !!binary data"
-    if isinstance(value, (set, frozenset)):
-        return f"a !!set {sorted(map(str, value))}"
-    if isinstance(value, dict):
-        return "a mapping"
-    return repr(value)
-
-
-def _coerce(value: Any, hint: Any, key: str) -> Any:
-    """Check one YAML value against its field's type; ints are accepted where floats are expected, and so is
-    exponent notation without a dot such as 5e-4, which YAML 1.1 reads as a string."""
-    origin, args = get_origin(hint), get_args(hint)
-    if origin in (Union, types.UnionType):
-        if value is None and type(None) in args:
-            return None
-        hint = next(a for a in args if a is not type(None))
-        origin = get_origin(hint)
-    if origin is list:
-        if not isinstance(value, list):
-            raise ConfigError(f"'{key}' must be a list, got {_shown(value)}")
-        return [_coerce(v, get_args(hint)[0], key) for v in value]
-    if hint is float and isinstance(value, str) and re.fullmatch(r"\s*[-+]?\d+(\.\d*)?[eE][-+]?\d+\s*", value):
-        value = float(value)
-    if hint is float and isinstance(value, (int, float)) and not isinstance(value, bool):
-        if not math.isfinite(value):
-            raise ConfigError(f"'{key}' must be a finite number, got {value!r}")
-        return float(value)
-    if hint is bool and isinstance(value, bool):
-        return value
-    if hint in (int, str) and isinstance(value, hint) and not isinstance(value, bool):
-        return value
-    raise ConfigError(f"'{key}' must be {getattr(hint, '__name__', hint)}, got {_shown(value)}")
-
-
-def _build(cls: type, raw: Any, where: str = "") -> Any:
-    if raw is None:
-        raw = {}
-    if not isinstance(raw, dict):
-        raise ConfigError(f"'{where.rstrip('.') or 'config'}' must be a mapping of keys to values")
-    hints = get_type_hints(cls)
-    names = [f.name for f in dataclasses.fields(cls)]
-    kwargs = {}
-    for key, value in raw.items():
-        if key not in names:
-            raise _unknown_key(str(key), names, where)
-        if dataclasses.is_dataclass(hints[key]):
-            kwargs[key] = _build(hints[key], value, f"{where}{key}.")
-        else:
-            kwargs[key] = _coerce(value, hints[key], f"{where}{key}")
-    return cls(**kwargs)
 
 
 def get_value(cfg: Config, key: str) -> Any:
@@ -300,7 +249,7 @@ def merge_overrides(raw: dict, overrides: list[str], values: dict[str, Any] | No
 
 
 def config_from_dict(raw: dict | None) -> Config:
-    return validate(_build(Config, raw))
+    return validate(build(Config, raw))
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None,

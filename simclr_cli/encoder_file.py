@@ -46,8 +46,8 @@ def encoder_payload(encoder: ResNetEncoder | dict, cfg: Config, head: Projection
         "mean": list(mean) if mean is not None else None,
         "std": list(std) if std is not None else None,
         "state_dict": _weights(encoder),
-        "provenance": {"simclr_cli": __version__, "dataset": cfg.data.dataset, "seed": cfg.train.seed,
-                       "config_digest": config_digest(cfg), **provenance},
+        "provenance": {"simclr_cli": __version__, "method": cfg.method.name, "dataset": cfg.data.dataset,
+                       "seed": cfg.train.seed, "config_digest": config_digest(cfg), **provenance},
     }
     if head is not None:
         payload["head"] = {"hidden": cfg.model.head_hidden, "out": cfg.model.head_out,
@@ -133,21 +133,22 @@ def _from_payload(payload: dict, path: Path, kind: str) -> LoadedEncoder:
 
 
 def _payload_from_checkpoint(ckpt: dict, path: Path) -> dict:
-    """The native encoder payload of a pretraining checkpoint (encoder, head and provenance), read from its
-    state dict without building the model; `_from_payload` checks the weights when it builds the encoder."""
+    """The native encoder payload of a pretraining checkpoint (encoder, projection head when the method has
+    one, provenance), read from its state dict without building the model; `_from_payload` checks the weights
+    when it builds the encoder. A method's other networks (byol's projector and predictor) stay behind."""
     try:
         cfg = config_from_dict(ckpt["config"])
-        parts: dict[str, dict] = {"encoder": {}, "head": {}}
+        parts: dict[str, dict] = {}
         for key, value in ckpt["model"].items():
             part, _, name = key.partition(".")
-            if part not in parts:
-                raise ValueError(f"unexpected key {key}")
-            parts[part][name] = value
+            parts.setdefault(part, {})[name] = value
+        if not parts.get("encoder"):
+            raise ValueError("no encoder weights")
     except (KeyError, TypeError, ValueError, AttributeError) as err:
         raise CheckpointError(f"{path} is a damaged or incomplete checkpoint ({type(err).__name__}: "
                               f"{_first_line(err)}): use another checkpoint of the run") from None
     mean, std = normalization_for(cfg.data.dataset)
-    return encoder_payload(parts["encoder"], cfg, parts["head"], mean, std, epoch=ckpt.get("epoch"),
+    return encoder_payload(parts["encoder"], cfg, parts.get("head"), mean, std, epoch=ckpt.get("epoch"),
                            step=ckpt.get("step"), source=str(path))
 
 

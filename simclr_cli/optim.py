@@ -210,6 +210,11 @@ class Schedule:
         if self.plateau is not None and not self._in_warmup():
             self.plateau.step(epoch_loss)
 
+    @property
+    def total_steps(self) -> int:
+        """The optimiser step the schedule plans to end at (the momentum methods follow it too)."""
+        return self.per_step.total_steps
+
     def set_total_steps(self, total: int) -> int | None:
         """Move the schedule's end to optimiser step `total` (a resumed run with other train.epochs); the lr
         follows from the current step on. Returns the old end when it moved, else None."""

@@ -44,6 +44,7 @@ def _load_state(t: Trainer, ckpt: dict) -> None:
     if saved_images != len(t.data):
         raise ValueError(f"the training set now has {len(t.data)} images, the checkpoint's had {saved_images}")
     t.model.load_state_dict(ckpt["model"])
+    t.method.load_state_dict(ckpt.get("method", {}))  # target network, queue and pointer
     t.optimizer.load_state_dict(ckpt["optimizer"])
     t.scheduler.load_state_dict(ckpt["scheduler"])
     total = t.cfg.train.epochs * t.steps_per_epoch

@@ -51,14 +51,15 @@ def _flatten(d: dict, prefix: str = "") -> dict:
 
 def check_resume_config(saved: dict, cfg: Config) -> list[str]:
     """Changed keys between the checkpoint's config and this run's; refuse any that are not safe."""
-    old, new = _flatten(saved), _flatten(config_to_dict(cfg))
-    changed = sorted(k for k in new if old.get(k) != new[k])
+    old, new, default = _flatten(saved), _flatten(config_to_dict(cfg)), _flatten(config_to_dict(Config()))
+    # A key the saved config lacks (written before the key existed) had its default then.
+    changed = sorted(k for k in new if old.get(k, default.get(k)) != new[k])
     unsafe = [k for k in changed if k not in RESUMABLE_KEYS]
     if unsafe:
-        diffs = ", ".join(f"{k}: {old.get(k)!r} -> {new[k]!r}" for k in unsafe)
+        diffs = ", ".join(f"{k}: {old.get(k, default.get(k))!r} -> {new[k]!r}" for k in unsafe)
         raise ConfigError(f"resume refused, the config changed ({diffs}); only {', '.join(sorted(RESUMABLE_KEYS))} "
                           "may change on resume: start a new run with another --output-dir instead")
-    return [f"{k}: {old.get(k)!r} -> {new[k]!r}" for k in changed]
+    return [f"{k}: {old.get(k, default.get(k))!r} -> {new[k]!r}" for k in changed]
 
 
 def preflight(cfg: Config, resume: bool, load: bool = True) -> dict | None:

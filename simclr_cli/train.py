@@ -89,10 +89,9 @@ class Trainer:
         self.augment = Augmenter(a.preset, a.view_size or cfg.data.image_size, self.mean, self.std,
                                  a.crop_scale_min, a.jitter_strength)
         self.generator = torch.Generator(device=self.device)
-        self.method = build_method(cfg)
-        self.model = self.method.model.to(self.device)
-        if cfg.train.channels_last:
-            self.model = self.model.to(memory_format=torch.channels_last)
+        layout = torch.channels_last if cfg.train.channels_last else torch.preserve_format
+        self.method = build_method(cfg).to(self.device, layout)
+        self.model = self.method.model
         self.local_batch = cfg.train.batch_size // self.dist.world_size
         self.steps_per_epoch = len(self.data) // cfg.train.batch_size
         o = cfg.optim
@@ -122,6 +121,7 @@ class Trainer:
         cfg, ranks = self.cfg, f"rank{'s' if self.dist.enabled else ''}"
         return {**describe_device(self.device, self.precision),
                 "dataset": f"{self.data.name}, {len(self.data)} images {tuple(self.data.images.shape[1:])}",
+                "method": cfg.method.name,
                 "model": f"{cfg.model.arch} ({cfg.model.stem} stem, width {cfg.model.width}), "
                          f"{sum(p.numel() for p in self.model.parameters()) / 1e6:.2f}M parameters",
                 "batch": f"{cfg.train.batch_size} global = {self.dist.world_size} {ranks} x {self.local_batch}, "
@@ -149,6 +149,7 @@ class Trainer:
             loss.backward()
             self.optimizer.step()
         self.scheduler.step_batch()
+        self.method.after_step(self.state.step + 1, self.scheduler.total_steps)  # EMA, enqueue: before the next
         return loss.detach()
 
     def _batch(self, order: torch.Tensor, i: int) -> torch.Tensor:
@@ -212,7 +213,7 @@ class Trainer:
         s = self.state
         if self.dist.is_main:
             extra = {"world_size": self.dist.world_size, "history": s.history, "epoch_losses": list(s.epoch_losses),
-                     "train_images": len(self.data)}
+                     "train_images": len(self.data), "method": self.method.state_dict()}
             payload = checkpoint_payload(self.model, self.optimizer, self.scheduler, self.scaler, self.cfg, s.epoch,
                                          s.step, self.generator, extra)
             path = self.rundir.save_checkpoint(payload, self.cfg.train.keep_last, self.saved_epoch)

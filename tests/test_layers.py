@@ -11,8 +11,8 @@ import pytest
 PACKAGE = Path(__file__).resolve().parents[1] / "simclr_cli"
 # Each module may import only modules before it: config -> data -> augment -> model -> loss -> optim, with
 # the run directory, checkpoints, evaluation, probe, embed and the CLI hanging off the side after them.
-LAYERS = ["__init__", "errors", "runtime", "files", "config", "images", "data", "colour", "augment", "model",
-          "loss", "optim", "interrupt", "methods.simclr", "methods", "checkpoint", "encoder_file", "features",
+LAYERS = ["__init__", "errors", "runtime", "files", "typed", "config", "images", "data", "colour", "augment", "model",
+          "loss", "optim", "interrupt", "methods.ema", "methods.simclr", "methods.moco", "methods.byol", "methods", "checkpoint", "encoder_file", "features",
           "evaluate", "rundir", "readback", "resume", "train", "launch", "probe", "embed", "display", "cli",
           "__main__"]
 MAX_MODULE_LINES, MAX_FUNCTION_LINES = 330, 50  # "~300": this catches a module that keeps growing

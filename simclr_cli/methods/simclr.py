@@ -16,6 +16,10 @@ class SimCLRMethod:
         self.model = build_model(cfg.model)  # encoder + 2- or 3-layer head (SimCLR v1 / v2)
         self.temperature = cfg.loss.temperature
 
+    def to(self, device: torch.device, memory_format: torch.memory_format) -> SimCLRMethod:
+        self.model = self.model.to(device, memory_format=memory_format)
+        return self
+
     def loss(self, net: torch.nn.Module, views: torch.Tensor,
              ctx: contextlib.AbstractContextManager) -> torch.Tensor:
         """views (2B, 3, S, S): one forward, so batch norm sees both views; the loss in fp32."""
@@ -23,3 +27,13 @@ class SimCLRMethod:
         with ctx:
             _, z = net(views)  # (2B, head_out)
         return nt_xent(z[:b], z[b:], self.temperature)
+
+    def after_step(self, step: int, total_steps: int) -> None:
+        """Nothing: SimCLR has no second network to update."""
+
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        if state:
+            raise ValueError("the checkpoint carries a momentum method's state, this run is simclr")

@@ -1,0 +1,81 @@
+"""BYOL (Grill et al. 2020): an online encoder, projector and predictor learn to predict, from one view,
+an EMA target network's projection of the other view. No negatives.
+
+With p the online prediction and z' the target projection, per pair (the paper's eq. 2):
+    loss = || p/||p|| - z'/||z'|| ||^2 = 2 - 2 cos(p, z')
+summed over both view orders (eq. 3's symmetrised loss), averaged over the batch. The target, online
+encoder + projector in EMA, gets no gradient; its momentum rises from `method.momentum` to 1 on a cosine.
+Projector and predictor are Linear-BN-ReLU-Linear, as in the paper. The exported encoder is the online one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from simclr_cli.config import Config
+from simclr_cli.methods.ema import EmaTarget, momentum_at
+from simclr_cli.model import ResNetEncoder
+
+
+def mlp(dim_in: int, hidden: int, dim_out: int) -> nn.Sequential:
+    return nn.Sequential(nn.Linear(dim_in, hidden), nn.BatchNorm1d(hidden), nn.ReLU(inplace=True),
+                         nn.Linear(hidden, dim_out))
+
+
+def byol_loss(p: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+    """2 - 2 cos(p_i, z_i), averaged over rows, in fp32; z is the target's (no gradient flows into it)."""
+    return (2 - 2 * F.cosine_similarity(p.float(), z.detach().float(), dim=1)).mean()
+
+
+class Projected(nn.Module):
+    """encoder -> projector (-> predictor, online only): x -> (h, projection or prediction)."""
+
+    def __init__(self, encoder: ResNetEncoder, projector: nn.Module, predictor: nn.Module | None = None):
+        super().__init__()
+        self.encoder, self.projector, self.predictor = encoder, projector, predictor
+        self.head = None  # the encoder file carries no head: BYOL's projector is not probed from
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        h = self.encoder(x)  # (B, feature_dim)
+        z = self.projector(h)  # (B, head_out)
+        return h, self.predictor(z) if self.predictor is not None else z
+
+
+class BYOLMethod:
+    def __init__(self, cfg: Config) -> None:
+        m = cfg.model
+        encoder = ResNetEncoder(m.arch, m.stem, m.width)
+        hidden = m.head_hidden or encoder.feature_dim
+        projector = mlp(encoder.feature_dim, hidden, m.head_out)
+        self.target = EmaTarget(Projected(encoder, projector))  # encoder + projector, before the predictor
+        self.model = Projected(encoder, projector, mlp(m.head_out, cfg.method.predictor_hidden or hidden, m.head_out))
+        self.momentum = (cfg.method.momentum, cfg.method.momentum_end)
+        self.averaged = Projected(encoder, projector)  # the online part the target follows (shares the modules)
+
+    def to(self, device: torch.device, memory_format: torch.memory_format) -> BYOLMethod:
+        self.model = self.model.to(device, memory_format=memory_format)
+        self.target.net = self.target.net.to(device, memory_format=memory_format)
+        return self
+
+    def loss(self, net: torch.nn.Module, views: torch.Tensor,
+             ctx: contextlib.AbstractContextManager) -> torch.Tensor:
+        """views (2B, ...): each view's prediction against the target's projection of the other view."""
+        b = views.shape[0] // 2
+        with ctx:
+            _, p = net(views)  # (2B, head_out)
+            with torch.no_grad():
+                _, z = self.target.net(views)  # (2B, head_out)
+        return byol_loss(p[:b], z[b:]) + byol_loss(p[b:], z[:b])
+
+    def after_step(self, step: int, total_steps: int) -> None:
+        self.target.update(self.averaged, momentum_at(step, total_steps, *self.momentum))
+
+    def state_dict(self) -> dict:
+        return {"target": self.target.net.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.target.net.load_state_dict(state["target"])

@@ -1,0 +1,33 @@
+"""The target network of the momentum methods: an exponential moving average of the online network.
+
+After every optimiser step k of K, target <- m_k * target + (1 - m_k) * online, parameter by parameter, with
+m_k rising from `momentum` to `momentum_end` on a cosine (BYOL, Grill et al. 2020, section 3.2:
+m_k = 1 - (1 - m_0) (cos(pi k / K) + 1) / 2; momentum_end = momentum gives MoCo's constant m). The target
+runs its own batch norm statistics (its buffers are its own, not averaged). It is never trained: no
+gradients, not in the optimiser, not wrapped in DDP, and every rank updates it from the same weights.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import torch
+
+
+def momentum_at(step: int, total_steps: int, start: float, end: float) -> float:
+    """m after `step` of `total_steps` optimiser steps: `start` at 0, `end` at total_steps and beyond."""
+    progress = min(1.0, step / max(1, total_steps))
+    return end - (end - start) * (math.cos(math.pi * progress) + 1) / 2
+
+
+class EmaTarget:
+    def __init__(self, online: torch.nn.Module) -> None:
+        self.net = copy.deepcopy(online).requires_grad_(False)  # starts equal to the online network
+
+    @torch.no_grad()
+    def update(self, online: torch.nn.Module, momentum: float) -> None:
+        """target <- momentum * target + (1 - momentum) * online, for every parameter (one fused op)."""
+        target = [p for p in self.net.parameters()]
+        source = [p.detach() for p in online.parameters()]
+        torch._foreach_lerp_(target, source, 1.0 - momentum)
