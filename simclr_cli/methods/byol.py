@@ -4,7 +4,8 @@ an EMA target network's projection of the other view. No negatives.
 With p the online prediction and z' the target projection, per pair (the paper's eq. 2):
     loss = || p/||p|| - z'/||z'|| ||^2 = 2 - 2 cos(p, z')
 summed over both view orders (eq. 3's symmetrised loss), averaged over the batch. The target, online
-encoder + projector in EMA, gets no gradient; its momentum rises from `method.momentum` to 1 on a cosine.
+encoder + projector in EMA, gets no gradient; its momentum rises from `method.momentum` to
+`method.momentum_end` (the paper: 0.996 to 1) on a cosine.
 Projector and predictor are Linear-BN-ReLU-Linear, as in the paper. The exported encoder is the online one.
 """
 
