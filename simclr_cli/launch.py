@@ -23,9 +23,8 @@ import torch
 
 from simclr_cli.config import Config
 from simclr_cli.errors import USER_ERROR_EXIT, ConfigError, RuntimeSetupError
-from simclr_cli.rundir import preflight
+from simclr_cli.rundir import check_world, preflight
 from simclr_cli.runtime import pick_device
-from simclr_cli.train import check_world
 
 
 @dataclass

@@ -7,8 +7,8 @@ RUN_DIR/checkpoint.pt    the latest checkpoint, replaced atomically; with keep_l
                          kept as checkpoint-epochNNNN.pt (a hard link: no copy)
 RUN_DIR/encoder.pth      the encoder file, written at the end
 
-`resolve_config` and `preflight` are what `simclr pretrain` (in one process or under --nproc) asks before
-any data or model is built, so a wrong start or resume fails in a second with one line.
+`resolve_config`, `check_world` and `preflight` are what `simclr pretrain` (in one process or under --nproc)
+asks before any data or model is built, so a wrong start or resume fails in a second with one line.
 """
 
 from __future__ import annotations
@@ -19,10 +19,12 @@ import re
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from simclr_cli.checkpoint import load_checkpoint
 from simclr_cli.config import (Config, config_from_dict, config_to_dict, dump_config, load_config,
                                merge_overrides, read_yaml)
-from simclr_cli.errors import CheckpointError, ConfigError
+from simclr_cli.errors import CheckpointError, ConfigError, RuntimeSetupError
 from simclr_cli.files import atomic_save, atomic_write_text, remove_stale_temps, replace_with_link
 
 # Keys a resumed run may change; anything else would make "resume" a different run.
@@ -60,6 +62,17 @@ def check_resume_config(saved: dict, cfg: Config) -> list[str]:
         raise ConfigError(f"resume refused, the config changed ({diffs}); only {', '.join(sorted(RESUMABLE_KEYS))} "
                           "may change on resume: start a new run with another --output-dir instead")
     return [f"{k}: {old.get(k, default.get(k))!r} -> {new[k]!r}" for k in changed]
+
+
+def check_world(cfg: Config, world_size: int, device: torch.device) -> None:
+    """Refuse what cannot run on `world_size` processes; `simclr pretrain --nproc` asks before it starts any."""
+    if cfg.train.batch_size % world_size:
+        raise ConfigError(f"train.batch_size {cfg.train.batch_size} must divide evenly over "
+                          f"{world_size} processes: pick a multiple of {world_size}")
+    if cfg.model.sync_bn and world_size > 1 and device.type != "cuda":
+        # torch's SyncBatchNorm raises on CPU tensors ("expected input tensor to be on GPU"): refuse up front.
+        raise RuntimeSetupError(f"model.sync_bn needs CUDA GPUs; SyncBatchNorm has no {device.type} path: "
+                                "set model.sync_bn=false (each rank then normalises over its own views)")
 
 
 def preflight(cfg: Config, resume: bool, load: bool = True) -> dict | None:

@@ -20,27 +20,15 @@ from simclr_cli.checkpoint import checkpoint_payload
 from simclr_cli.config import Config, ConfigError
 from simclr_cli.data import ImageSet, load_dataset, normalization_for
 from simclr_cli.encoder_file import encoder_payload
-from simclr_cli.errors import RuntimeSetupError
 from simclr_cli.evaluate import Monitor, load_monitor
 from simclr_cli.interrupt import RankAgreedStop, StopFlag, StopRequested, stop_guard
 from simclr_cli.methods import build_method
 from simclr_cli.optim import build_optimizer, build_scheduler
 from simclr_cli.readback import LossWindow, NonFiniteLoss, advice, check_finite_weights, read_back  # noqa: F401
 from simclr_cli.resume import RunState, restore
-from simclr_cli.rundir import RunDir, preflight
+from simclr_cli.rundir import RunDir, check_world, preflight
 from simclr_cli.runtime import (Callback, DistInfo, autocast, describe_device, init_distributed, resolve_precision,
                                shutdown_distributed)
-
-
-def check_world(cfg: Config, world_size: int, device: torch.device) -> None:
-    """Refuse what cannot run on `world_size` processes; `simclr pretrain --nproc` asks before it starts any."""
-    if cfg.train.batch_size % world_size:
-        raise ConfigError(f"train.batch_size {cfg.train.batch_size} must divide evenly over "
-                          f"{world_size} processes: pick a multiple of {world_size}")
-    if cfg.model.sync_bn and world_size > 1 and device.type != "cuda":
-        # torch's SyncBatchNorm raises on CPU tensors ("expected input tensor to be on GPU"): refuse up front.
-        raise RuntimeSetupError(f"model.sync_bn needs CUDA GPUs; SyncBatchNorm has no {device.type} path: "
-                                "set model.sync_bn=false (each rank then normalises over its own views)")
 
 
 def load_train_set(cfg: Config, dist_info: DistInfo) -> ImageSet:

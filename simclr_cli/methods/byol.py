@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from simclr_cli.config import Config
-from simclr_cli.methods.ema import EmaTarget, momentum_at
+from simclr_cli.methods.ema import EmaTarget, WithTarget, momentum_at
 from simclr_cli.model import ResNetEncoder
 
 
@@ -46,7 +46,7 @@ class Projected(nn.Module):
         return h, self.predictor(z) if self.predictor is not None else z
 
 
-class BYOLMethod:
+class BYOLMethod(WithTarget):
     def __init__(self, cfg: Config) -> None:
         m = cfg.model
         encoder = ResNetEncoder(m.arch, m.stem, m.width)
@@ -57,26 +57,12 @@ class BYOLMethod:
         self.momentum = (cfg.method.momentum, cfg.method.momentum_end)
         self.averaged = Projected(encoder, projector)  # the online part the target follows (shares the modules)
 
-    def to(self, device: torch.device, memory_format: torch.memory_format) -> BYOLMethod:
-        self.model = self.model.to(device, memory_format=memory_format)
-        self.target.net = self.target.net.to(device, memory_format=memory_format)
-        return self
-
     def loss(self, net: torch.nn.Module, views: torch.Tensor,
              ctx: contextlib.AbstractContextManager) -> torch.Tensor:
         """views (2B, ...): each view's prediction against the target's projection of the other view."""
         b = views.shape[0] // 2
-        with ctx:
-            _, p = net(views)  # (2B, head_out)
-            with torch.no_grad():
-                _, z = self.target.net(views)  # (2B, head_out)
+        p, z = self.outputs(net, views, ctx)  # (2B, head_out) each: predictions, target projections
         return byol_loss(p[:b], z[b:]) + byol_loss(p[b:], z[:b])
 
     def after_step(self, step: int, total_steps: int) -> None:
         self.target.update(self.averaged, momentum_at(step, total_steps, *self.momentum))
-
-    def state_dict(self) -> dict:
-        return {"target": self.target.net.state_dict()}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.target.net.load_state_dict(state["target"])

@@ -9,6 +9,7 @@ gradients, not in the optimiser, not wrapped in DDP, and every rank updates it f
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
 
@@ -31,3 +32,31 @@ class EmaTarget:
         target = [p for p in self.net.parameters()]
         source = [p.detach() for p in online.parameters()]
         torch._foreach_lerp_(target, source, 1.0 - momentum)
+
+
+class WithTarget:
+    """What the momentum methods share: an online `model` and its EMA `target`, run, moved and saved
+    together. Subclasses set both in __init__."""
+
+    model: torch.nn.Module
+    target: EmaTarget
+
+    def outputs(self, net: torch.nn.Module, views: torch.Tensor,
+                ctx: contextlib.AbstractContextManager) -> tuple[torch.Tensor, torch.Tensor]:
+        """(online output, target output) for the same 2B views; the target's without a graph."""
+        with ctx:
+            _, online = net(views)  # (2B, head_out)
+            with torch.no_grad():
+                _, target = self.target.net(views)  # (2B, head_out)
+        return online, target
+
+    def to(self, device: torch.device, memory_format: torch.memory_format):
+        self.model = self.model.to(device, memory_format=memory_format)
+        self.target.net = self.target.net.to(device, memory_format=memory_format)
+        return self
+
+    def state_dict(self) -> dict:
+        return {"target": self.target.net.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.target.net.load_state_dict(state["target"])

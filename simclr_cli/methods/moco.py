@@ -18,7 +18,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from simclr_cli.config import Config
-from simclr_cli.methods.ema import EmaTarget, momentum_at
+from simclr_cli.methods.ema import EmaTarget, WithTarget, momentum_at
 from simclr_cli.model import build_model
 
 
@@ -55,7 +55,7 @@ def gather_rows(x: torch.Tensor) -> torch.Tensor:
     return out
 
 
-class MoCoMethod:
+class MoCoMethod(WithTarget):
     def __init__(self, cfg: Config) -> None:
         self.model = build_model(cfg.model)  # online: encoder + projection head, the queries
         self.target = EmaTarget(self.model)  # keys
@@ -65,8 +65,7 @@ class MoCoMethod:
         self._keys: torch.Tensor | None = None  # this step's keys, enqueued after the optimiser step
 
     def to(self, device: torch.device, memory_format: torch.memory_format) -> MoCoMethod:
-        self.model = self.model.to(device, memory_format=memory_format)
-        self.target.net = self.target.net.to(device, memory_format=memory_format)
+        super().to(device, memory_format)
         self.queue.keys = self.queue.keys.to(device)
         return self
 
@@ -74,10 +73,7 @@ class MoCoMethod:
              ctx: contextlib.AbstractContextManager) -> torch.Tensor:
         """views (2B, ...): queries of both views against the keys of the other view and the queue."""
         b = views.shape[0] // 2
-        with ctx:
-            _, q = net(views)  # (2B, head_out)
-            with torch.no_grad():
-                _, k = self.target.net(views)  # (2B, head_out)
+        q, k = self.outputs(net, views, ctx)  # (2B, head_out) each: queries, keys
         self._keys = k.detach()
         return (info_nce_with_queue(q[:b], k[b:], self.queue.keys, self.temperature)
                 + info_nce_with_queue(q[b:], k[:b], self.queue.keys, self.temperature)) / 2
@@ -87,9 +83,9 @@ class MoCoMethod:
         self.queue.push(gather_rows(self._keys))
 
     def state_dict(self) -> dict:
-        return {"target": self.target.net.state_dict(), "queue": self.queue.keys, "pointer": self.queue.pointer}
+        return {**super().state_dict(), "queue": self.queue.keys, "pointer": self.queue.pointer}
 
     def load_state_dict(self, state: dict) -> None:
-        self.target.net.load_state_dict(state["target"])
+        super().load_state_dict(state)
         self.queue.keys.copy_(state["queue"])
         self.queue.pointer = int(state["pointer"])
