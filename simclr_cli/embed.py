@@ -224,8 +224,8 @@ def embed_images(images: str | Path, encoder: str | Path | None = None, output: 
         raise OutputError("refusing to write a binary .npy to the terminal: redirect it "
                          "(simclr embed IMAGES > vectors.npy) or pass -o vectors.npy")
     output = None if output is None else Path(output).expanduser()
-    if output is not None and output.is_dir():
-        raise OutputError(f"-o {output} is a folder: give a file name, e.g. {output / 'vectors.npy'}")
+    if output is not None:
+        check_output_path(output, "vectors.npy")
     dev = pick_device(device)
     precision = resolve_precision(precision, dev, INFERENCE_PRECISIONS)
     if paths_out is not None:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import math
 import time
 from pathlib import Path
+from typing import Callable
 
 import torch
 import torch.distributed as dist
@@ -41,10 +42,12 @@ def advice(precision: str, lr: float, saved_step: int | None, checkpoint: Path) 
             "--output-dir (a changed config cannot --resume)")
 
 
-def read_back(window: LossWindow, world_size: int, agreed_stop: RankAgreedStop | None, why: str) -> list[float]:
+def read_back(window: LossWindow, world_size: int, agreed_stop: RankAgreedStop | None,
+              why: Callable[[], str]) -> list[float]:
     """The window's losses as floats, averaged over ranks (each rank's loss covers its own rows: their mean
     is the global batch's), so every rank logs, checks and schedules on the same numbers. A distributed
-    run's stop flag is agreed in the same breath. `why`: `advice(...)` for the error."""
+    run's stop flag is agreed in the same breath. `why()` gives the rest of the error's line, built only
+    when a value is not finite (not once per log window)."""
     stacked = torch.stack(window.losses).float()
     if world_size > 1:
         dist.all_reduce(stacked)
@@ -55,12 +58,12 @@ def read_back(window: LossWindow, world_size: int, agreed_stop: RankAgreedStop |
     for j, value in enumerate(values):
         if not math.isfinite(value):
             raise NonFiniteLoss(f"loss became {value} at step {window.first_step + j + 1} (lr {window.lrs[j]:.4g}); "
-                                f"{why}")
+                                f"{why()}")
     return values
 
 
-def check_finite_weights(model: torch.nn.Module, step: int, lr: float, why: str) -> None:
+def check_finite_weights(model: torch.nn.Module, step: int, lr: float, why: Callable[[], str]) -> None:
     """A finite last loss does not prove the last update was finite: check before anything is saved."""
     for name, t in model.state_dict().items():
         if t.is_floating_point() and not bool(torch.isfinite(t).all()):
-            raise NonFiniteLoss(f"weights became non-finite ({name}) by step {step} (lr {lr:.4g}); {why}")
+            raise NonFiniteLoss(f"weights became non-finite ({name}) by step {step} (lr {lr:.4g}); {why()}")

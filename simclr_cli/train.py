@@ -151,7 +151,7 @@ class Trainer:
         return advice(self.precision, self.cfg.optim.lr, self.saved_step, self.rundir.checkpoint)
 
     def _read_back(self, window: LossWindow) -> list[float]:
-        return read_back(window, self.dist.world_size, self.agreed_stop, self._why())
+        return read_back(window, self.dist.world_size, self.agreed_stop, self._why)
 
     def run_epoch(self, epoch: int, stop) -> float:
         """Steps to the end of `epoch`; returns its mean loss. A stop request is honoured between steps.
@@ -197,7 +197,7 @@ class Trainer:
 
     def save_checkpoint(self) -> None:
         """Replace checkpoint.pt atomically; with keep_last, the one it replaces is kept as checkpoint-epochNNNN.pt."""
-        check_finite_weights(self.model, self.state.step, self.lr(), self._why())  # every rank: all stop together
+        check_finite_weights(self.model, self.state.step, self.lr(), self._why)  # every rank: all stop together
         s = self.state
         if self.dist.is_main:
             extra = {"world_size": self.dist.world_size, "history": s.history, "epoch_losses": list(s.epoch_losses),
