@@ -7,17 +7,17 @@ stderr. A user's mistake is one line naming the fix and exit code 2, never a tra
 
 from __future__ import annotations
 
-import contextlib
 import os
 import sys
 from pathlib import Path
-from typing import Annotated, Iterator, Optional
+from typing import Annotated, Optional
 
 import typer
 import typer.core
 
-from simclr_cli import __version__, display
-from simclr_cli.errors import USER_ERROR_EXIT, UserError
+from simclr_cli import __version__, cli_pictures, display
+from simclr_cli.cli_options import (DeviceOption, NumWorkersOption, PrecisionOption, SetOption, handle_errors,
+                                    quiet_on_broken_pipe)
 
 # The click that typer runs on: vendored as typer._click since typer 0.23, the click package before.
 _click = getattr(typer.core, "_click", None) or __import__("click")
@@ -48,7 +48,8 @@ class OneLineErrors(typer.core.TyperGroup):
 app = typer.Typer(
     name="simclr",
     cls=OneLineErrors,
-    help="SimCLR self-supervised learning of image representations: pretrain, extract, probe, embed.\n\n"
+    help="SimCLR self-supervised learning of image representations: pretrain, extract, probe, embed, report, "
+         "neighbors.\n\n"
          "Example: simclr pretrain --config examples/quickstart.yaml",
     no_args_is_help=True,
     add_completion=False,
@@ -56,26 +57,9 @@ app = typer.Typer(
     rich_markup_mode="rich",
 )
 
-# Shared options, defined once. A flag for a config key has that key's name (data.root: --data-root).
-SetOption = Annotated[list[str], typer.Option("--set", help="Override a config key, e.g. --set optim.lr=0.5 (repeatable).")]
-DeviceOption = Annotated[Optional[str], typer.Option("--device", help="auto (cuda > mps > cpu) | cpu | cuda | cuda:N | mps. Default: auto (pretrain: the config's train.device).", show_default=False)]
-PrecisionOption = Annotated[Optional[str], typer.Option("--precision", help="auto (bf16 where the hardware runs it fast, else fp32) | fp32 | bf16 (pretrain also fp16). Default: fp32 for embed (the same vectors on any machine), auto for probe (speed), the config's train.precision for pretrain.", show_default=False)]
-NumWorkersOption = Annotated[int, typer.Option("--num-workers", "--workers", min=0, help="Image-decoding worker processes (0: decode in this process), as data.num_workers.")]
-
-
-@contextlib.contextmanager
-def handle_errors() -> Iterator[None]:
-    """Turn the core's user errors into one red line and exit code 2."""
-    try:
-        yield
-    except (UserError, FileNotFoundError) as err:
-        display.error(str(err))
-        raise typer.Exit(USER_ERROR_EXIT)
-
 
 def is_main_process() -> bool:
     return int(os.environ.get("RANK", 0)) == 0
-
 
 @app.command(epilog="Example: simclr pretrain --config examples/quickstart.yaml --set train.epochs=5")
 def pretrain(
@@ -141,12 +125,14 @@ def _pretrain_until_done_or_stopped(cfg, resume: bool) -> dict:
         shown.stop()
 
 
-@app.command(epilog="Example: simclr embed photos/ --encoder runs/simclr/encoder.pth --paths paths.txt > vectors.npy")
+@app.command(epilog="Example: simclr embed photos/ --encoder runs/simclr/encoder.pth --paths paths.txt > vectors.npy  "
+                    "(or --format csv > embeddings.csv)")
 def embed(
     images: Annotated[Path, typer.Argument(help="A folder of images (searched recursively, sorted by path), one image, or a text file listing image paths, one per line (relative to the list file).", show_default=False)],
     encoder: Annotated[Optional[Path], typer.Option("--encoder", "-e", help="Encoder file (from `simclr extract`), checkpoint or ResNet state dict. Default: encoder.pth in the working directory.", show_default=False)] = None,
     output: Annotated[Optional[Path], typer.Option("--output", "-o", help="Write the .npy to this file (atomically) instead of stdout.", show_default=False)] = None,
     paths: Annotated[Optional[Path], typer.Option("--paths", help="Also write each row's image path, one per line, in row order.", show_default=False)] = None,
+    fmt: Annotated[Optional[str], typer.Option("--format", help="npy: float32 (N, D) array | csv: one row per image, the path then the D values, under a header. Default: csv when -o ends in .csv, else npy.", show_default=False)] = None,
     normalize: Annotated[bool, typer.Option("--normalize", help="L2-normalise each row (cosine similarity becomes a dot product).")] = False,
     batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="Images per forward pass.")] = 256,
     skip_bad: Annotated[bool, typer.Option("--skip-bad", help="Leave out files that do not decode (and out of --paths) instead of failing.")] = False,
@@ -154,9 +140,10 @@ def embed(
     device: DeviceOption = None,
     precision: PrecisionOption = None,
 ) -> None:
-    """Embed images as a float32 .npy of shape (N, D): the encoder's representation h, row i for image i.
+    """Embed images as a float32 .npy of shape (N, D): the encoder's representation h, row i for image i
+    (or, with --format csv, a csv of path and values per image).
 
-    The array goes to stdout when it is redirected, or to -o FILE; never to a terminal. A file that does
+    The array goes to stdout when it is redirected, or to -o FILE; never a .npy to a terminal. A file that does
     not decode is reported by path and nothing is written (exit 2); --skip-bad leaves such files out.
     """
     from simclr_cli.embed import embed_images
@@ -165,12 +152,11 @@ def embed(
     sys.stdout.flush()
     with handle_errors():
         try:
-            result = embed_images(images, encoder, output, sys.stdout.buffer, paths_out=paths, normalize=normalize,
-                                  batch_size=batch_size, num_workers=num_workers, skip_bad=skip_bad,
-                                  device=device or "auto", precision=precision or "fp32", callback=shown)
-        except BrokenPipeError:  # the reader left (`| head`): stop quietly, as cat does
-            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit
-            raise typer.Exit(1)
+            with quiet_on_broken_pipe():
+                result = embed_images(images, encoder, output, sys.stdout.buffer, paths_out=paths,
+                                      normalize=normalize, batch_size=batch_size, num_workers=num_workers,
+                                      skip_bad=skip_bad, device=device or "auto", precision=precision or "fp32",
+                                      fmt=fmt, callback=shown)
         finally:
             shown.stop()
     shown.done(result)  # one line, for logs
@@ -226,6 +212,11 @@ def probe(
         if json_path is not None:
             atomic_write_text(json.dumps(report, indent=2) + "\n", json_path)
     display.probe_done(report, json_path)
+
+
+# After the four core commands, so --help lists them in the order a user meets them.
+app.command("report", epilog=cli_pictures.REPORT_EXAMPLE)(cli_pictures.report)
+app.command("neighbors", epilog=cli_pictures.NEIGHBORS_EXAMPLE)(cli_pictures.neighbors)
 
 
 def _show_version(value: bool) -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import time
 
 from rich.console import Console
+from rich.markup import escape
 from rich.panel import Panel
 from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn,
                            TimeRemainingColumn)
@@ -20,11 +21,12 @@ console = Console(stderr=True)
 
 
 def error(message: str) -> None:
-    console.print(f"[red]error:[/red] {message}", highlight=False, soft_wrap=True)
+    # escaped: "pip install 'simclr-cli[report]'" or a path like runs/[exp] is text, not Rich markup
+    console.print(f"[red]error:[/red] {escape(message)}", highlight=False, soft_wrap=True)
 
 
 def note(message: str) -> None:
-    console.print(f"[yellow]note:[/yellow] {message}", highlight=False, soft_wrap=True)
+    console.print(f"[yellow]note:[/yellow] {escape(message)}", highlight=False, soft_wrap=True)
 
 
 def line(message: str) -> None:
@@ -139,7 +141,7 @@ def pretrain_summary(summary: dict) -> None:
     final = f"{summary['final_loss']:.4f}" if summary["final_loss"] is not None else "-"
     knn = f", kNN top-1 {100 * summary['knn_top1']:.2f}%" if summary.get("knn_top1") is not None else ""
     console.print(f"done: {summary['epochs']} epochs, final loss {final}{knn}; "
-                  f"encoder {summary['encoder']}, checkpoint {summary['checkpoint']}", highlight=False)
+                  f"encoder {escape(summary['encoder'])}, checkpoint {escape(summary['checkpoint'])}", highlight=False)
 
 
 def pretrain_stopped(stop, resume_hint: str) -> None:
@@ -150,12 +152,12 @@ def pretrain_stopped(stop, resume_hint: str) -> None:
         what = f"at step {stop.step}; {stop.checkpoint} is unchanged. Resume with: {resume_hint}"
     else:
         what = "before the first checkpoint; nothing to resume (run the same command to start again)"
-    console.print(f"[yellow]stopped by {stop.signal_name}[/yellow] {what}", highlight=False, soft_wrap=True)
+    console.print(f"[yellow]stopped by {stop.signal_name}[/yellow] {escape(what)}", highlight=False, soft_wrap=True)
 
 
 def pretrain_stopped_at_once(signal_name: str, output_dir: str, resume_hint: str) -> None:
-    console.print(f"[yellow]stopped at once by {signal_name}[/yellow]; the last checkpoint in {output_dir} (if "
-                  f"any) is intact. Resume with: {resume_hint}", highlight=False, soft_wrap=True)
+    console.print(f"[yellow]stopped at once by {signal_name}[/yellow]; the last checkpoint in {escape(output_dir)} "
+                  f"(if any) is intact. Resume with: {escape(resume_hint)}", highlight=False, soft_wrap=True)
 
 
 TORCHVISION_LOAD_HINT = ("m = torchvision.models.{arch}(){stem}; m.fc = torch.nn.Identity(); "
@@ -192,8 +194,8 @@ class EmbedDisplay:
             self.progress.update(self.task, total=d["images"])
             self.progress.start()
         elif event == "bad":
-            self.progress.console.print(f"[yellow]bad image:[/yellow] {d['path']} ({d['reason']})", highlight=False,
-                                        soft_wrap=True)
+            self.progress.console.print(f"[yellow]bad image:[/yellow] {escape(str(d['path']))} "
+                                        f"({escape(d['reason'])})", highlight=False, soft_wrap=True)
         elif event == "progress":
             self.progress.update(self.task, completed=d["done"])
 
@@ -211,4 +213,51 @@ def probe_done(report: dict, json_path) -> None:
     console.print(probe_table(report))
     t = report["timing"]
     console.print(f"done in {t['total_s']:.1f} s (loading {t['load_s']:.1f} s)"
-                  + (f"; report {json_path}" if json_path is not None else ""), highlight=False)
+                  + (f"; report {escape(str(json_path))}" if json_path is not None else ""), highlight=False)
+
+
+class StagedDisplay:
+    """`simclr report` and `simclr neighbors`: a line at start, one progress bar per image pass (images/s
+    and ETA; on a terminal only), a line per stage and per bad image."""
+
+    def __init__(self, command: str) -> None:
+        self.command = command
+        self.progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                                 TextColumn("{task.fields[rate]} images/s"), TimeElapsedColumn(),
+                                 TextColumn("ETA"), TimeRemainingColumn(), console=console, transient=True,
+                                 disable=not console.is_terminal)
+        self.tasks: dict[str, int] = {}
+        self.started: dict[str, float] = {}
+
+    def __call__(self, event: str, d: dict) -> None:
+        if event == "start":
+            where = d.get("index") or d.get("output")
+            line(f"{self.command}: {where} ({d['device']}, {d['precision']})")
+            for message in d.get("notes", []):
+                note(message)
+            self.progress.start()
+        elif event in ("extract", "progress"):
+            name = d.get("split") or d.get("stage", "")
+            if name not in self.tasks:
+                self.tasks[name] = self.progress.add_task(f"embed {name}", total=d.get("total"), rate="-")
+                self.started[name] = time.perf_counter()
+            seconds = time.perf_counter() - self.started[name]
+            self.progress.update(self.tasks[name], completed=d["done"], total=d.get("total"),
+                                 rate=f"{d['done'] / seconds:.0f}" if seconds > 0 else "-")
+        elif event == "bad":
+            self.progress.console.print(f"[yellow]bad image:[/yellow] {escape(str(d['path']))} "
+                                        f"({escape(d['reason'])})", highlight=False, soft_wrap=True)
+        elif event == "stage":
+            self.progress.console.print(f"{self.command}: {d.get('message') or d.get('stage')}", highlight=False,
+                                        markup=False)
+
+    def stop(self) -> None:
+        self.progress.stop()
+
+
+def report_done(report) -> None:
+    for message in report.notes:
+        note(message)
+    for name, _ in report.figures:
+        line(f"  {report.folder / name}")
+    line(f"report: {report.folder / 'index.html'} (open it in a browser; it needs no network)")

@@ -1,8 +1,8 @@
-"""Embedding: image files -> a float32 .npy of representations h, one row per image, streamed.
+"""Embedding: image files -> representations h, one row per image, streamed to a .npy or a .csv.
 
 Owns what `simclr embed` does beneath the CLI: turning IMAGES (a folder, one image, or a text file listing
-paths) into an ordered path list; writing the .npy header first and rows batch by batch, so memory stays
-flat however many images there are; outputs that never hold a partial array after a failure; and bad files
+paths) into an ordered path list; writing rows batch by batch (the formats are `vectors.py`'s), so memory
+stays flat however many images there are; outputs that never hold a partial array after a failure; and bad files
 (report every one and write nothing, or leave them out). Each batch goes through `features.extract_features`,
 so the rows equal what `simclr probe` extracts from the same images.
 """
@@ -10,18 +10,15 @@ so the rows equal what `simclr probe` extracts from the same images.
 from __future__ import annotations
 
 import contextlib
-import io
 import os
 import shutil
 import stat
-import struct
 import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO, Iterator, Sequence
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -31,12 +28,9 @@ from simclr_cli.features import extract_features, for_inference
 from simclr_cli.errors import CheckpointError, DatasetError, OutputError
 from simclr_cli.images import IMAGE_EXTENSIONS, iter_decoded, list_images
 from simclr_cli.runtime import INFERENCE_PRECISIONS, Callback, pick_device, resolve_precision
+from simclr_cli.vectors import WRITERS, format_for
 
 DEFAULT_ENCODER = Path("encoder.pth")  # looked up in the working directory when no --encoder is given
-# A .npy v1.0 header is magic + version + 2-byte length + a Python dict literal padded with spaces. Padding it
-# to a fixed 128 bytes leaves room for any (rows, dim), so the row count can be rewritten in place once a
-# --skip-bad run knows it, and keeps the data 64-byte aligned as numpy's own writer does.
-HEADER_BYTES = 128
 
 
 class BadImagesError(DatasetError):
@@ -100,39 +94,7 @@ def resolve_encoder(encoder: str | Path | None) -> Path:
     return DEFAULT_ENCODER
 
 
-# --- the .npy stream -------------------------------------------------------------------------------------
-
-def npy_header(rows: int, dim: int) -> bytes:
-    """A .npy v1.0 header for a little-endian float32 C-order (rows, dim) array, exactly HEADER_BYTES long."""
-    text = "{'descr': '<f4', 'fortran_order': False, 'shape': (%d, %d), }" % (rows, dim)
-    text = text.ljust(HEADER_BYTES - 11) + "\n"  # 11 = magic (6) + version (2) + length (2) + this newline
-    return b"\x93NUMPY\x01\x00" + struct.pack("<H", len(text)) + text.encode("latin1")
-
-
-class NpyWriter:
-    """Header first, then rows as they come; `finish` rewrites the row count in place when it changed.
-
-    `seekable` False (a pipe): the header must already be right, so the row count may not change.
-    """
-
-    def __init__(self, fp: BinaryIO, rows: int, dim: int, seekable: bool) -> None:
-        self.fp, self.dim, self.seekable, self.planned, self.rows = fp, dim, seekable, rows, 0
-        self.start = fp.tell() if seekable else 0
-        fp.write(npy_header(rows, dim))
-
-    def write(self, h: torch.Tensor) -> None:
-        self.fp.write(np.ascontiguousarray(h.numpy(), dtype="<f4").tobytes())  # (B, D) rows
-        self.rows += h.shape[0]
-
-    def finish(self) -> None:
-        if self.rows != self.planned:
-            if not self.seekable:
-                raise RuntimeError(f"wrote {self.rows} rows after a header for {self.planned} to a stream")
-            self.fp.seek(self.start)
-            self.fp.write(npy_header(self.rows, self.dim))
-            self.fp.seek(0, io.SEEK_END)
-        self.fp.flush()
-
+# --- the output stream -------------------------------------------------------------------------------------
 
 def _is_regular_file(fp: BinaryIO) -> bool:
     """True when `fp` is a plain file we may seek in and truncate: `> out.npy`, not a pipe, tty or `>>`."""
@@ -180,15 +142,15 @@ def stdout_target(stdout: BinaryIO, rows_may_shrink: bool) -> Iterator[tuple[Bin
 
 def embed_paths(loaded: LoadedEncoder, paths: Sequence[Path], fp: BinaryIO, seekable: bool, *, device: torch.device,
                 precision: str, normalize: bool = False, batch_size: int = 256, num_workers: int = 2,
-                skip_bad: bool = False, callback: Callback | None = None) -> tuple[list[Path], list]:
-    """Decode `paths` in workers, encode each batch, stream rows to `fp` as a .npy. Returns (kept paths,
-    failures).
+                skip_bad: bool = False, fmt: str = "npy", callback: Callback | None = None) -> tuple[list[Path], list]:
+    """Decode `paths` in workers, encode each batch, stream rows to `fp` as a .npy or .csv (`fmt`). Returns
+    (kept paths, failures).
 
     Without `skip_bad` the first bad file stops the encoding, but decoding goes on so every bad file is
     reported; then BadImagesError is raised and nothing is committed.
     """
     callback = callback or (lambda event, data: None)
-    writer = NpyWriter(fp, len(paths), loaded.encoder.feature_dim, seekable)
+    writer = WRITERS[fmt](fp, len(paths), loaded.encoder.feature_dim, seekable)
     kept: list[int] = []
     failures: list[tuple[Path, str]] = []
     done = 0
@@ -200,7 +162,7 @@ def embed_paths(loaded: LoadedEncoder, paths: Sequence[Path], fp: BinaryIO, seek
             # probe's own extraction on this one batch, so the rows equal what `probe` computes
             h = extract_features(loaded.encoder, batch.images, loaded.mean, loaded.std, loaded.image_size, device,
                                  precision, batch_size=len(batch.images))  # (B, D) float32
-            writer.write(F.normalize(h, dim=1) if normalize else h)
+            writer.write(F.normalize(h, dim=1) if normalize else h, [paths[i] for i in batch.indices.tolist()])
             kept += batch.indices.tolist()
         done += len(batch.indices) + len(batch.failures)
         callback("progress", {"done": done, "total": len(paths), "bad": len(failures)})
@@ -215,17 +177,19 @@ def embed_paths(loaded: LoadedEncoder, paths: Sequence[Path], fp: BinaryIO, seek
 def embed_images(images: str | Path, encoder: str | Path | None = None, output: str | Path | None = None,
                  stdout: BinaryIO | None = None, *, paths_out: str | Path | None = None, normalize: bool = False,
                  batch_size: int = 256, num_workers: int = 2, skip_bad: bool = False, device: str = "auto",
-                 precision: str = "fp32", callback: Callback | None = None) -> EmbedResult:
-    """Embed IMAGES with an encoder file into a float32 (N, D) .npy at `output`, or on `stdout` when None.
+                 precision: str = "fp32", fmt: str | None = None, callback: Callback | None = None) -> EmbedResult:
+    """Embed IMAGES with an encoder file into a float32 (N, D) .npy (or a .csv: `fmt`, default from the
+    output's suffix) at `output`, or on `stdout` when None.
 
     precision defaults to fp32, not auto: the same encoder and images then give the same rows on any
     machine (within ~1e-5), where auto would round them to bf16 on CPUs with AMX and on GPUs."""
-    if output is None and (stdout is None or stdout.isatty()):
+    fmt = format_for(fmt, output)
+    if output is None and (stdout is None or (stdout.isatty() and fmt == "npy")):  # csv is text: a terminal may show it
         raise OutputError("refusing to write a binary .npy to the terminal: redirect it "
                          "(simclr embed IMAGES > vectors.npy) or pass -o vectors.npy")
     output = None if output is None else Path(output).expanduser()
     if output is not None:
-        check_output_path(output, "vectors.npy")
+        check_output_path(output, f"vectors.{fmt}")
     dev = pick_device(device)
     precision = resolve_precision(precision, dev, INFERENCE_PRECISIONS)
     if paths_out is not None:
@@ -241,10 +205,10 @@ def embed_images(images: str | Path, encoder: str | Path | None = None, output: 
         if output is not None:
             fp, seekable = stack.enter_context(atomic_file(output)), True
         else:
-            fp, seekable = stack.enter_context(stdout_target(stdout, rows_may_shrink=skip_bad))
+            fp, seekable = stack.enter_context(stdout_target(stdout, rows_may_shrink=skip_bad and fmt == "npy"))
         kept, failures = embed_paths(loaded, paths, fp, seekable, device=dev, precision=precision,
                                      normalize=normalize, batch_size=batch_size, num_workers=num_workers,
-                                     skip_bad=skip_bad, callback=callback)
+                                     skip_bad=skip_bad, fmt=fmt, callback=callback)
         if paths_out is not None:  # inside the stack: a failed --paths write leaves no array either
             with atomic_file(Path(paths_out).expanduser()) as f:
                 f.write("".join(f"{p}\n" for p in kept).encode("utf-8", "surrogateescape"))

@@ -51,3 +51,7 @@ class OutputError(UserError):
 
 class RuntimeSetupError(UserError):
     """A device or precision this machine cannot give."""
+
+
+class MissingExtraError(RuntimeSetupError):
+    """An optional package a command needs is not installed; the message names the extra that installs it."""

@@ -26,6 +26,7 @@ class LossWindow:
         self.first_step, self.t0 = first_step, time.perf_counter()  # the step before the window's first
         self.losses = [torch.tensor(v, device=device) for v in restored]  # read back before a stop: finite
         self.lrs = [math.nan] * len(restored)
+        self.restored = len(restored)  # steps done before a stop: not timed from t0, so not in the rate
 
     def add(self, loss: torch.Tensor, lr: float) -> None:
         self.losses.append(loss)

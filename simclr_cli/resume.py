@@ -62,6 +62,7 @@ def _load_state(t: Trainer, ckpt: dict) -> None:
     _restore_streams(t, ckpt)
     if t.dist.is_main:
         t.rundir.truncate_metrics(ckpt["step"])
+        t.rundir.append({"kind": "resume", "epoch": ckpt["epoch"], "step": ckpt["step"]})  # the report marks it
 
 
 def _restore_streams(t: Trainer, ckpt: dict) -> None:

@@ -2,7 +2,8 @@
 
 RUN_DIR/config.yaml      the resolved config, written at the start of every (re)started run
 RUN_DIR/metrics.jsonl    one JSON line per logged step, epoch and evaluation; after a resume, the lines past
-                         the checkpoint are dropped so the file reads as if the run never stopped
+                         the checkpoint are dropped so the file reads as if the run never stopped, but
+                         for one {"kind": "resume"} line where it went on
 RUN_DIR/checkpoint.pt    the latest checkpoint, replaced atomically; with keep_last, the one it replaces is
                          kept as checkpoint-epochNNNN.pt (a hard link: no copy)
 RUN_DIR/encoder.pth      the encoder file, written at the end

@@ -186,7 +186,8 @@ class Trainer:
     def _log_window(self, epoch: int, window: LossWindow) -> None:
         chunk = self._read_back(window)
         self.state.epoch_losses += chunk
-        rate = 2 * self.cfg.train.batch_size * len(chunk) / (time.perf_counter() - window.t0)
+        timed = len(chunk) - window.restored  # a resumed window's first steps ran before the stop, untimed
+        rate = 2 * self.cfg.train.batch_size * timed / (time.perf_counter() - window.t0)
         self._log({"kind": "step", "epoch": epoch + 1, "step": self.state.step, "loss": sum(chunk) / len(chunk),
                    "lr": self.lr(), "views_per_s": rate})
 

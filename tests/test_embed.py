@@ -19,7 +19,8 @@ from simclr_cli.encoder_file import encoder_payload, load_encoder
 from simclr_cli.cli import app
 from simclr_cli.config import config_from_dict
 from simclr_cli.data import NORMALIZATION, decode_image
-from simclr_cli.embed import HEADER_BYTES, NpyWriter, embed_images, npy_header
+from simclr_cli.embed import embed_images
+from simclr_cli.vectors import HEADER_BYTES, NpyWriter, npy_header
 from simclr_cli.features import extract_features
 from simclr_cli.files import atomic_save
 from simclr_cli.model import ResNetEncoder
@@ -290,3 +291,43 @@ def test_memory_stays_flat_on_a_large_folder(tmp_path):
     large = _peak_rss_mb(tmp_path / "large", encoder, tmp_path / "large.npy")
     assert np.load(tmp_path / "large.npy", mmap_mode="r").shape == (3000, 64)
     assert large - small < 20, f"peak RSS {small:.0f} MiB for 300 images, {large:.0f} MiB for 3,000"
+
+
+# --- --format csv ----------------------------------------------------------------------------------------
+
+def test_csv_round_trips_to_the_npy_rows(tmp_path, encoder_file):
+    """csv: a header, then the path and D values per image, in the .npy's row order, to the float32 bit."""
+    import csv
+
+    good = write_mixed_folder(tmp_path / "images")
+    odd = tmp_path / "images" / 'odd, "quoted" name.png'  # a path the csv must quote
+    Image.fromarray(np.full((20, 20, 3), 90, np.uint8)).save(odd)
+    npy, listing = tmp_path / "v.npy", tmp_path / "paths.txt"
+    assert invoke(tmp_path / "images", "-e", encoder_file, "-o", npy, "--paths", listing, "--skip-bad").exit_code == 0
+    r = invoke(tmp_path / "images", "-e", encoder_file, "-o", tmp_path / "v.csv", "--skip-bad")  # csv from the suffix
+    assert r.exit_code == 0, r.output
+    with open(tmp_path / "v.csv", newline="") as f:
+        rows = list(csv.reader(f))
+    assert rows[0] == ["path", *(f"h_{j}" for j in range(64))]
+    assert [row[0] for row in rows[1:]] == listing.read_text().splitlines() and len(rows) == len(good) + 2
+    assert str(odd) in [row[0] for row in rows[1:]]
+    values = np.array([[float(v) for v in row[1:]] for row in rows[1:]], dtype=np.float32)
+    assert np.array_equal(values, np.load(npy))  # exactly the .npy's float32 values
+    piped = invoke(tmp_path / "images", "-e", encoder_file, "--format", "csv", "--skip-bad")  # stdout, shrunk by bad files
+    assert piped.exit_code == 0 and piped.stdout_bytes == (tmp_path / "v.csv").read_bytes()
+
+
+def test_csv_to_a_terminal_is_allowed_and_an_unknown_format_is_one_line(tmp_path, encoder_file):
+    write_mixed_folder(tmp_path / "images", bad=False)
+    r = invoke(tmp_path / "images", "-e", encoder_file, "--format", "parquet", "-o", tmp_path / "v.parquet")
+    assert r.exit_code == 2 and "use --format npy or --format csv" in r.stderr and not (tmp_path / "v.parquet").exists()
+    assert len(r.stderr.strip().splitlines()) == 1
+    Image.fromarray(np.full((20, 20, 3), 90, np.uint8)).save(tmp_path / "one.png")  # ~1 kB: fits the pty's buffer
+    leader, follower = pty.openpty()
+    try:
+        done = subprocess.run([*CLI, "embed", "one.png", "-e", str(encoder_file), "--format", "csv", "--workers", "0"],
+                              cwd=tmp_path, stdout=follower, stderr=subprocess.PIPE, timeout=120)
+    finally:
+        os.close(leader)
+        os.close(follower)
+    assert done.returncode == 0, done.stderr

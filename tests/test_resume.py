@@ -34,10 +34,12 @@ def tiny(out: Path, *extra: str):
 
 
 def metrics(out: Path) -> list[dict]:
-    """metrics.jsonl without the timing field, which no two runs share, and without kNN monitor lines."""
+    """metrics.jsonl without the timing field, which no two runs share, without kNN monitor lines and
+    without the line that marks a resume (test_resume_is_marked_in_the_metrics checks that one)."""
     lines = [json.loads(ln) for ln in (out / "metrics.jsonl").read_text().splitlines()]
     # kNN monitor lines are left out: a run cut short evaluates at its own end, an unbroken one does not
-    return [{k: v for k, v in rec.items() if k != "views_per_s"} for rec in lines if rec["kind"] != "eval"]
+    return [{k: v for k, v in rec.items() if k != "views_per_s"} for rec in lines
+            if rec["kind"] not in ("eval", "resume")]
 
 
 def weights(out: Path) -> dict:
@@ -109,6 +111,11 @@ def test_resume_mid_epoch_matches_the_straight_run(tmp_path, straight, monkeypat
     monkeypatch.undo()
     pretrain(tiny(tmp_path, "optim.schedule=cosine", "optim.warmup_epochs=1"), resume=True)
     assert_same_run(straight["cosine"], tmp_path)
+    lines = [json.loads(ln) for ln in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    marks = [i for i, rec in enumerate(lines) if rec["kind"] == "resume"]
+    assert [lines[i] for i in marks] == [{"kind": "resume", "epoch": 1, "step": stop_step}]  # what the report draws
+    assert all(rec["step"] <= stop_step for rec in lines[:marks[0]])
+    assert all(rec["step"] > stop_step for rec in lines[marks[0] + 1:])
 
 
 def test_extending_a_cosine_run_replans_the_schedule(tmp_path):
