@@ -240,6 +240,7 @@ def make_report(run_dir: str | Path, *, output: str | Path | None = None, data_r
     dev = pick_device(device)
     opts = {"device": dev, "precision": resolve_precision(precision, dev, INFERENCE_PRECISIONS),
             "batch_size": batch_size, "map": map_method, "map_points": map_points, "queries": queries, "k": k}
+    report.facts["drawn with"] = f"{dev}, {opts['precision']}"
     loaded = splits = None
     if encoder is not None:  # every input is read before anything is drawn
         loaded = load_encoder(encoder)

@@ -197,8 +197,9 @@ def test_stale_temporaries_and_a_torn_metrics_line_are_ignored_on_resume(tmp_pat
     pretrain(tiny(tmp_path, "train.epochs=2"), resume=True)
     assert not any(path.exists() for path in stale)
     records = [json.loads(ln) for ln in (tmp_path / "metrics.jsonl").read_text().splitlines()]
-    steps = [r["step"] for r in records if r["kind"] != "eval"]
+    steps = [r["step"] for r in records if r["kind"] not in ("eval", "resume")]
     assert steps == [2, 3, 3, 5, 6, 6]  # the torn line dropped, no step logged twice
+    assert [r for r in records if r["kind"] == "resume"] == [{"kind": "resume", "epoch": 1, "step": 3}]
 
 
 def test_kill_between_keeping_and_replacing_leaves_nothing_behind_on_resume(tmp_path):

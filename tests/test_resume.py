@@ -203,3 +203,24 @@ def test_cli_refuses_unsafe_change_and_missing_checkpoint_in_one_line(tmp_path):
     assert missing.exit_code == 2
     assert missing.stderr.strip() == (f"error: nothing to resume: {tmp_path / 'nothing-here' / 'checkpoint.pt'} "
                                       "does not exist (drop --resume to start a new run)")
+
+
+def test_views_per_s_after_a_resume_counts_only_the_steps_it_timed(monkeypatch):
+    """A window a stop left open goes on after the resume holding the steps run before the stop; they were
+    not timed from the window's start, so the rate leaves them out (they once gave 25,000 views/s)."""
+    from types import SimpleNamespace
+
+    from simclr_cli import train as train_module
+    from simclr_cli.readback import LossWindow
+
+    window = LossWindow(10, torch.device("cpu"), restored=[2.0, 2.0, 2.0])  # 3 steps from before the stop
+    for _ in range(2):
+        window.add(torch.tensor(1.0), 0.1)  # 2 steps after the resume
+    logged = []
+    fake = SimpleNamespace(_read_back=lambda w: [float(x) for x in w.losses], state=SimpleNamespace(epoch_losses=[], step=15),
+                           cfg=SimpleNamespace(train=SimpleNamespace(batch_size=16)), lr=lambda: 0.1,
+                           _log=lambda record: logged.append(record))
+    monkeypatch.setattr(train_module.time, "perf_counter", lambda: window.t0 + 1.0)  # the window took 1 s
+    Trainer._log_window(fake, 1, window)
+    assert logged[0]["views_per_s"] == 2 * 16 * 2  # two timed steps of 16 images, two views each, in 1 s
+    assert logged[0]["loss"] == pytest.approx((3 * 2.0 + 2 * 1.0) / 5)  # the loss still averages all five
