@@ -152,10 +152,16 @@ def _thumbnail(path: str) -> np.ndarray:
         return np.full((3, GRID_PIXELS, GRID_PIXELS), 128, dtype=np.uint8)
 
 
+def _short(path: str, chars: int = 22) -> str:
+    """The file's folder and name (class folders make names like 0001.jpg repeat), cut from the left."""
+    text = "/".join(Path(path).parts[-2:])
+    return text if len(text) <= chars else "…" + text[-chars + 1:]
+
+
 def draw_grid(results: Sequence[dict], path: str | Path) -> Path:
-    """The first GRID_QUERIES queries, each followed by its neighbours with their similarity."""
-    rows = [{"image": _thumbnail(r["query"]), "caption": Path(r["query"]).name[:18],
-             "neighbors": [{"image": _thumbnail(n["path"]), "caption": f"{n['similarity']:.3f}"}
+    """The first GRID_QUERIES queries, each followed by its neighbours with their similarity and name."""
+    rows = [{"image": _thumbnail(r["query"]), "caption": _short(r["query"]),
+             "neighbors": [{"image": _thumbnail(n["path"]), "caption": f"{n['similarity']:.3f}\n{_short(n['path'])}"}
                            for n in r["neighbors"]]} for r in results[:GRID_QUERIES]]
     shown = f"the first {GRID_QUERIES} of {len(results)} queries" if len(results) > GRID_QUERIES else "each query"
     return plots.neighbour_grid(rows, path, f"{shown} and its nearest images by cosine on h")

@@ -63,7 +63,7 @@ class LARS(torch.optim.Optimizer):
         lr, momentum = group["lr"], group["momentum"]
         d = p.grad
         if group["lars_exclude"]:
-            scaled_lr = torch.as_tensor(lr, dtype=p.dtype, device=p.device)
+            scaled_lr = lr  # a Python float: a tensor made from it per parameter per step is a host-to-device copy
         else:
             wd = group["weight_decay"]
             w_norm, g_norm = torch.linalg.vector_norm(p), torch.linalg.vector_norm(d)
