@@ -32,6 +32,9 @@ class DataConfig:
     image_size: int = 32  # pixels, side of the square views fed to the encoder
     num_workers: int = 2  # image-decoding worker processes (folder datasets)
     synthetic_size: int = 2000  # images per split of the synthetic dataset
+    cache: bool = True  # folder: decode once into one uint8 file on disk and map it (false: decode into memory)
+    cache_dir: str | None = None  # folder cache location; None -> $SIMCLR_CACHE_DIR or ~/.cache/simclr-cli/folders
+    skip_bad: bool = False  # folder: leave out files that do not decode (else they are named and the run stops)
 
 
 @dataclass
@@ -45,7 +48,7 @@ class AugmentConfig:
 @dataclass
 class ModelConfig:
     arch: str = "resnet18"  # resnet18 | resnet34 | resnet50
-    stem: str = "cifar"  # cifar (3x3 stride-1 conv, no max-pool) | imagenet (7x7 stride-2 conv + max-pool)
+    stem: str = "auto"  # auto (imagenet from data.image_size 64 up, else cifar) | cifar (3x3 stride-1 conv, no max-pool) | imagenet (7x7 stride-2 conv + max-pool)
     width: int = 64  # channels of the first stage; 64 is torchvision's ResNet, smaller is faster on a CPU
     head_hidden: int | None = None  # projection head hidden units; None -> the encoder's feature dim
     head_out: int = 128  # projection z dimension
@@ -111,13 +114,16 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
 
 
+# model.stem auto: the ImageNet stem (7x7 stride-2 conv + max-pool, 4x fewer pixels after it) from 64 px up;
+# below that its downsampling leaves too little: a 32 px CIFAR image would be 8x8 after the stem.
+IMAGENET_STEM_FROM = 64
 DATASETS = ("cifar10", "cifar100", "folder", "synthetic")  # the one list: data, probe and the config use it
 CHOICES = {
     "data.dataset": DATASETS,
     "method.name": ("simclr", "moco", "byol"),
     "augment.preset": ("simclr", "baseline"),
     "model.arch": ("resnet18", "resnet34", "resnet50"),
-    "model.stem": ("cifar", "imagenet"),
+    "model.stem": ("auto", "cifar", "imagenet"),
     "optim.name": ("sgd", "adam", "adamw", "lars"),
     "optim.schedule": ("cosine", "plateau", "constant"),
     "train.precision": PRECISIONS,
@@ -177,6 +183,8 @@ def validate(cfg: Config) -> Config:
     for key, test, what in RULES:
         if not test(get_value(cfg, key)):
             raise ConfigError(f"'{key}' must be {what}; got {get_value(cfg, key)!r}")
+    if cfg.model.stem == "auto":  # the written config.yaml and checkpoints hold the stem this chose
+        cfg.model.stem = "imagenet" if cfg.data.image_size >= IMAGENET_STEM_FROM else "cifar"
     if cfg.data.dataset == "folder" and not cfg.data.root:
         raise ConfigError("the folder dataset needs 'data.root' set to a folder of images")
     if cfg.optim.nesterov and (cfg.optim.name not in ("sgd", "lars") or cfg.optim.momentum == 0):

@@ -2,7 +2,9 @@
 
 `load_dataset` returns an `ImageSet` whose `images` are uint8 (N, 3, H, W), ready to move to the training
 device once and be augmented there in batches; nothing here runs per training step. Image-file decoding
-(shared with `simclr embed`) lives in `images.py` and is re-exported here.
+(shared with `simclr embed`) lives in `images.py` and is re-exported here; CIFAR's pickles are `cifar.py`'s.
+An image folder is decoded once into the on-disk cache (`cache.py`) and its images are then read from the
+map as batches ask for them (`MappedImages`), unless `FolderOptions.cache` is off.
 """
 
 from __future__ import annotations
@@ -10,20 +12,23 @@ from __future__ import annotations
 import difflib
 import math
 import os
-import pickle
 from dataclasses import dataclass
 from pathlib import Path
-from typing import NamedTuple
+from typing import Callable
 
 import numpy as np
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 
-from simclr_cli.config import DATASETS
+from simclr_cli.config import DATASETS, ConfigError
 from simclr_cli.errors import DatasetError, ImageDecodeError  # noqa: F401  (re-exported)
+from simclr_cli.cache import MappedImages, Progress, load_cached
+from simclr_cli.cifar import CIFAR_FOLDERS, load_cifar  # noqa: F401  (CIFAR_FOLDERS re-exported)
+from simclr_cli.runtime import Callback, DistInfo
 from simclr_cli.images import (IMAGE_EXTENSIONS, DecodedBatch, ImageFolderDataset,  # noqa: F401
-                               decode_all, decode_image, has_split_folders, iter_decoded, list_images,
-                               load_image_folder)
+                               decode_all, decode_image, folder_split, has_split_folders, iter_decoded,
+                               list_images)
 
 SPLITS = ("train", "test")
 
@@ -40,10 +45,26 @@ FOLDER_TEST_FRACTION = 0.2  # share of each class held out as "test" when a fold
 
 
 @dataclass
-class ImageSet:
-    """A whole split in memory. `labels` is None when the data has no labels (a flat image folder)."""
+class FolderOptions:
+    """How an image folder is read: `data.cache`, `data.cache_dir`, `data.skip_bad`, and where progress goes."""
 
-    images: torch.Tensor  # uint8 (N, 3, H, W), contiguous
+    cache: bool = True  # decode once into the cache and map it; False: decode into memory on every load
+    cache_dir: str | Path | None = None  # None: $SIMCLR_CACHE_DIR or ~/.cache/simclr-cli/folders
+    skip_bad: bool = False  # leave out files that do not decode instead of failing
+    progress: Progress | None = None  # (done, total, bad) while the cache is built
+    notice: Callable[[str], None] | None = None  # e.g. "the folder changed since it was cached"
+
+    @classmethod
+    def of(cls, data_cfg, progress: Progress | None = None, notice: Callable[[str], None] | None = None):
+        return cls(data_cfg.cache, data_cfg.cache_dir, data_cfg.skip_bad, progress, notice)
+
+
+@dataclass
+class ImageSet:
+    """A whole split, in memory or (an image folder through the cache) mapped from disk. `labels` is None
+    when the data has no labels (a flat image folder)."""
+
+    images: torch.Tensor | MappedImages  # uint8 (N, 3, H, W), contiguous
     labels: torch.Tensor | None  # int64 (N,)
     classes: list[str] | None  # class names, index = label
     name: str  # e.g. "cifar10/train"
@@ -66,9 +87,16 @@ class ImageSet:
         g = torch.Generator().manual_seed(seed)
         idx = torch.randperm(len(self), generator=g)[:n].sort().values.to(self.images.device)
         labels = None if self.labels is None else self.labels[idx]
-        return ImageSet(self.images[idx], labels, self.classes, f"{self.name}[{n}]")
+        images = self.images.select(idx) if isinstance(self.images, MappedImages) else self.images[idx]
+        return ImageSet(images, labels, self.classes, f"{self.name}[{n}]")
+
+    @property
+    def mapped(self) -> bool:
+        """True when the images stay on disk: batches are read (and moved to a device) one at a time."""
+        return isinstance(self.images, MappedImages)
 
     def to(self, device: torch.device | str) -> ImageSet:
+        """On `device`; mapped images stay mapped (their batches move, see `train.Trainer._batch`)."""
         labels = None if self.labels is None else self.labels.to(device)
         return ImageSet(self.images.to(device), labels, self.classes, self.name)
 
@@ -92,13 +120,13 @@ def normalization_for(name: str) -> tuple[tuple[float, ...], tuple[float, ...]]:
 
 def load_dataset(name: str, split: str, root: str | Path | None = None, *, download: bool = False,
                  image_size: int = 32, num_workers: int = 2, synthetic_size: int = 2000,
-                 seed: int = 0) -> ImageSet:
+                 seed: int = 0, folder: FolderOptions | None = None) -> ImageSet:
     """Load one split ("train" or "test") of a dataset as uint8 tensors.
 
     root: folder holding cifar-10-batches-py/ or cifar-100-python/ (None: `default_data_root()`), or the
     image folder itself for "folder". image_size: output side in pixels; CIFAR is resized from 32 only when
     it differs. seed: picks the synthetic images and a folder's 80/20 split, so pass the same seed for
-    both splits.
+    both splits. folder: how an image folder is read (default: through the cache).
     """
     if name not in DATASETS:
         close = difflib.get_close_matches(name, DATASETS, n=1)
@@ -114,140 +142,56 @@ def load_dataset(name: str, split: str, root: str | Path | None = None, *, downl
     if name == "folder":
         if root is None:
             raise DatasetError("the folder dataset needs a root: set data.root to a folder of images")
-        images, labels, classes = load_image_folder(Path(root).expanduser(), split, image_size, num_workers,
-                                                    seed, FOLDER_TEST_FRACTION)
-        return ImageSet(images, labels, classes, f"folder/{split}")
+        return _load_folder(Path(root).expanduser(), split, image_size, num_workers, seed, folder or FolderOptions())
     root = default_data_root() if root is None else Path(root).expanduser()
-    images, labels, classes = _load_cifar(name, split, root, download)
+    images, labels, classes = load_cifar(name, split, root, download)
     if image_size != images.shape[-1]:
         images = _resize_uint8(images, image_size)
     return ImageSet(images, labels, classes, f"{name}/{split}")
 
 
-# --- CIFAR -----------------------------------------------------------------------------------------------
-
-class _CifarSpec(NamedTuple):
-    title: str  # for messages
-    folder: str  # what torchvision's archive extracts to
-    files: dict[str, tuple[str, ...]]  # split -> batch files
-    meta: str  # file with the class names
-    label_key: str
-    names_key: str
-
-
-_CIFAR = {
-    "cifar10": _CifarSpec("CIFAR-10", "cifar-10-batches-py",
-                          {"train": tuple(f"data_batch_{i}" for i in range(1, 6)), "test": ("test_batch",)},
-                          "batches.meta", "labels", "label_names"),
-    "cifar100": _CifarSpec("CIFAR-100", "cifar-100-python", {"train": ("train",), "test": ("test",)},
-                           "meta", "fine_labels", "fine_label_names"),
-}
-
-
-CIFAR_FOLDERS = {name: spec.folder for name, spec in _CIFAR.items()}  # what each archive extracts to
-
-
-def _numpy_globals() -> dict[tuple[str, str], object]:
-    """The only callables a CIFAR pickle may name: numpy's array/dtype rebuilders, under both the numpy 1
-    (numpy.core) and numpy 2 (numpy._core) module paths, and the bytes decoder protocol-2 pickles use."""
-    import _codecs
+def load_train_set(cfg, dist_info: DistInfo, emit: Callback | None = None) -> ImageSet:
+    """The training split a run's config names (subset, checked against the batch size); under several
+    processes local rank 0 loads first, and alone reports a folder cache being built."""
+    d, emit = cfg.data, emit or (lambda event, data: None)
+    shown = dist_info.is_main  # rank 0 alone reports the folder cache being built
+    # Local rank 0 loads (and downloads) first, so ranks never write the same archive at once.
+    if dist_info.enabled and dist_info.local_rank != 0:
+        dist.barrier()
     try:
-        from numpy._core import multiarray, numeric
-    except ImportError:  # numpy < 2
-        from numpy.core import multiarray, numeric
-    allowed: dict[tuple[str, str], object] = {("numpy", "ndarray"): np.ndarray, ("numpy", "dtype"): np.dtype,
-                                              ("_codecs", "encode"): _codecs.encode}
-    for core in ("numpy.core", "numpy._core"):
-        allowed[(f"{core}.multiarray", "_reconstruct")] = multiarray._reconstruct
-        allowed[(f"{core}.numeric", "_frombuffer")] = numeric._frombuffer
-    return allowed
+        folder = FolderOptions.of(d, (lambda done, total, bad: emit("cache", {"done": done, "total": total, "bad": bad}))
+                                  if shown else None, (lambda m: emit("notice", {"message": m})) if shown else None)
+        data = load_dataset(d.dataset, "train", d.root, download=d.download, image_size=d.image_size,
+                            num_workers=d.num_workers, synthetic_size=d.synthetic_size, seed=cfg.train.seed,
+                            folder=folder)
+    finally:  # released on failure too: the others then fail with the same one line, not a broken-pipe traceback
+        if dist_info.enabled and dist_info.local_rank == 0:
+            dist.barrier()
+    if d.size_dataset_train:
+        data = data.subset(d.size_dataset_train, seed=cfg.train.seed)
+    if len(data) < cfg.train.batch_size:
+        raise ConfigError(f"train.batch_size {cfg.train.batch_size} is larger than the {len(data)} training images: "
+                          "lower train.batch_size or use more data")
+    return data
 
 
-class _RestrictedUnpickler(pickle.Unpickler):
-    """Unpickles numpy arrays, dicts, lists, strings and numbers, and refuses any other global, so a
-    crafted file cannot run code (plain `pickle.load` would call whatever the file names)."""
-
-    _allowed = _numpy_globals()
-
-    def find_class(self, module: str, name: str) -> object:
-        try:
-            return self._allowed[(module, name)]
-        except KeyError:
-            raise DatasetError(f"refusing to unpickle {module}.{name}") from None
-
-
-def _read_pickle(path: Path) -> dict:
-    """A CIFAR pickle as a dict with str keys (Python 2 originals and Python 3 rewrites alike)."""
-    try:
-        with open(path, "rb") as f:
-            obj = _RestrictedUnpickler(f, encoding="latin1").load()  # latin1: how Python 2 str bytes map
-    except DatasetError as e:
-        raise DatasetError(f"{path} is not a CIFAR file ({e}): replace it with the original download") from None
-    except Exception as e:  # truncated or not a pickle at all
-        raise DatasetError(f"cannot read {path} ({type(e).__name__}: {e}): replace it with the original "
-                           "download") from None
-    if not isinstance(obj, dict):
-        raise DatasetError(f"{path} is not a CIFAR file (holds a {type(obj).__name__}, not a dict)")
-    return {k.decode("latin1") if isinstance(k, bytes) else k: v for k, v in obj.items()}
-
-
-def _as_str(s: str | bytes) -> str:
-    return s.decode("utf-8") if isinstance(s, bytes) else str(s)
-
-
-def _read_batch(path: Path, spec: _CifarSpec, n_classes: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """One batch file -> uint8 (n, 3, 32, 32) images and int64 (n,) labels, in file order."""
-    d = _read_pickle(path)
-    data, labels = d.get("data"), d.get(spec.label_key)
-    if not isinstance(data, np.ndarray) or data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3072:
-        raise DatasetError(f"{path} is not a {spec.title} batch (no uint8 'data' of shape (n, 3072)): "
-                           "replace it with the original download")
-    try:
-        labels = torch.as_tensor(np.asarray(labels, dtype=np.int64).reshape(-1))
-    except (TypeError, ValueError):
-        labels = torch.empty(0, dtype=torch.int64)
-    if len(labels) != len(data) or (len(labels) and (labels.min() < 0 or labels.max() >= n_classes)):
-        raise DatasetError(f"{path} has missing or out-of-range '{spec.label_key}': replace it with the "
-                           "original download")
-    if not data.flags.writeable:  # e.g. protocol-5 buffers; torch warns on read-only memory
-        data = data.copy()
-    return torch.from_numpy(data).view(-1, 3, 32, 32), labels  # each row: R, G, B planes of 32x32
-
-
-def _download_cifar(spec: _CifarSpec, name: str, root: Path) -> None:
-    """torchvision's archive, md5-checked, extracted under root. Calls the download helper directly, not the
-    dataset class: that class would then plain-pickle.load every file and throw the result away."""
-    import torchvision.datasets as tvd
-    from torchvision.datasets import utils as tv_utils
-
-    cls = tvd.CIFAR10 if name == "cifar10" else tvd.CIFAR100
-    try:
-        tv_utils.download_and_extract_archive(cls.url, str(root), filename=cls.filename, md5=cls.tgz_md5,
-                                              remove_finished=True)
-    except Exception as e:
-        raise DatasetError(f"downloading {spec.title} into {root} failed ({type(e).__name__}: {e}): check the "
-                           f"network, or put {spec.folder}/ under data.root by hand") from None
-
-
-def _load_cifar(name: str, split: str, root: Path, download: bool) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
-    spec = _CIFAR[name]
-    folder = root / spec.folder
-    needed = (*spec.files[split], spec.meta)
-    missing = [f for f in needed if not (folder / f).is_file()]
-    if missing and download:
-        _download_cifar(spec, name, root)
-        missing = [f for f in needed if not (folder / f).is_file()]
-    if missing:
-        raise DatasetError(f"{spec.title} not found under {root} (no {folder / missing[0]}): run with "
-                           f"data.download: true, or point data.root at a folder holding {spec.folder}/")
-    names = _read_pickle(folder / spec.meta).get(spec.names_key)
-    if not isinstance(names, list) or not names:
-        raise DatasetError(f"{folder / spec.meta} has no '{spec.names_key}': replace it with the original "
-                           "download")
-    classes = [_as_str(c) for c in names]
-    batches = [_read_batch(folder / f, spec, len(classes)) for f in spec.files[split]]
-    images = torch.cat([x for x, _ in batches]) if len(batches) > 1 else batches[0][0].clone()
-    return images, torch.cat([y for _, y in batches]), classes
+def _load_folder(root: Path, split: str, size: int, num_workers: int, seed: int, opts: FolderOptions) -> ImageSet:
+    """One split of an image folder. Through the cache, the split is a view of the whole folder's map (bad
+    files left out when skip_bad); without it, the split's images are decoded into memory."""
+    paths, keep, labels, classes = folder_split(root, split, seed, FOLDER_TEST_FRACTION)
+    if opts.cache:
+        mapped, kept = load_cached(root, paths, size, cache_dir=Path(opts.cache_dir).expanduser() if opts.cache_dir
+                                   else None, num_workers=num_workers, skip_bad=opts.skip_bad,
+                                   progress=opts.progress, notice=opts.notice)
+        row = {position: r for r, position in enumerate(kept)}  # position in `paths` -> row of `mapped`
+        keep = [i for i in keep if i in row]
+        if not keep:
+            raise DatasetError(f"none of the images of the {split} split of {root} could be decoded: check the files")
+        images: torch.Tensor | MappedImages = mapped.select(np.array([row[i] for i in keep], dtype=np.int64))
+    else:
+        images = decode_all([paths[i] for i in keep], size, num_workers)
+    tensor_labels = None if labels is None else torch.tensor([labels[i] for i in keep], dtype=torch.int64)
+    return ImageSet(images, tensor_labels, classes, f"folder/{split}")
 
 
 def _resize_uint8(images: torch.Tensor, size: int, chunk: int = 1024) -> torch.Tensor:

@@ -34,6 +34,32 @@ def line(message: str) -> None:
     console.print(message, highlight=False, soft_wrap=True, markup=False)
 
 
+class CacheProgress:
+    """The first decode of an image folder into the cache: one bar with images/s and ETA, then one line."""
+
+    def __init__(self) -> None:
+        self.progress: Progress | None = None
+        self.t0 = 0.0
+
+    def __call__(self, d: dict) -> None:
+        if self.progress is None:
+            line(f"decoding {d['total']} images into the folder cache (once; later runs map it)")
+            self.progress = Progress(TextColumn("cache"), BarColumn(), MofNCompleteColumn(),
+                                     TextColumn("{task.fields[rate]} images/s"), TimeElapsedColumn(), TextColumn("ETA"),
+                                     TimeRemainingColumn(), console=console, transient=True,
+                                     disable=not console.is_terminal)  # in a log: the two lines only
+            self.task = self.progress.add_task("cache", total=d["total"], rate="-")
+            self.progress.start()
+            self.t0 = time.perf_counter()
+        seconds = time.perf_counter() - self.t0
+        self.progress.update(self.task, completed=d["done"], rate=f"{d['done'] / seconds:.0f}" if seconds else "-")
+        if d["done"] >= d["total"]:
+            self.progress.stop()
+            bad = f", {d['bad']} did not decode" if d["bad"] else ""
+            line(f"cached {d['total']} images in {seconds:.1f} s ({d['total'] / max(seconds, 1e-9):.0f} images/s){bad}")
+            self.progress = None
+
+
 class PretrainDisplay:
     """Rich panel at start, one progress bar over all steps, and a line per epoch; rank 0 only."""
 
@@ -41,6 +67,7 @@ class PretrainDisplay:
         self.enabled = enabled
         self.progress: Progress | None = None
         self.task = None
+        self.on_cache = CacheProgress()
 
     def __call__(self, event: str, data: dict) -> None:
         if not self.enabled:
@@ -87,6 +114,7 @@ class ProbeDisplay:
                                  TextColumn("{task.fields[rate]} img/s"), TimeElapsedColumn(), TextColumn("ETA"),
                                  TimeRemainingColumn(), console=console, transient=True)
         self.tasks: dict = {}
+        self.on_cache = CacheProgress()
 
     def __call__(self, event: str, data: dict) -> None:
         getattr(self, f"on_{event}", lambda d: None)(data)

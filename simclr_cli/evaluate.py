@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from simclr_cli.config import Config
-from simclr_cli.data import ImageSet, load_dataset
+from simclr_cli.data import FolderOptions, ImageSet, load_dataset
 from simclr_cli.errors import DatasetError
 from simclr_cli.features import extract_features
 
@@ -183,7 +183,8 @@ def load_monitor(cfg: Config, train: ImageSet, mean: Sequence[float], std: Seque
         return None, None  # an unlabelled dataset: nothing to monitor, nothing to say
     try:
         queries = load_dataset(d.dataset, "test", d.root, download=d.download, image_size=d.image_size,
-                               num_workers=d.num_workers, synthetic_size=d.synthetic_size, seed=t.seed)
+                               num_workers=d.num_workers, synthetic_size=d.synthetic_size, seed=t.seed,
+                               folder=FolderOptions.of(d))  # the same cache as the training split
     except DatasetError as err:
         return None, f"kNN monitor off: no labelled test split ({err})"
     return Monitor(train, queries, mean, std, d.image_size, device, precision, t.knn_k,

@@ -233,9 +233,15 @@ def has_split_folders(root: Path) -> bool:
     return (root / "train").is_dir() and (root / "test").is_dir()
 
 
-def load_image_folder(root: Path, split: str, size: int, num_workers: int, seed: int,
-                      test_fraction: float) -> tuple[torch.Tensor, torch.Tensor | None, list[str] | None]:
-    """One split of an image folder: (uint8 images, int64 labels or None, classes or None).
+class FolderSplit(NamedTuple):
+    paths: list[Path]  # every image of the folder, in a fixed order (train/ then test/ when presplit)
+    keep: list[int]  # positions in `paths` of this split's images, ascending
+    labels: list[int] | None  # class of each path
+    classes: list[str] | None
+
+
+def folder_split(root: Path, split: str, seed: int, test_fraction: float) -> FolderSplit:
+    """Which images of an image folder make up `split`, and their classes.
 
     With root/train/ and root/test/ the split is that subfolder (classes shared by both). Otherwise, with
     class subfolders, a seeded split of the whole folder, stratified by class, holds out `test_fraction` as
@@ -265,5 +271,4 @@ def load_image_folder(root: Path, split: str, size: int, num_workers: int, seed:
     if not keep:
         raise DatasetError(f"the {split} split of {root} is empty: add images, or give it train/ and test/ "
                            "subfolders")
-    images = decode_all([paths[i] for i in keep], size, num_workers)
-    return images, None if labels is None else torch.tensor([labels[i] for i in keep], dtype=torch.int64), classes
+    return FolderSplit(paths, keep, labels, classes)

@@ -107,10 +107,20 @@ class ResNetEncoder(nn.Module):
         return {"arch": self.arch, "stem": self.stem, "width": self.width, "feature_dim": self.feature_dim}
 
 
+def stem_of(model_cfg) -> str:
+    """model.stem, where "auto" is left only in a ModelConfig built outside `load_config` (which knows the
+    image size and resolves it): 32-pixel images, the CIFAR stem, are assumed there."""
+    return "cifar" if model_cfg.stem == "auto" else model_cfg.stem
+
+
+def encoder_from(model_cfg) -> ResNetEncoder:
+    return ResNetEncoder(model_cfg.arch, stem_of(model_cfg), model_cfg.width)
+
+
 def describe_encoder(model_cfg) -> dict:
     """What `ResNetEncoder(...).describe()` returns for this config, without building the network."""
     block = Bottleneck if ARCHS[model_cfg.arch][0] == "bottleneck" else BasicBlock
-    return {"arch": model_cfg.arch, "stem": model_cfg.stem, "width": model_cfg.width,
+    return {"arch": model_cfg.arch, "stem": stem_of(model_cfg), "width": model_cfg.width,
             "feature_dim": model_cfg.width * 8 * block.expansion}
 
 
@@ -153,6 +163,6 @@ class SimCLR(nn.Module):
 
 def build_model(model_cfg) -> SimCLR:
     """ModelConfig -> SimCLR module (encoder + projection head)."""
-    encoder = ResNetEncoder(model_cfg.arch, model_cfg.stem, model_cfg.width)
+    encoder = encoder_from(model_cfg)
     head = ProjectionHead(encoder.feature_dim, model_cfg.head_hidden, model_cfg.head_out, model_cfg.head_layers)
     return SimCLR(encoder, head)

@@ -17,7 +17,7 @@ import torch
 
 from simclr_cli import __version__
 from simclr_cli.config import DATASETS
-from simclr_cli.data import CIFAR_FOLDERS, ImageSet, default_data_root, has_split_folders, load_dataset
+from simclr_cli.data import CIFAR_FOLDERS, FolderOptions, ImageSet, default_data_root, has_split_folders, load_dataset
 from simclr_cli.encoder_file import LoadedEncoder, load_encoder
 from simclr_cli.errors import DatasetError, OptionError
 from simclr_cli.evaluate import knn_accuracy, linear_probe
@@ -27,7 +27,8 @@ from simclr_cli.runtime import INFERENCE_PRECISIONS, Callback, pick_device, reso
 
 
 def load_splits(dataset: str, root: str | Path | None, image_size: int, *, download: bool = False,
-                num_workers: int = 2, synthetic_size: int = 2000, seed: int = 0) -> tuple[ImageSet, ImageSet]:
+                num_workers: int = 2, synthetic_size: int = 2000, seed: int = 0,
+                folder: FolderOptions | None = None) -> tuple[ImageSet, ImageSet]:
     """The labelled train and test splits of a probe dataset, at the encoder's image size."""
     if dataset not in DATASETS:
         raise DatasetError(f"unknown probe dataset {dataset!r}: use one of {', '.join(DATASETS)}")
@@ -41,7 +42,8 @@ def load_splits(dataset: str, root: str | Path | None, image_size: int, *, downl
             raise DatasetError(f"{dataset} not found: no {root / CIFAR_FOLDERS[dataset]}; pass --data-root with the "
                                f"folder holding {CIFAR_FOLDERS[dataset]}/, or --download")
     splits = [load_dataset(dataset, split, root, download=download, image_size=image_size, num_workers=num_workers,
-                           synthetic_size=synthetic_size, seed=seed) for split in ("train", "test")]
+                           synthetic_size=synthetic_size, seed=seed, folder=folder) for split in ("test", "train")]
+    splits.reverse()  # test first: a folder without one fails before anything is decoded
     for s in splits:
         if s.labels is None or not s.classes:
             raise DatasetError(f"{s.name} has no labels: the probe needs class subfolders (DIR/<class>/*)")
@@ -132,8 +134,9 @@ def run_probe(encoder_path: str | Path, dataset: str = "cifar10", root: str | Pa
     models = (["trained"] if not random_init or baseline else []) + (["random_init"] if random_init or baseline else [])
     init_seed = int(loaded.provenance.get("seed") or 0)
     seed, notes = split_seed(loaded, dataset, root, seed)
+    folder = FolderOptions(progress=lambda done, total, bad: emit("cache", {"done": done, "total": total, "bad": bad}))
     train, test = load_splits(dataset, root, loaded.image_size, download=download, num_workers=num_workers,
-                              synthetic_size=synthetic_size, seed=seed)
+                              synthetic_size=synthetic_size, seed=seed, folder=folder)
     load_s = time.perf_counter() - t0
     root = str(root or default_data_root()) if dataset != "synthetic" else None
     info = {"encoder": {"path": str(encoder_path), **loaded.describe()},

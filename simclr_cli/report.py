@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from simclr_cli.config import Config, config_from_dict, read_yaml
-from simclr_cli.data import ImageSet, load_dataset
+from simclr_cli.data import FolderOptions, ImageSet, load_dataset
 from simclr_cli.encoder_file import LoadedEncoder, load_encoder
 from simclr_cli.errors import DatasetError, MissingExtraError, OptionError
 from simclr_cli.evaluate import knn_accuracy
@@ -104,12 +104,13 @@ def _splits(cfg: Config, loaded: LoadedEncoder, root: str | Path | None, limit: 
     d = cfg.data
     root = root if root is not None else d.root
     try:
+        folder = FolderOptions.of(d)
         train = load_dataset(d.dataset, "train", root, image_size=loaded.image_size, num_workers=num_workers,
-                             synthetic_size=d.synthetic_size, seed=cfg.train.seed)
+                             synthetic_size=d.synthetic_size, seed=cfg.train.seed, folder=folder)
         if train.labels is None:
             return None
         test = load_dataset(d.dataset, "test", root, image_size=loaded.image_size, num_workers=num_workers,
-                            synthetic_size=d.synthetic_size, seed=cfg.train.seed)
+                            synthetic_size=d.synthetic_size, seed=cfg.train.seed, folder=folder)
     except DatasetError as err:
         raise DatasetError(f"{str(err).rstrip('.')} (the report reads the run's {d.dataset} data: pass --data-root "
                            "where it is now)") from None

@@ -30,7 +30,7 @@ from simclr_cli.files import atomic_save, atomic_write_text, remove_stale_temps,
 
 # Keys a resumed run may change; anything else would make "resume" a different run.
 RESUMABLE_KEYS = {"train.epochs", "train.log_every", "train.checkpoint_every", "train.keep_last",
-                  "train.eval_every", "train.output_dir", "train.device", "data.root", "data.num_workers",
+                  "train.eval_every", "train.output_dir", "train.device", "data.root", "data.num_workers", "data.cache", "data.cache_dir",
                   "data.download"}
 FILES = ("checkpoint*.pt", "encoder.pth", "config.yaml", "metrics.jsonl")  # what a run writes (globs)
 

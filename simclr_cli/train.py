@@ -18,7 +18,7 @@ from torch.nn.parallel import DistributedDataParallel
 from simclr_cli.augment import Augmenter
 from simclr_cli.checkpoint import checkpoint_payload
 from simclr_cli.config import Config, ConfigError
-from simclr_cli.data import ImageSet, load_dataset, normalization_for
+from simclr_cli.data import load_train_set, normalization_for
 from simclr_cli.encoder_file import encoder_payload
 from simclr_cli.evaluate import Monitor, load_monitor
 from simclr_cli.interrupt import RankAgreedStop, StopFlag, StopRequested, stop_guard
@@ -29,25 +29,6 @@ from simclr_cli.resume import RunState, restore
 from simclr_cli.rundir import RunDir, check_world, preflight
 from simclr_cli.runtime import (Callback, DistInfo, autocast, describe_device, init_distributed, resolve_precision,
                                shutdown_distributed)
-
-
-def load_train_set(cfg: Config, dist_info: DistInfo) -> ImageSet:
-    d = cfg.data
-    # Local rank 0 loads (and downloads) first, so ranks never write the same archive at once.
-    if dist_info.enabled and dist_info.local_rank != 0:
-        dist.barrier()
-    try:
-        data = load_dataset(d.dataset, "train", d.root, download=d.download, image_size=d.image_size,
-                            num_workers=d.num_workers, synthetic_size=d.synthetic_size, seed=cfg.train.seed)
-    finally:  # released on failure too: the others then fail with the same one line, not a broken-pipe traceback
-        if dist_info.enabled and dist_info.local_rank == 0:
-            dist.barrier()
-    if d.size_dataset_train:
-        data = data.subset(d.size_dataset_train, seed=cfg.train.seed)
-    if len(data) < cfg.train.batch_size:
-        raise ConfigError(f"train.batch_size {cfg.train.batch_size} is larger than the {len(data)} training images: "
-                          "lower train.batch_size or use more data")
-    return data
 
 
 def epoch_order(n: int, seed: int, epoch: int, device: torch.device) -> torch.Tensor:
@@ -68,8 +49,7 @@ class Trainer:
         if self.dist.is_main:
             self.rundir.check_writable()
             self.rundir.remove_stale_temps()
-        torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
-        self.data = load_train_set(cfg, self.dist).to(self.device)
+        self.data = load_train_set(cfg, self.dist, self.emit).to(self.device)  # a mapped folder stays on disk
         self.mean, self.std = normalization_for(cfg.data.dataset)
         a = cfg.augment
         # Views may be smaller than the images (fewer pixels per step); the encoder is still probed and
@@ -78,6 +58,9 @@ class Trainer:
                                  a.crop_scale_min, a.jitter_strength)
         self.generator = torch.Generator(device=self.device)
         layout = torch.channels_last if cfg.train.channels_last else torch.preserve_format
+        # Seeded here, after the data: decoding a folder draws from the global generator (DataLoader seeds),
+        # a mapped cache does not, and the initial weights must not depend on which happened.
+        torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
         self.method = build_method(cfg).to(self.device, layout)
         self.model = self.method.model
         self.local_batch = cfg.train.batch_size // self.dist.world_size
@@ -142,7 +125,12 @@ class Trainer:
 
     def _batch(self, order: torch.Tensor, i: int) -> torch.Tensor:
         start = i * self.cfg.train.batch_size + self.dist.rank * self.local_batch
-        return self.data.images[order[start:start + self.local_batch]]
+        x = self.data.images[order[start:start + self.local_batch]]  # mapped: read from disk now, on the host
+        if self.data.mapped and self.device.type == "cuda":
+            x = x.pin_memory().to(self.device, non_blocking=True)  # the copy overlaps the previous step's work
+        elif self.data.mapped:
+            x = x.to(self.device)
+        return x
 
     def lr(self) -> float:
         return self.optimizer.param_groups[0]["lr"]
@@ -161,7 +149,8 @@ class Trainer:
         so far, and a resumed run finishes that window and the epoch mean exactly as an unstopped run would.
         """
         cfg, s = self.cfg, self.state
-        order = epoch_order(len(self.data), cfg.train.seed, epoch, self.device)
+        order = epoch_order(len(self.data), cfg.train.seed, epoch,
+                            torch.device("cpu") if self.data.mapped else self.device)  # where the images are
         first = s.step - epoch * self.steps_per_epoch
         if first == 0:  # mid-epoch resumes continue the saved generator instead
             self.generator.manual_seed(cfg.train.seed * 1_000_003 + epoch * 7919 + self.dist.rank)

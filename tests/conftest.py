@@ -108,3 +108,9 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+@pytest.fixture(autouse=True)
+def folder_cache_in_tmp(tmp_path_factory, monkeypatch):
+    """Image-folder caches of the tests go to a temporary folder, never to ~/.cache (subprocesses inherit it)."""
+    monkeypatch.setenv("SIMCLR_CACHE_DIR", str(tmp_path_factory.getbasetemp() / "folder-cache"))

@@ -230,7 +230,7 @@ def test_folder_errors(tmp_path):
     save(tmp_path / "split" / "train" / "good.png", solid())
     save(tmp_path / "split" / "test" / "good.png", solid())
     (tmp_path / "split" / "train" / "bad.jpg").write_bytes(b"")
-    with pytest.raises(DatasetError, match="1 of 2 images could not be decoded: .*bad.jpg"):
+    with pytest.raises(DatasetError, match="1 of 3 images could not be decoded: .*bad.jpg"):
         load_dataset("folder", "train", tmp_path / "split", num_workers=0)
 
 

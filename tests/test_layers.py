@@ -11,7 +11,7 @@ import pytest
 PACKAGE = Path(__file__).resolve().parents[1] / "simclr_cli"
 # Each module may import only modules before it: config -> data -> augment -> model -> loss -> optim, with
 # the run directory, checkpoints, evaluation, probe, embed and the CLI hanging off the side after them.
-LAYERS = ["__init__", "errors", "runtime", "files", "typed", "config", "images", "data", "colour", "augment", "model",
+LAYERS = ["__init__", "errors", "runtime", "files", "typed", "config", "images", "cache", "cifar", "data", "colour", "augment", "model",
           "loss", "optim", "interrupt", "methods.ema", "methods.simclr", "methods.moco", "methods.byol", "methods", "checkpoint", "encoder_file", "features",
           "evaluate", "rundir", "readback", "resume", "train", "launch", "probe", "vectors", "embed", "plots", "neighbors", "report", "display", "cli_options", "cli_pictures", "cli",
           "__main__"]

@@ -19,7 +19,7 @@ from torch import nn
 
 from simclr_cli.config import Config
 from simclr_cli.methods.ema import EmaTarget, WithTarget, momentum_at
-from simclr_cli.model import ResNetEncoder
+from simclr_cli.model import ResNetEncoder, encoder_from
 
 
 def mlp(dim_in: int, hidden: int, dim_out: int) -> nn.Sequential:
@@ -49,7 +49,7 @@ class Projected(nn.Module):
 class BYOLMethod(WithTarget):
     def __init__(self, cfg: Config) -> None:
         m = cfg.model
-        encoder = ResNetEncoder(m.arch, m.stem, m.width)
+        encoder = encoder_from(m)
         hidden = m.head_hidden or encoder.feature_dim
         projector = mlp(encoder.feature_dim, hidden, m.head_out)
         self.target = EmaTarget(Projected(encoder, projector))  # encoder + projector, before the predictor

@@ -1,0 +1,173 @@
+"""The decoded image-folder cache: equal to direct decoding, invalidated by any change to the folder, never
+reused after an interrupted build, bad files named or skipped, memory flat, training the same as in memory."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from simclr_cli import cache
+from simclr_cli.config import load_config
+from simclr_cli.data import FolderOptions, decode_all, list_images, load_dataset
+from simclr_cli.errors import DatasetError
+from simclr_cli.train import Trainer, pretrain
+
+
+def write_folder(root: Path, per_class: int = 5, classes=("a", "b")) -> list[Path]:
+    """Class subfolders of JPEGs and PNGs with varied sizes and aspect ratios."""
+    rng = np.random.default_rng(0)
+    for c in classes:
+        (root / c).mkdir(parents=True, exist_ok=True)
+        for i in range(per_class):
+            h, w = int(rng.integers(20, 60)), int(rng.integers(20, 60))
+            img = Image.fromarray(rng.integers(0, 256, (h, w, 3), np.uint8))
+            img.save(root / c / (f"{i}.jpg" if i % 2 else f"{i}.png"))
+    return list_images(root)
+
+
+def opts(tmp_path: Path, **kw) -> FolderOptions:
+    notes = kw.pop("notes", None)
+    return FolderOptions(cache_dir=tmp_path / "cache", notice=notes.append if notes is not None else None, **kw)
+
+
+def load(root: Path, tmp_path: Path, split: str = "train", size: int = 24, **kw):
+    return load_dataset("folder", split, root, image_size=size, num_workers=0, folder=opts(tmp_path, **kw))
+
+
+def test_the_cache_equals_direct_decoding_and_is_mapped(tmp_path):
+    write_folder(tmp_path / "images")
+    for split in ("train", "test"):
+        mapped = load(tmp_path / "images", tmp_path, split)
+        direct = load_dataset("folder", split, tmp_path / "images", image_size=24, num_workers=0,
+                              folder=FolderOptions(cache=False))
+        assert mapped.mapped and not direct.mapped
+        assert torch.equal(mapped.images[torch.arange(len(mapped))], direct.images)
+        assert torch.equal(mapped.labels, direct.labels) and mapped.classes == direct.classes
+        n = len(mapped)
+        assert torch.equal(mapped.images[1:n], direct.images[1:n]) and torch.equal(mapped.images[n - 1], direct.images[n - 1])
+        shuffled = torch.randperm(n, generator=torch.Generator().manual_seed(3))
+        assert torch.equal(mapped.images[shuffled], direct.images[shuffled])  # read in file order, given back as asked
+    (folder,) = (tmp_path / "cache").iterdir()
+    assert sorted(p.name for p in folder.iterdir()) == ["images.npy", "index.json"]
+    assert np.load(folder / "images.npy", mmap_mode="r").shape == (10, 3, 24, 24)  # the whole folder, once
+
+
+@pytest.mark.parametrize("change", ["modified", "added", "removed"])
+def test_a_changed_folder_is_decoded_again(tmp_path, change):
+    paths = write_folder(tmp_path / "images")
+    before = load(tmp_path / "images", tmp_path)
+    if change == "modified":
+        Image.fromarray(np.zeros((30, 30, 3), np.uint8)).save(paths[0])  # same name, new content
+        os.utime(paths[0], ns=(paths[0].stat().st_atime_ns, paths[0].stat().st_mtime_ns + 10**9))
+    elif change == "added":
+        Image.fromarray(np.zeros((30, 30, 3), np.uint8)).save(tmp_path / "images" / "a" / "new.png")
+    else:
+        paths[-1].unlink()
+    notes = []
+    after = load(tmp_path / "images", tmp_path, notes=notes)
+    assert len(notes) == 1 and "changed since it was cached" in notes[0] and f"1 {change}" in notes[0]
+    direct = load_dataset("folder", "train", tmp_path / "images", image_size=24, num_workers=0,
+                          folder=FolderOptions(cache=False))
+    assert torch.equal(after.images[torch.arange(len(after))], direct.images)
+    if change == "modified":
+        assert not torch.equal(after.images[torch.arange(len(after))], before.images[torch.arange(len(before))])
+    again = []
+    load(tmp_path / "images", tmp_path, notes=again)
+    assert again == []  # now up to date: mapped, not decoded
+
+
+def test_an_interrupted_build_is_never_reused(tmp_path, monkeypatch):
+    write_folder(tmp_path / "images")
+
+    def interrupt(done, total, bad):
+        raise KeyboardInterrupt  # Ctrl-C after the first batch
+
+    with pytest.raises(KeyboardInterrupt):
+        load(tmp_path / "images", tmp_path, progress=interrupt)
+    (folder,) = (tmp_path / "cache").iterdir()
+    assert list(folder.iterdir()) == []  # no index, no half-written array
+    # What a kill -9 mid-build leaves: a temporary array, and an old images.npy whose index was removed first.
+    np.save(folder / "images.npy", np.zeros((10, 3, 24, 24), np.uint8))
+    (folder / ".images.999.tmp.npy").write_bytes(b"half")
+    built = []
+    data = load(tmp_path / "images", tmp_path, progress=lambda done, total, bad: built.append(done))
+    assert built and built[-1] == 10  # decoded again, not taken from the zeros
+    assert data.images[torch.arange(len(data))].float().std() > 10
+    assert sorted(p.name for p in folder.iterdir()) == ["images.npy", "index.json"]
+
+
+def test_bad_files_are_named_or_skipped(tmp_path):
+    write_folder(tmp_path / "images")
+    (tmp_path / "images" / "a" / "broken.jpg").write_bytes(b"\xff\xd8\xff not a jpeg")
+    for attempt in range(2):  # the second time from the index, without decoding
+        with pytest.raises(DatasetError, match="broken.jpg") as err:
+            load(tmp_path / "images", tmp_path)
+        assert "data.skip_bad=true" in str(err.value)
+    kept = load(tmp_path / "images", tmp_path, skip_bad=True)
+    test = load(tmp_path / "images", tmp_path, "test", skip_bad=True)
+    assert len(kept) + len(test) == 10  # the broken file left out of whichever split it fell in
+
+
+def test_memory_stays_flat_while_batches_are_read(tmp_path):
+    """20,000 images of 64 px (245 MB) read batch by batch in a random order: the process's anonymous memory
+    (what it allocates, page cache aside) grows by a batch, not by the array. Would fail on a load-all."""
+    script = f"""
+import numpy as np, torch
+from simclr_cli.cache import MappedImages
+def anon_mb():
+    for line in open("/proc/self/status"):
+        if line.startswith("RssAnon:"):
+            return int(line.split()[1]) // 1024
+path = {str(tmp_path / 'images.npy')!r}
+a = np.lib.format.open_memmap(path, mode="w+", dtype=np.uint8, shape=(20000, 3, 64, 64))
+for i in range(0, 20000, 2000):
+    a[i:i + 2000] = i % 251
+a.flush(); del a
+images = MappedImages(np.load(path, mmap_mode="r"))
+order = torch.randperm(len(images))
+images[order[:256]]
+before = anon_mb()
+total = 0
+for i in range(0, len(images), 256):
+    total += int(images[order[i:i + 256]][:, 0, 0, 0].sum())
+print(before, anon_mb(), total)
+"""
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    before, after, total = map(int, done.stdout.split())
+    assert total == sum((i // 2000 * 2000) % 251 * 2000 for i in range(0, 20000, 2000))  # every image read once
+    assert after - before < 60, (before, after)
+
+
+TINY = ["data.dataset=folder", "data.image_size=24", "model.width=8", "train.batch_size=4", "train.epochs=2",
+        "train.device=cpu", "train.precision=fp32", "train.log_every=1", "data.num_workers=0", "train.eval_every=1"]
+
+
+def test_training_from_the_map_equals_training_in_memory(tmp_path):
+    write_folder(tmp_path / "images", per_class=6)
+    runs = {}
+    torch.set_num_threads(1)
+    for cached in (True, False):
+        out = tmp_path / f"run-{cached}"
+        cfg = load_config(None, [*TINY, f"data.root={tmp_path / 'images'}", f"data.cache={str(cached).lower()}",
+                                 f"data.cache_dir={tmp_path / 'cache'}", f"train.output_dir={out}"])
+        assert Trainer(cfg).data.mapped is cached
+        pretrain(cfg)
+        lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+        runs[cached] = [{k: v for k, v in r.items() if k not in ("views_per_s", "eval_s")} for r in lines]
+    assert runs[True] == runs[False]  # the same images in the same order: every loss and kNN bit for bit
+
+
+def test_the_stem_follows_the_image_size_unless_set():
+    assert load_config(None, ["data.image_size=32"]).model.stem == "cifar"
+    assert load_config(None, ["data.image_size=64"]).model.stem == "imagenet"
+    assert load_config(None, ["data.image_size=128", "model.stem=cifar"]).model.stem == "cifar"
+    assert cache.default_cache_dir().name == "folder-cache"  # the tests' own, from conftest
