@@ -55,3 +55,20 @@ def test_replan_follows_the_runs_own_speed():
     assert quality.replan(20, 10.0, None, 100.0, 50) == 50  # one log seen: keep the calibrated plan
     assert quality.replan(40, 20.0, (20, 10.0), 100.0, 50) == 200  # 2 steps/s, 80 s left: 40 + 160
     assert quality.replan(40, 120.0, (20, 10.0), 100.0, 50) == 40  # past the deadline: stop now
+
+
+def test_the_folder_benchmark_runs_end_to_end_and_prints_what_it_measured(tmp_path):
+    """benchmarks/folder.py at a tiny size (fake CIFAR, 120 JPEGs): every row of the table is printed."""
+    import subprocess
+    import sys
+
+    write_fake_cifar(tmp_path / "data", "cifar10", n_per_batch=40)  # 240 images to upsample
+    done = subprocess.run([sys.executable, str(REPO / "benchmarks" / "folder.py"), "--data-root", str(tmp_path / "data"),
+                           "--work", str(tmp_path / "work"), "--images", "100", "--small", "90", "--big", "120",
+                           "--steps", "1", "--rounds", "1"], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr
+    rows = {line.split("|")[1].strip(): float(line.split("|")[2]) for line in done.stdout.splitlines()
+            if line.startswith("|")}
+    assert len(rows) == 12 and all(v > 0 or name.endswith("(s)") for name, v in rows.items()), rows
+    assert 0.3 < rows["mapped / in memory"] < 3
+    assert len(list((tmp_path / "work" / "jpeg-120").rglob("*.jpg"))) == 120

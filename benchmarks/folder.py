@@ -1,0 +1,198 @@
+"""Image folders larger than memory: the decoded cache, measured in one run.
+
+Builds a folder of JPEGs at 128-160 px with varied sizes and aspect ratios from the offline CIFAR-10 copy
+(upsampled; past 60,000 images the same images mirrored), in class subfolders, then reports:
+  decode        images/s decoding the 50,000-image folder without keeping anything (2 workers)
+  cache build   images/s of the first run, which decodes into the cache (2 workers)
+  restart       seconds for the second run to check the folder against the index and map the cache
+  views/s       pretraining steps reading batches from the mapped cache, against the same images held in
+                memory as one tensor (alternated, median of the rounds); the page cache is warm
+  memory        for 20,000 and 100,000 images (each its own process: cache build, then training steps):
+                peak anonymous memory (what the process allocates) and peak resident file pages (shared
+                libraries and the map's pages: page cache, which the kernel takes back under pressure)
+
+    python benchmarks/folder.py --data-root DIR --work /tmp/folder-bench     # DIR holds cifar-10-batches-py/
+    python benchmarks/folder.py --data-root DIR --work W --images 2000 --big 4000 --steps 3   # a quick look
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from multiprocessing import Pool
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from simclr_cli.config import load_config
+from simclr_cli.data import FolderOptions, ImageSet, iter_decoded, list_images, load_dataset
+from simclr_cli.train import Trainer, epoch_order
+
+
+def _write(job: tuple[str, np.ndarray, int, int, int]) -> None:
+    path, pixels, w, h, mirror = job
+    img = Image.fromarray(pixels)
+    img = img.transpose(Image.Transpose.FLIP_LEFT_RIGHT) if mirror else img
+    img.resize((w, h), Image.Resampling.BICUBIC).save(path, quality=90)
+
+
+def make_folder(root: Path, n: int, data_root: str) -> list[Path]:
+    """n JPEGs under root/<class>/, sides 128-160 px drawn independently (aspect 0.8-1.25); kept if complete."""
+    if root.is_dir() and len(list_images(root)) == n:
+        return list_images(root)
+    train = load_dataset("cifar10", "train", data_root)
+    test = load_dataset("cifar10", "test", data_root)
+    images = torch.cat([train.images, test.images]).permute(0, 2, 3, 1).numpy()  # (60000, 32, 32, 3)
+    labels = torch.cat([train.labels, test.labels]).tolist()
+    rng = np.random.default_rng(0)
+    sides = rng.integers(128, 161, size=(n, 2))
+    for c in train.classes:
+        (root / c).mkdir(parents=True, exist_ok=True)
+    jobs = [(str(root / train.classes[labels[i % len(images)]] / f"{i:06d}.jpg"), images[i % len(images)],
+             int(sides[i, 0]), int(sides[i, 1]), int(i >= len(images))) for i in range(n)]
+    with Pool(2) as pool:
+        pool.map(_write, jobs, chunksize=500)
+    return list_images(root)
+
+
+def link_folder(root: Path, paths: list[Path], n: int) -> Path:
+    """A folder of n symlinks (the first n images, same classes): its own cache, no second copy of pixels."""
+    if root.is_dir() and len(list_images(root)) == n:
+        return root
+    for p in paths[:n]:
+        target = root / p.parent.name / p.name
+        target.parent.mkdir(parents=True, exist_ok=True)
+        if not target.exists():
+            os.symlink(p, target)
+    return root
+
+
+def decode_only(paths: list[Path], size: int) -> float:
+    t0 = time.perf_counter()
+    for _ in iter_decoded(paths, size, batch_size=64, num_workers=2):
+        pass
+    return len(paths) / (time.perf_counter() - t0)
+
+
+def config(root: Path, size: int, cache_dir: Path, extra: list[str]):
+    return load_config(None, ["data.dataset=folder", f"data.root={root}", f"data.image_size={size}",
+                              f"data.cache_dir={cache_dir}", "model.width=16", "train.batch_size=64",
+                              "train.device=cpu", "train.precision=fp32", "train.output_dir=/tmp/unused", *extra])
+
+
+def steps_per_s(trainer: Trainer, steps: int) -> float:
+    order = epoch_order(len(trainer.data), 0, 0, torch.device("cpu") if trainer.data.mapped else trainer.device)
+    trainer.train_step(trainer._batch(order, 0))  # warm-up
+    t0 = time.perf_counter()
+    for i in range(1, steps + 1):
+        trainer.train_step(trainer._batch(order, i))
+    return steps / (time.perf_counter() - t0)
+
+
+def views_per_s(cfg, steps: int, rounds: int) -> tuple[float, float]:
+    """(mapped, in memory) views/s of the same trainer, alternated `rounds` times."""
+    trainer = Trainer(cfg)
+    mapped = trainer.data
+    held = ImageSet(mapped.images[:], mapped.labels, mapped.classes, mapped.name)  # one tensor in memory
+    rates = {"mapped": [], "memory": []}
+    for _ in range(rounds):
+        for name, data in (("mapped", mapped), ("memory", held)):
+            trainer.data = data
+            rates[name].append(2 * cfg.train.batch_size * steps_per_s(trainer, steps))
+    return statistics.median(rates["mapped"]), statistics.median(rates["memory"])
+
+
+MEMORY_PROBE = """
+import json, sys, threading, time
+from pathlib import Path
+from simclr_cli.config import load_config
+from simclr_cli.train import Trainer, epoch_order
+peak = {"RssAnon": 0, "RssFile": 0}
+def sample():
+    while True:
+        for line in open("/proc/self/status"):
+            key = line.split(":")[0]
+            if key in peak:
+                peak[key] = max(peak[key], int(line.split()[1]) // 1024)
+        time.sleep(0.05)
+threading.Thread(target=sample, daemon=True).start()
+args = json.loads(sys.argv[1])
+t0 = time.perf_counter()
+trainer = Trainer(load_config(None, args["config"]))
+setup = time.perf_counter() - t0
+order = epoch_order(len(trainer.data), 0, 0, trainer.device)
+for i in range(args["steps"]):
+    trainer.train_step(trainer._batch(order, i))
+time.sleep(0.2)
+print(json.dumps({"images": len(trainer.data), "setup_s": setup, **peak}))
+"""
+
+
+def clear(cache_dir: Path, root: Path, size: int) -> None:
+    for old in cache_dir.glob(f"{root.name}-{size}px-*"):
+        for f in old.iterdir():
+            f.unlink()
+
+
+def memory_at(root: Path, size: int, cache_dir: Path, steps: int) -> dict:
+    """A fresh process builds the folder's cache, then trains `steps` steps from it; peaks sampled at 20 Hz."""
+    clear(cache_dir, root, size)
+    cfg = ["data.dataset=folder", f"data.root={root}", f"data.image_size={size}", f"data.cache_dir={cache_dir}",
+           "model.width=16", "train.batch_size=64", "train.device=cpu", "train.precision=fp32",
+           "train.output_dir=/tmp/unused"]
+    done = subprocess.run([sys.executable, "-c", MEMORY_PROBE, json.dumps({"config": cfg, "steps": steps})],
+                          capture_output=True, text=True, check=True)
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--data-root", required=True, help="folder holding cifar-10-batches-py/")
+    p.add_argument("--work", type=Path, default=Path("/tmp/simclr-folder-bench"), help="folders and caches go here")
+    p.add_argument("--images", type=int, default=50_000, help="images of the decode, cache and views/s rows")
+    p.add_argument("--small", type=int, default=20_000, help="images of the first memory row")
+    p.add_argument("--big", type=int, default=100_000, help="images of the folder built, and of the second memory row")
+    p.add_argument("--size", type=int, default=128, help="data.image_size: pixels the cache stores")
+    p.add_argument("--steps", type=int, default=8, help="timed training steps per round")
+    p.add_argument("--rounds", type=int, default=3, help="alternations of mapped and in-memory")
+    args = p.parse_args()
+    torch.manual_seed(0)
+    t0 = time.perf_counter()
+    every = make_folder(args.work / f"jpeg-{args.big}", args.big, args.data_root)
+    print(f"folder: {len(every)} JPEGs in {time.perf_counter() - t0:.0f} s", flush=True)
+    root = link_folder(args.work / f"jpeg-{args.images}", every, args.images)
+    paths = list_images(root)
+    cache_dir = args.work / "cache"
+    rows = {"decode only (images/s)": decode_only(paths, args.size)}
+    opts = FolderOptions(cache_dir=cache_dir)
+    clear(cache_dir, root, args.size)  # the first run must really decode
+    t0 = time.perf_counter()
+    load_dataset("folder", "train", root, image_size=args.size, num_workers=2, folder=opts)
+    rows["first run: decode into the cache (images/s)"] = len(paths) / (time.perf_counter() - t0)
+    t0 = time.perf_counter()
+    load_dataset("folder", "train", root, image_size=args.size, num_workers=2, folder=opts)
+    rows["second run: check and map (s)"] = time.perf_counter() - t0
+    mapped, held = views_per_s(config(root, args.size, cache_dir, []), args.steps, args.rounds)
+    rows["views/s, mapped cache"], rows["views/s, in memory"] = mapped, held
+    rows["mapped / in memory"] = mapped / held
+    small = link_folder(args.work / f"jpeg-{args.small}", every, args.small)
+    for n, folder in ((args.small, small), (args.big, args.work / f"jpeg-{args.big}")):
+        m = memory_at(folder, args.size, cache_dir, args.steps)
+        rows[f"{n} images: peak anonymous memory (MB)"] = m["RssAnon"]
+        rows[f"{n} images: peak resident file pages (MB)"] = m["RssFile"]
+        rows[f"{n} images: cache build + set-up (s)"] = m["setup_s"]
+    print(f"\n{torch.__version__}, {os.cpu_count()} CPUs, {args.size} px cache, width 16, batch 64, fp32")
+    for name, value in rows.items():
+        print(f"| {name:48s} | {value:10.3f} |" if isinstance(value, float) else f"| {name:48s} | {value:10d} |")
+
+
+if __name__ == "__main__":
+    main()
