@@ -191,6 +191,7 @@ def probe(
     precision: PrecisionOption = None,
     seed: Annotated[Optional[int], typer.Option("--seed", min=0, help="Seed of a flat folder's 80/20 split and of the held-out 10% that picks the L2 strength. Default: the encoder's pretraining train.seed, so the test images are the ones pretraining held out.", show_default=False)] = None,
     batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="Images per forward pass during extraction.")] = 512,
+    split: Annotated[str, typer.Option("--split", help="test: fit on the train split, report on the test split | val: fit on the train split less a fixed 5,000-image validation split and report on that (for choosing recipes; keep test for the final number).")] = "test",
     synthetic_size: Annotated[int, typer.Option("--synthetic-size", min=2, hidden=True, help="Images per split of the synthetic dataset (tests, demos).")] = 2000,
 ) -> None:
     """Linear probe and kNN on frozen features: fit on the train split, report on the test split."""
@@ -206,7 +207,8 @@ def probe(
         try:
             report = run_probe(encoder, dataset, data_root, device=device or "auto", precision=precision or "auto",
                                batch_size=batch_size, layer=layer, seed=seed, random_init=random_init,
-                               baseline=baseline, download=download, synthetic_size=synthetic_size, callback=shown)
+                               baseline=baseline, download=download, synthetic_size=synthetic_size, split=split,
+                               callback=shown)
         finally:
             shown.stop()
         if json_path is not None:

@@ -35,6 +35,7 @@ class DataConfig:
     cache: bool = True  # folder: decode once into one uint8 file on disk and map it (false: decode into memory)
     cache_dir: str | None = None  # folder cache location; None -> $SIMCLR_CACHE_DIR or ~/.cache/simclr-cli/folders
     skip_bad: bool = False  # folder: leave out files that do not decode (else they are named and the run stops)
+    val_size: int = 5000  # labelled training images held out as the validation split (capped at a tenth)
 
 
 @dataclass
@@ -98,7 +99,8 @@ class TrainConfig:
     log_every: int = 20  # steps between loss read-backs (each one is a host sync)
     checkpoint_every: int = 1  # epochs between checkpoints
     keep_last: int = 0  # also keep this many older epoch checkpoints (0: only checkpoint.pt)
-    eval_every: int = 10  # epochs between kNN monitor evaluations on the test split (0: only at the end)
+    eval_every: int = 10  # epochs between kNN monitor evaluations (0: only at the end)
+    eval_split: str = "val"  # monitor queries: val (held out of the training split; the rest is the bank) | test
     knn_k: int = 200  # kNN monitor neighbours
     knn_temperature: float = 0.1  # kNN monitor vote temperature
 
@@ -127,6 +129,7 @@ CHOICES = {
     "optim.name": ("sgd", "adam", "adamw", "lars"),
     "optim.schedule": ("cosine", "plateau", "constant"),
     "train.precision": PRECISIONS,
+    "train.eval_split": ("val", "test"),
 }
 
 # (key, test, what the value must be): checked after every load and override.
@@ -167,6 +170,7 @@ RULES = [
     ("data.image_size", lambda v: v >= 8, ">= 8"),
     ("data.num_workers", lambda v: v >= 0, ">= 0"),
     ("data.synthetic_size", lambda v: v >= 2, ">= 2"),
+    ("data.val_size", lambda v: v >= 1, ">= 1"),
     ("data.size_dataset_train", lambda v: v is None or v >= 2, ">= 2 or null"),
 ]
 

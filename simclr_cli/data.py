@@ -101,6 +101,23 @@ class ImageSet:
         return ImageSet(self.images.to(device), labels, self.classes, self.name)
 
 
+VALIDATION_SEED = 0  # one fixed validation split for every recipe and every train.seed, so they compare
+
+
+def split_validation(data: ImageSet, size: int) -> tuple[ImageSet, ImageSet]:
+    """(the rest, the validation split) of a labelled training split: a fixed random `size` of its images
+    (at most a tenth, at least one), each part in its original order. Choosing recipes on it leaves the
+    test split for reporting, once per final recipe."""
+    n = max(1, min(size, len(data) // 10))
+    perm = torch.randperm(len(data), generator=torch.Generator().manual_seed(VALIDATION_SEED))
+    parts = []
+    for idx in (perm[n:].sort().values, perm[:n].sort().values):
+        labels = None if data.labels is None else data.labels[idx.to(data.labels.device)]
+        images = data.images.select(idx) if data.mapped else data.images[idx.to(data.images.device)]
+        parts.append(ImageSet(images, labels, data.classes, f"{data.name}:{'val' if len(parts) else 'rest'}"))
+    return parts[0], parts[1]
+
+
 def default_data_root() -> Path:
     """$SIMCLR_DATA_DIR if set, else ~/.cache/simclr-cli/data."""
     env = os.environ.get("SIMCLR_DATA_DIR")

@@ -96,7 +96,8 @@ class PretrainDisplay:
         self.progress.console.print(f"epoch {d['epoch']}: loss {d['loss']:.4f}  lr {d['lr']:.3g}", highlight=False)
 
     def on_eval(self, d: dict) -> None:
-        self.progress.console.print(f"epoch {d['epoch']}: kNN top-1 {100 * d['knn_top1']:.2f}%", highlight=False)
+        self.progress.console.print(f"epoch {d['epoch']}: kNN top-1 {100 * d['knn_top1']:.2f}% ({d.get('split', 'test')})",
+                                    highlight=False)
 
     def on_notice(self, d: dict) -> None:
         note(d["message"])
@@ -167,7 +168,8 @@ def probe_table(report: dict) -> Table:
 
 def pretrain_summary(summary: dict) -> None:
     final = f"{summary['final_loss']:.4f}" if summary["final_loss"] is not None else "-"
-    knn = f", kNN top-1 {100 * summary['knn_top1']:.2f}%" if summary.get("knn_top1") is not None else ""
+    knn = (f", kNN top-1 {100 * summary['knn_top1']:.2f}% ({summary.get('knn_split', 'test')})"
+           if summary.get("knn_top1") is not None else "")
     console.print(f"done: {summary['epochs']} epochs, final loss {final}{knn}; "
                   f"encoder {escape(summary['encoder'])}, checkpoint {escape(summary['checkpoint'])}", highlight=False)
 

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from simclr_cli.config import Config
-from simclr_cli.data import FolderOptions, ImageSet, load_dataset
+from simclr_cli.data import FolderOptions, ImageSet, load_dataset, split_validation
 from simclr_cli.errors import DatasetError
 from simclr_cli.features import extract_features
 
@@ -177,10 +177,15 @@ class Monitor:
 
 def load_monitor(cfg: Config, train: ImageSet, mean: Sequence[float], std: Sequence[float], device: torch.device,
                  precision: str) -> tuple[Monitor | None, str | None]:
-    """The monitor for a run on `train`, or (None, why not): it needs labels and a labelled test split."""
+    """The monitor for a run on `train`, or (None, why not): it needs labels, and with eval_split test a
+    labelled test split. eval_split val: the queries are the validation split held out of `train`, the bank
+    the rest (the test split stays unseen until the final report)."""
     d, t = cfg.data, cfg.train
     if train.labels is None:
         return None, None  # an unlabelled dataset: nothing to monitor, nothing to say
+    if t.eval_split == "val":
+        bank, queries = split_validation(train, d.val_size)
+        return Monitor(bank, queries, mean, std, d.image_size, device, precision, t.knn_k, t.knn_temperature), None
     try:
         queries = load_dataset(d.dataset, "test", d.root, download=d.download, image_size=d.image_size,
                                num_workers=d.num_workers, synthetic_size=d.synthetic_size, seed=t.seed,

@@ -17,7 +17,8 @@ import torch
 
 from simclr_cli import __version__
 from simclr_cli.config import DATASETS
-from simclr_cli.data import CIFAR_FOLDERS, FolderOptions, ImageSet, default_data_root, has_split_folders, load_dataset
+from simclr_cli.data import (CIFAR_FOLDERS, FolderOptions, ImageSet, default_data_root, has_split_folders, load_dataset,
+                             split_validation)
 from simclr_cli.encoder_file import LoadedEncoder, load_encoder
 from simclr_cli.errors import DatasetError, OptionError
 from simclr_cli.evaluate import knn_accuracy, linear_probe
@@ -28,8 +29,12 @@ from simclr_cli.runtime import INFERENCE_PRECISIONS, Callback, pick_device, reso
 
 def load_splits(dataset: str, root: str | Path | None, image_size: int, *, download: bool = False,
                 num_workers: int = 2, synthetic_size: int = 2000, seed: int = 0,
-                folder: FolderOptions | None = None) -> tuple[ImageSet, ImageSet]:
-    """The labelled train and test splits of a probe dataset, at the encoder's image size."""
+                folder: FolderOptions | None = None, split: str = "test",
+                val_size: int = 5000) -> tuple[ImageSet, ImageSet]:
+    """The labelled (fit, evaluate) splits of a probe dataset, at the encoder's image size: (train, test), or
+    with split "val" (train minus its validation split, the validation split), for choosing recipes."""
+    if split not in ("test", "val"):
+        raise OptionError(f"unknown split {split!r}: use test or val")
     if dataset not in DATASETS:
         raise DatasetError(f"unknown probe dataset {dataset!r}: use one of {', '.join(DATASETS)}")
     root = None if dataset == "synthetic" else Path(root).expanduser() if root else None
@@ -44,6 +49,8 @@ def load_splits(dataset: str, root: str | Path | None, image_size: int, *, downl
     splits = [load_dataset(dataset, split, root, download=download, image_size=image_size, num_workers=num_workers,
                            synthetic_size=synthetic_size, seed=seed, folder=folder) for split in ("test", "train")]
     splits.reverse()  # test first: a folder without one fails before anything is decoded
+    if split == "val":
+        splits = list(split_validation(splits[0], val_size))
     for s in splits:
         if s.labels is None or not s.classes:
             raise DatasetError(f"{s.name} has no labels: the probe needs class subfolders (DIR/<class>/*)")
@@ -118,7 +125,7 @@ def run_probe(encoder_path: str | Path, dataset: str = "cifar10", root: str | Pa
               device: str = "auto", precision: str = "auto", batch_size: int = 512, layer: int = 0,
               random_init: bool = False, baseline: bool = False, knn_k: int = 200, knn_temperature: float = 0.1,
               download: bool = False, num_workers: int = 2, synthetic_size: int = 2000, seed: int | None = None,
-              callback: Callback | None = None) -> dict:
+              split: str = "test", callback: Callback | None = None) -> dict:
     """The probe protocol on one encoder file. random_init: probe an untrained encoder of the same
     architecture instead (seeded by the file's pretraining seed, else 0); baseline: probe both. seed: of a
     flat folder's split and the held-out 10% (None: the encoder's pretraining seed, see `split_seed`)."""
@@ -136,12 +143,13 @@ def run_probe(encoder_path: str | Path, dataset: str = "cifar10", root: str | Pa
     seed, notes = split_seed(loaded, dataset, root, seed)
     folder = FolderOptions(progress=lambda done, total, bad: emit("cache", {"done": done, "total": total, "bad": bad}))
     train, test = load_splits(dataset, root, loaded.image_size, download=download, num_workers=num_workers,
-                              synthetic_size=synthetic_size, seed=seed, folder=folder)
+                              synthetic_size=synthetic_size, seed=seed, folder=folder, split=split)
     load_s = time.perf_counter() - t0
     root = str(root or default_data_root()) if dataset != "synthetic" else None
     info = {"encoder": {"path": str(encoder_path), **loaded.describe()},
             "dataset": {"name": dataset, "root": root, "train_size": len(train),
-                        "test_size": len(test), "num_classes": len(train.classes), "split_seed": seed},
+                        "test_size": len(test), "num_classes": len(train.classes), "split_seed": seed,
+                        "evaluated_on": split},
             "device": str(dev), "precision": prec, "layer": layer, "models": models,
             "knn": {"k": knn_k, "temperature": knn_temperature}, "random_init_seed": init_seed, "notes": notes}
     emit("start", info)

@@ -210,7 +210,7 @@ class Trainer:
         t0, s = time.perf_counter(), self.state
         self.last_knn = self.monitor(self.model.encoder)
         self._log({"kind": "eval", "epoch": s.epoch, "step": s.step, "knn_top1": self.last_knn,
-                   "eval_s": time.perf_counter() - t0}, "eval")
+                   "split": self.cfg.train.eval_split, "eval_s": time.perf_counter() - t0}, "eval")
         return self.last_knn
 
     def write_encoder(self):
@@ -244,7 +244,8 @@ class Trainer:
                                 else None, s.epoch, s.step, saved) from None
         encoder_path = self.write_encoder() if self.dist.is_main else None
         summary = {"epochs": s.epoch, "steps": s.step, "final_loss": s.history[-1]["loss"] if s.history else None,
-                   "encoder": str(encoder_path), "checkpoint": str(self.rundir.checkpoint), "knn_top1": self.last_knn}
+                   "encoder": str(encoder_path), "checkpoint": str(self.rundir.checkpoint), "knn_top1": self.last_knn,
+                   "knn_split": cfg.train.eval_split}
         self.emit("end", summary)
         return summary
 

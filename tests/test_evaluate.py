@@ -167,3 +167,38 @@ def test_probe_on_synthetic_reaches_well_above_chance(tiny_encoder_file):
     again = run_probe(path, "synthetic", device="cpu", synthetic_size=300, random_init=True)
     assert list(again["results"]) == ["random_init"]
     assert again["results"]["random_init"]["linear"] == report["results"]["random_init"]["linear"]
+
+
+# --- the validation split: recipes are chosen on it, the test split is reported once -------------------------
+
+def test_the_monitor_queries_a_fixed_validation_split_of_the_training_images():
+    from simclr_cli.data import load_dataset, split_validation
+    from simclr_cli.evaluate import load_monitor
+
+    train = load_dataset("synthetic", "train", synthetic_size=300, image_size=16)
+    rest, val = split_validation(train, 5000)
+    assert (len(rest), len(val)) == (270, 30)  # capped at a tenth of the split
+    again_rest, again_val = split_validation(train, 5000)
+    assert torch.equal(val.images, again_val.images)  # fixed: the same images for every recipe and seed
+    rows = {tuple(x.flatten().tolist()[:40]) for x in rest.images}
+    assert not any(tuple(x.flatten().tolist()[:40]) in rows for x in val.images)  # disjoint
+    assert len(split_validation(train, 12)[1]) == 12
+    cfg = load_config(None, ["data.dataset=synthetic", "data.synthetic_size=300", "data.image_size=16"])
+    assert cfg.train.eval_split == "val"
+    monitor, why = load_monitor(cfg, train, (0.5,) * 3, (0.25,) * 3, torch.device("cpu"), "fp32")
+    assert why is None and (len(monitor.bank), len(monitor.queries)) == (270, 30)
+    cfg = load_config(None, ["data.dataset=synthetic", "data.synthetic_size=300", "data.image_size=16",
+                             "train.eval_split=test"])
+    monitor, _ = load_monitor(cfg, train, (0.5,) * 3, (0.25,) * 3, torch.device("cpu"), "fp32")
+    assert (len(monitor.bank), len(monitor.queries)) == (300, 300)  # the test split, as before
+
+
+def test_probe_on_the_validation_split(tmp_path):
+    path = tmp_path / "encoder.pth"
+    cfg = load_config(None, ["data.dataset=synthetic", "data.image_size=16", "model.width=8"])
+    atomic_save(encoder_payload(build_model(cfg.model).encoder, cfg, mean=(0.5,) * 3, std=(0.25,) * 3), path)
+    report = run_probe(path, "synthetic", device="cpu", precision="fp32", synthetic_size=200, split="val")
+    d = report["dataset"]
+    assert (d["train_size"], d["test_size"], d["evaluated_on"]) == (180, 20, "val")
+    with pytest.raises(OptionError, match="test or val"):
+        run_probe(path, "synthetic", device="cpu", synthetic_size=200, split="train")
