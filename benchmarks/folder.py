@@ -23,7 +23,6 @@ import os
 import statistics
 import subprocess
 import sys
-import threading
 import time
 from multiprocessing import Pool
 from pathlib import Path

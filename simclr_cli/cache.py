@@ -81,8 +81,8 @@ class MappedImages:
 
     @classmethod
     def __torch_function__(cls, func, types, args=(), kwargs=None):
-        """torch.equal(x, y), x.float(), ...: on the images read whole (fine for a small set; the tool itself
-        only ever indexes batches)."""
+        """torch.equal(x, y), torch.cat([x, y]), ...: on the images read whole (fine for a small set; the
+        tool itself only ever indexes batches)."""
         def whole(a):
             return a[:] if isinstance(a, MappedImages) else a
         return func(*[whole(a) for a in args], **{k: whole(v) for k, v in (kwargs or {}).items()})

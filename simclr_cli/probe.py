@@ -89,11 +89,13 @@ def _evaluate_one(name: str, encoder, head, loaded: LoadedEncoder, train: ImageS
     num_classes = len(train.classes)
     emit("stage", {"model": name, "message": "kNN"})
     t1 = time.perf_counter()
-    knn = knn_accuracy(feats["train"], train.labels, feats["test"], test.labels, num_classes, opts["knn_k"],
-                       opts["knn_temperature"])
+    dev = opts["device"]  # kNN and the linear fit run where the encoder did: on a GPU, there
+    knn = knn_accuracy(feats["train"].to(dev), train.labels, feats["test"].to(dev), test.labels, num_classes,
+                       opts["knn_k"], opts["knn_temperature"])
     emit("stage", {"model": name, "message": "linear probe"})
     t2 = time.perf_counter()
-    linear = linear_probe(feats["train"], train.labels, feats["test"], test.labels, num_classes, seed=opts["seed"])
+    linear = linear_probe(feats["train"], train.labels, feats["test"], test.labels, num_classes, seed=opts["seed"],
+                          device=dev)
     t3 = time.perf_counter()
     result = {"linear_top1": linear["top1"], "linear_top5": linear["top5"], "knn_top1": knn,
               "weight_decay": linear["weight_decay"], "linear": linear, "feature_dim": feats["train"].shape[1],

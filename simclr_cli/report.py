@@ -174,7 +174,8 @@ def _facts(cfg: Config, records: list[dict], encoder: Path | None) -> dict[str, 
     if steps:
         facts["last logged loss"] = f"{steps[-1]['loss']:.4f} (step {steps[-1]['step']})"
     if evals:
-        facts["last kNN monitor"] = f"{100 * evals[-1]['knn_top1']:.2f}% (step {evals[-1]['step']})"
+        facts["last kNN monitor"] = (f"{100 * evals[-1]['knn_top1']:.2f}% ({evals[-1].get('split', 'test')} split, "
+                                     f"step {evals[-1]['step']})")
     resumes = [str(r["step"]) for r in records if r.get("kind") == "resume"]
     if resumes:
         facts["resumed at step"] = ", ".join(resumes)
