@@ -72,3 +72,18 @@ def test_the_folder_benchmark_runs_end_to_end_and_prints_what_it_measured(tmp_pa
     assert len(rows) == 12 and all(v > 0 or name.endswith("(s)") for name, v in rows.items()), rows
     assert 0.3 < rows["mapped / in memory"] < 3
     assert len(list((tmp_path / "work" / "jpeg-120").rglob("*.jpg"))) == 120
+
+
+@pytest.mark.slow
+def test_the_gpu_script_runs_end_to_end_on_a_cpu(tmp_path, cifar10_root):
+    """benchmarks/gpu.py --device cpu --tiny: every step ok (the cuda tests skip), the table and gpu.json."""
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, str(REPO / "benchmarks" / "gpu.py"), "--data-root", str(cifar10_root),
+                           "--device", "cpu", "--tiny", "--out", str(tmp_path)], capture_output=True, text=True,
+                          timeout=900, cwd=REPO)
+    assert done.returncode == 0, done.stdout + done.stderr
+    results = json.loads((tmp_path / "gpu.json").read_text())
+    assert list(results) == ["roi_align", "cuda tests", "throughput", "pretrain + kNN"]
+    assert all(r["ok"] for r in results.values()) and "kNN top-1" in results["pretrain + kNN"]["result"]
