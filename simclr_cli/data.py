@@ -85,10 +85,13 @@ class ImageSet:
         if n >= len(self):
             return self
         g = torch.Generator().manual_seed(seed)
-        idx = torch.randperm(len(self), generator=g)[:n].sort().values.to(self.images.device)
-        labels = None if self.labels is None else self.labels[idx]
-        images = self.images.select(idx) if isinstance(self.images, MappedImages) else self.images[idx]
-        return ImageSet(images, labels, self.classes, f"{self.name}[{n}]")
+        return self.take(torch.randperm(len(self), generator=g)[:n].sort().values, f"{self.name}[{n}]")
+
+    def take(self, idx: torch.Tensor, name: str) -> ImageSet:
+        """The images at `idx` (int64, CPU), with their labels; mapped images stay mapped (a row view)."""
+        labels = None if self.labels is None else self.labels[idx.to(self.labels.device)]
+        images = self.images.select(idx) if self.mapped else self.images[idx.to(self.images.device)]
+        return ImageSet(images, labels, self.classes, name)
 
     @property
     def mapped(self) -> bool:
@@ -110,12 +113,7 @@ def split_validation(data: ImageSet, size: int) -> tuple[ImageSet, ImageSet]:
     test split for reporting, once per final recipe."""
     n = max(1, min(size, len(data) // 10))
     perm = torch.randperm(len(data), generator=torch.Generator().manual_seed(VALIDATION_SEED))
-    parts = []
-    for idx in (perm[n:].sort().values, perm[:n].sort().values):
-        labels = None if data.labels is None else data.labels[idx.to(data.labels.device)]
-        images = data.images.select(idx) if data.mapped else data.images[idx.to(data.images.device)]
-        parts.append(ImageSet(images, labels, data.classes, f"{data.name}:{'val' if len(parts) else 'rest'}"))
-    return parts[0], parts[1]
+    return data.take(perm[n:].sort().values, f"{data.name}:rest"), data.take(perm[:n].sort().values, f"{data.name}:val")
 
 
 def default_data_root() -> Path:
