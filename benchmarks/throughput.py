@@ -127,7 +127,7 @@ def real_step_seconds(args, cfg, device, precision: str) -> float:
     overrides = [f"model.arch={args.arch}", f"train.compile={args.compile}", *args.set, "data.dataset=synthetic",
                  f"data.synthetic_size={max(16 * args.batch, 2048)}", "data.image_size=32",
                  f"train.batch_size={args.batch}", f"train.device={device}", f"train.precision={precision}",
-                 "augment.view_size=null"]
+                 "augment.view_size=null", "augment.view_size_start=null"]
     with tempfile.TemporaryDirectory() as out:
         trainer = Trainer(load_config(args.config, [*overrides, f"train.output_dir={out}"]))
         order = epoch_order(len(trainer.data), 0, 0, trainer.device)

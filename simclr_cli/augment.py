@@ -105,6 +105,14 @@ def add_gaussian_noise(x: torch.Tensor, std: float, generator: torch.Generator |
     return noise.mul_(std).add_(x).clamp_(0.0, 1.0)
 
 
+def progressive_size(start: int, end: int, progress: float, multiple: int = 4) -> int:
+    """Progressive views: the view size at `progress` (0..1) of training, from `start` rising linearly to
+    `end`, in whole steps of `multiple` pixels so only a few sizes occur; `end` from progress 1 on."""
+    if progress >= 1.0 or start >= end:
+        return end
+    return min(end, start + multiple * round(max(0.0, progress) * (end - start) / multiple))
+
+
 class Augmenter:
     """Two random views per image of a uint8 batch, by a named preset, normalised with (v - mean) / std.
 
@@ -137,26 +145,36 @@ class Augmenter:
         self._scale = tuple(1.0 / float(s) for s in std)
         self._shift = tuple(-float(m) / float(s) for m, s in zip(mean, std))
 
-    def __call__(self, x: torch.Tensor,
-                 generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """uint8 (B, 3, H, W) -> two float32 views (B, 3, size, size), each normalised with (v - mean) / std."""
+    def __call__(self, x: torch.Tensor, generator: torch.Generator | None = None,
+                 size: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """uint8 (B, 3, H, W) -> two float32 views (B, 3, size, size), each normalised with (v - mean) / std.
+        `size` overrides the Augmenter's own for this call (progressive views); the draws do not depend on it."""
         if x.ndim != 4 or x.shape[1] != 3 or x.dtype != torch.uint8:
             raise ValueError(f"expected a uint8 (B, 3, H, W) batch, got {x.dtype} {tuple(x.shape)}")
         x = x.float().div_(255.0)  # (B, 3, H, W) in [0, 1]
+        size = size or self.size
         if self.preset == "simclr":
-            views = (self._simclr_view(x, generator), self._simclr_view(x, generator))
+            views = (self._simclr_view(x, generator, size), self._simclr_view(x, generator, size))
         else:
-            views = (self._baseline_geometric(x, generator), self._baseline_photometric(x, generator))
+            views = (self._baseline_geometric(x, generator, size), self._baseline_photometric(x, generator, size))
         return tuple(self._normalise(v) for v in views)  # type: ignore[return-value]
+
+    def small(self, x: torch.Tensor, generator: torch.Generator | None, n: int, size: int,
+              scale: tuple[float, float]) -> torch.Tensor:
+        """Multi-crop: n small simclr views of each image of a uint8 batch, crop areas in `scale`, as one
+        normalised float32 (n * B, 3, size, size) tensor, view k of image b at row k * B + b."""
+        x = x.float().div_(255.0)
+        return torch.cat([self._normalise(self._simclr_view(x, generator, size, scale)) for _ in range(n)])
 
     def _normalise(self, v: torch.Tensor) -> torch.Tensor:
         scale, shift = (const(c, v.device).reshape(1, 3, 1, 1) for c in (self._scale, self._shift))
         return v.mul_(scale).add_(shift).contiguous()
 
-    def _simclr_view(self, x: torch.Tensor, g: torch.Generator | None) -> torch.Tensor:
+    def _simclr_view(self, x: torch.Tensor, g: torch.Generator | None, size: int,
+                     scale: tuple[float, float] | None = None) -> torch.Tensor:
         B, _, H, W = x.shape
-        boxes = sample_crop_boxes(B, H, W, (self.crop_scale_min, 1.0), (3 / 4, 4 / 3), g, x.device)
-        v = resized_crop(x, boxes, self.size)  # (B, 3, size, size)
+        boxes = sample_crop_boxes(B, H, W, scale or (self.crop_scale_min, 1.0), (3 / 4, 4 / 3), g, x.device)
+        v = resized_crop(x, boxes, size)  # (B, 3, size, size)
         u = _rand(g, (B, 8), x.device)  # (B, 8): flip, jitter p, 4 jitter factors, order, grayscale
         v = hflip(v, u[:, 0] < 0.5)
         s = self.jitter_strength
@@ -169,18 +187,18 @@ class Augmenter:
         v = color_jitter_(v, factors, order)  # v is this view's own buffer: jitter it in place
         return grayscale_(v, u[:, 7] < 0.2)
 
-    def _baseline_geometric(self, x: torch.Tensor, g: torch.Generator | None) -> torch.Tensor:
+    def _baseline_geometric(self, x: torch.Tensor, g: torch.Generator | None, size: int) -> torch.Tensor:
         B, _, H, W = x.shape
         boxes = sample_crop_boxes(B, H, W, (0.9, 1.0), (3 / 4, 4 / 3), g, x.device)
         angles = 20.0 * _rand(g, (B,), x.device) - 10.0  # uniform in [-10, 10) degrees
-        return rotate(resized_crop(x, boxes, self.size), angles)
+        return rotate(resized_crop(x, boxes, size), angles)
 
-    def _baseline_photometric(self, x: torch.Tensor, g: torch.Generator | None) -> torch.Tensor:
+    def _baseline_photometric(self, x: torch.Tensor, g: torch.Generator | None, size: int) -> torch.Tensor:
         B, _, H, W = x.shape
-        if (H, W) != (self.size, self.size):
+        if (H, W) != (size, size):
             # Resize first: the colour ops then run on size x size pixels, not H x W.
             whole = const((0.0, 0.0, H, W), x.device).expand(B, 4)
-            x = resized_crop(x, whole, self.size)
+            x = resized_crop(x, whole, size)
         factors = 0.6 + 0.8 * _rand(g, (B, 2), x.device)  # (B, 2) in [0.6, 1.4): brightness, contrast
         v = contrast_(adjust_brightness(x, factors[:, 0]), factors[:, 1])  # x may be shared: copy once
         return add_gaussian_noise(v, 0.05, g)

@@ -44,6 +44,10 @@ class AugmentConfig:
     crop_scale_min: float = 0.08  # simclr: smallest crop area as a fraction of the image
     jitter_strength: float = 1.0  # simclr: multiplies colour jitter 0.4/0.4/0.4/0.1
     view_size: int | None = None  # pixels of each training view; null = data.image_size (what probes use)
+    view_size_start: int | None = None  # progressive views: this size first, rising to view_size by the end; null = off
+    small_crops: int = 0  # simclr: extra small views per image (multi-crop), each a positive of both views
+    small_crop_size: int = 12  # pixels of each small view
+    small_crop_scale: list[float] = field(default_factory=lambda: [0.08, 0.35])  # small views' crop area range
 
 
 @dataclass
@@ -157,6 +161,10 @@ RULES = [
     ("augment.crop_scale_min", lambda v: 0 < v <= 1, "in (0, 1]"),
     ("augment.jitter_strength", lambda v: v >= 0, ">= 0"),
     ("augment.view_size", lambda v: v is None or v >= 8, ">= 8 or null"),
+    ("augment.view_size_start", lambda v: v is None or v >= 8, ">= 8 or null"),
+    ("augment.small_crops", lambda v: v >= 0, ">= 0"),
+    ("augment.small_crop_size", lambda v: v >= 8, ">= 8"),
+    ("augment.small_crop_scale", lambda v: len(v) == 2 and 0 < v[0] <= v[1] <= 1, "two numbers 0 < min <= max <= 1"),
     # Under 8, torch 2.14's CPU backward of a channels_last 1x1 stride-2 convolution (the ResNet shortcut)
     # with fewer than 8 input channels corrupts the heap: the process hangs or aborts in free().
     ("model.width", lambda v: v >= 8, ">= 8"),
@@ -189,6 +197,13 @@ def validate(cfg: Config) -> Config:
             raise ConfigError(f"'{key}' must be {what}; got {get_value(cfg, key)!r}")
     if cfg.model.stem == "auto":  # the written config.yaml and checkpoints hold the stem this chose
         cfg.model.stem = "imagenet" if cfg.data.image_size >= IMAGENET_STEM_FROM else "cifar"
+    final = cfg.augment.view_size or cfg.data.image_size
+    if cfg.augment.view_size_start is not None and cfg.augment.view_size_start > final:
+        raise ConfigError(f"'augment.view_size_start' ({cfg.augment.view_size_start}) must not exceed the final view "
+                          f"size ({final}, augment.view_size or data.image_size): progressive views grow")
+    if cfg.augment.small_crops and (cfg.method.name, cfg.augment.preset) != ("simclr", "simclr"):
+        raise ConfigError(f"'augment.small_crops' (multi-crop) needs method.name=simclr and augment.preset=simclr; "
+                          f"got {cfg.method.name} with {cfg.augment.preset}: set augment.small_crops=0")
     if cfg.data.dataset == "folder" and not cfg.data.root:
         raise ConfigError("the folder dataset needs 'data.root' set to a folder of images")
     if cfg.optim.nesterov and (cfg.optim.name not in ("sgd", "lars") or cfg.optim.momentum == 0):

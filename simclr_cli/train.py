@@ -15,7 +15,7 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
-from simclr_cli.augment import Augmenter
+from simclr_cli.augment import Augmenter, progressive_size
 from simclr_cli.checkpoint import checkpoint_payload
 from simclr_cli.config import Config, ConfigError
 from simclr_cli.data import load_train_set, normalization_for
@@ -97,8 +97,15 @@ class Trainer:
                          f"{sum(p.numel() for p in self.model.parameters()) / 1e6:.2f}M parameters",
                 "batch": f"{cfg.train.batch_size} global = {self.dist.world_size} {ranks} x {self.local_batch}, "
                          f"{self.steps_per_epoch} steps/epoch",
+                "views": self._describe_views(),
                 "optimizer": f"{cfg.optim.name}, lr {cfg.optim.lr}, {cfg.optim.schedule} schedule",
                 "run directory": str(self.rundir.path)}
+
+    def _describe_views(self) -> str:
+        a = self.cfg.augment
+        text = f"2 x {self.view_size()} px" if a.view_size_start is None else \
+            f"2 x {a.view_size_start} rising to {a.view_size or self.cfg.data.image_size} px (progressive; now {self.view_size()})"
+        return text + (f" + {a.small_crops} x {a.small_crop_size} px (multi-crop)" if a.small_crops else "")
 
     def resume(self, ckpt: dict) -> None:
         """Continue from a loaded checkpoint (see `resume.restore`); refuses one that does not fit this run."""
@@ -106,11 +113,16 @@ class Trainer:
 
     def train_step(self, x: torch.Tensor) -> torch.Tensor:
         """One optimiser step on uint8 images (b, 3, H, W); returns the loss as a device tensor (no sync)."""
-        v1, v2 = self.augment(x, self.generator)  # (b, 3, S, S) each
+        v1, v2 = self.augment(x, self.generator, self.view_size())  # (b, 3, S, S) each
         views = torch.cat([v1, v2])  # (2b, 3, S, S)
+        a, small = self.cfg.augment, None
+        if a.small_crops:  # multi-crop: (small_crops * b, 3, s, s), drawn after both views
+            small = self.augment.small(x, self.generator, a.small_crops, a.small_crop_size, tuple(a.small_crop_scale))
         if self.cfg.train.channels_last:
             views = views.contiguous(memory_format=torch.channels_last)
-        loss = self.method.loss(self.net, views, autocast(self.device, self.precision))
+            small = small.contiguous(memory_format=torch.channels_last) if small is not None else None
+        ctx = autocast(self.device, self.precision)
+        loss = self.method.loss(self.net, views, ctx) if small is None else self.method.loss(self.net, views, ctx, small)
         self.optimizer.zero_grad(set_to_none=True)
         if self.scaler is not None:
             self.scaler.scale(loss).backward()
@@ -122,6 +134,15 @@ class Trainer:
         self.scheduler.step_batch()
         self.method.after_step(self.state.step + 1, self.scheduler.total_steps)  # EMA, enqueue: before the next
         return loss.detach()
+
+    def view_size(self) -> int:
+        """This step's view size: augment.view_size throughout, or rising from view_size_start (progressive
+        views) as the schedule's progress, so a resumed run picks up the same size at the same step."""
+        a = self.cfg.augment
+        final = a.view_size or self.cfg.data.image_size
+        if a.view_size_start is None:
+            return final
+        return progressive_size(a.view_size_start, final, self.state.step / max(1, self.scheduler.total_steps))
 
     def _batch(self, order: torch.Tensor, i: int) -> torch.Tensor:
         start = i * self.cfg.train.batch_size + self.dist.rank * self.local_batch
