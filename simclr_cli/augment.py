@@ -18,6 +18,7 @@ from torchvision.ops import roi_align
 
 from simclr_cli.colour import (JITTER_IDENTITY, JITTER_PERMS, adjust_brightness, color_jitter_, const, contrast_,
                                grayscale_, per_sample)
+from simclr_cli.config import AugmentConfig
 from simclr_cli.data import NORMALIZATION
 
 PRESETS = ("simclr", "baseline")
@@ -111,6 +112,22 @@ def progressive_size(start: int, end: int, progress: float, multiple: int = 4) -
     if progress >= 1.0 or start >= end:
         return end
     return min(end, start + multiple * round(max(0.0, progress) * (end - start) / multiple))
+
+
+def view_size_at(a: AugmentConfig, image_size: int, step: int, total_steps: int) -> int:
+    """The view size at optimiser step `step` of `total_steps`: augment.view_size (else the images' size)
+    throughout, or rising from augment.view_size_start with the schedule's progress (progressive views)."""
+    final = a.view_size or image_size
+    if a.view_size_start is None:
+        return final
+    return progressive_size(a.view_size_start, final, step / max(1, total_steps))
+
+
+def describe_views(a: AugmentConfig, image_size: int, now: int) -> str:
+    """What a run trains on, for the start panel; `now`: the current view size."""
+    text = f"2 x {now} px" if a.view_size_start is None else \
+        f"2 x {a.view_size_start} rising to {a.view_size or image_size} px (progressive; now {now})"
+    return text + (f" + {a.small_crops} x {a.small_crop_size} px (multi-crop)" if a.small_crops else "")
 
 
 class Augmenter:

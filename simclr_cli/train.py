@@ -15,7 +15,7 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
-from simclr_cli.augment import Augmenter, progressive_size
+from simclr_cli.augment import Augmenter, describe_views, view_size_at
 from simclr_cli.checkpoint import checkpoint_payload
 from simclr_cli.config import Config, ConfigError
 from simclr_cli.data import load_train_set, normalization_for
@@ -97,15 +97,9 @@ class Trainer:
                          f"{sum(p.numel() for p in self.model.parameters()) / 1e6:.2f}M parameters",
                 "batch": f"{cfg.train.batch_size} global = {self.dist.world_size} {ranks} x {self.local_batch}, "
                          f"{self.steps_per_epoch} steps/epoch",
-                "views": self._describe_views(),
+                "views": describe_views(cfg.augment, cfg.data.image_size, self.view_size()),
                 "optimizer": f"{cfg.optim.name}, lr {cfg.optim.lr}, {cfg.optim.schedule} schedule",
                 "run directory": str(self.rundir.path)}
-
-    def _describe_views(self) -> str:
-        a = self.cfg.augment
-        text = f"2 x {self.view_size()} px" if a.view_size_start is None else \
-            f"2 x {a.view_size_start} rising to {a.view_size or self.cfg.data.image_size} px (progressive; now {self.view_size()})"
-        return text + (f" + {a.small_crops} x {a.small_crop_size} px (multi-crop)" if a.small_crops else "")
 
     def resume(self, ckpt: dict) -> None:
         """Continue from a loaded checkpoint (see `resume.restore`); refuses one that does not fit this run."""
@@ -136,13 +130,8 @@ class Trainer:
         return loss.detach()
 
     def view_size(self) -> int:
-        """This step's view size: augment.view_size throughout, or rising from view_size_start (progressive
-        views) as the schedule's progress, so a resumed run picks up the same size at the same step."""
-        a = self.cfg.augment
-        final = a.view_size or self.cfg.data.image_size
-        if a.view_size_start is None:
-            return final
-        return progressive_size(a.view_size_start, final, self.state.step / max(1, self.scheduler.total_steps))
+        """This step's view size, from the step and the schedule's end (the same at the same step on resume)."""
+        return view_size_at(self.cfg.augment, self.cfg.data.image_size, self.state.step, self.scheduler.total_steps)
 
     def _batch(self, order: torch.Tensor, i: int) -> torch.Tensor:
         start = i * self.cfg.train.batch_size + self.dist.rank * self.local_batch

@@ -74,6 +74,22 @@ def test_the_folder_benchmark_runs_end_to_end_and_prints_what_it_measured(tmp_pa
     assert len(list((tmp_path / "work" / "jpeg-120").rglob("*.jpg"))) == 120
 
 
+def test_the_probe_speed_benchmark_prints_every_row(tmp_path):
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, str(REPO / "benchmarks" / "probe_speed.py"), "--width", "8", "--images", "32",
+                           "--batch", "16", "--no-compile"], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.splitlines()
+    rows = lines[[i for i, ln in enumerate(lines) if ln.startswith("lever")][0] + 1:]
+    names = ["as probe runs it", "contiguous", "batch 128", "batch 1024", "torch.inference_mode", "batch norm folded",
+             "1 thread"]
+    assert [any(ln.startswith(n) for ln in rows) for n in names] == [True] * len(names), done.stdout
+    for ln in rows:
+        assert float(ln.split()[-3]) > 0  # images/s measured, not blank
+
+
 @pytest.mark.slow
 def test_the_gpu_script_runs_end_to_end_on_a_cpu(tmp_path, cifar10_root):
     """benchmarks/gpu.py --device cpu --tiny: every step ok (the cuda tests skip), the table and gpu.json."""

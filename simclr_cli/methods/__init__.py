@@ -6,7 +6,8 @@ branches on which one it is:
                                         (None for byol) goes into the encoder file beside it
     method.to(device, memory_format)    every network the method holds, on the training device
     method.loss(net, views, ctx)        the loss of 2B views (first B: view 1, last B: view 2), the forward
-                                        passes inside `ctx` (autocast); `net` is `model` as wrapped (DDP)
+                                        passes inside `ctx` (autocast); `net` is `model` as wrapped (DDP);
+                                        simclr also takes `small`, the multi-crop views (augment.small_crops)
     method.after_step(step, total)      after optimiser step `step` of `total`: EMA update, enqueue
     method.state_dict() / load_state_dict()   what a checkpoint must carry beyond `model`
 
