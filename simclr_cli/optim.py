@@ -102,13 +102,23 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     return [g for g in groups if g["params"]]
 
 
-def _implementation(groups: list[dict]) -> dict:
-    """Fast-path keyword for torch's optimisers: fused kernels on CUDA, foreach elsewhere."""
-    devices = {p.device.type for g in groups for p in g["params"]}
-    # fused=True on CUDA does the update in a few kernels instead of several per tensor (not
-    # measured: no GPU was available when this was written). foreach is accepted on any device
-    # and torch falls back to a per-tensor loop where it has no kernel, so CPU stays correct.
-    if devices == {"cuda"}:
+def _devices(groups: list[dict]) -> set[str]:
+    return {p.device.type for g in groups for p in g["params"]}
+
+
+def _implementation(groups: list[dict], name: str, grad_scaler: bool) -> dict:
+    """Fast-path keyword for torch's optimisers: fused kernels on CUDA, foreach elsewhere.
+
+    fused=True on CUDA does the update in a few kernels instead of several per tensor (not measured: no GPU
+    has been lent yet). foreach is accepted on any device and torch falls back to a per-tensor loop where it
+    has no kernel, so the CPU stays correct. Not fused SGD under a GradScaler (fp16): fused SGD tells the
+    scaler it handles overflow itself, yet on a skipped step it still creates its momentum buffers, with
+    torch.empty_like, and leaves them unwritten; the next step then adds whatever that memory held (seen
+    here on torch 2.14's CPU kernel, and reported for 2.11's CUDA one: fp16's routine overflow on the first
+    steps put inf in the momentum). Fused Adam and AdamW create zeros on a skipped step, which is exactly
+    their initial state, so they stay fused (tests/test_optim.py checks both).
+    """
+    if _devices(groups) == {"cuda"} and not (grad_scaler and name == "sgd"):
         return {"fused": True}
     return {"foreach": True}
 
@@ -121,16 +131,18 @@ def build_optimizer(
     momentum: float = 0.9,
     nesterov: bool = False,
     betas: tuple[float, float] = (0.9, 0.999),
+    grad_scaler: bool = False,
 ) -> torch.optim.Optimizer:
-    """The optimiser `name` (one of OPTIMIZERS) over `param_groups(model, weight_decay)`."""
+    """The optimiser `name` (one of OPTIMIZERS) over `param_groups(model, weight_decay)`. `grad_scaler`: the
+    steps go through a GradScaler (fp16), whose skipped steps the optimiser must leave untouched."""
     groups = param_groups(model, weight_decay)
+    fast = _implementation(groups, name, grad_scaler)
     if name == "sgd":
-        return torch.optim.SGD(groups, lr=lr, momentum=momentum, nesterov=nesterov,
-                               **_implementation(groups))
+        return torch.optim.SGD(groups, lr=lr, momentum=momentum, nesterov=nesterov, **fast)
     if name == "adam":  # L2 penalty added to the gradient
-        return torch.optim.Adam(groups, lr=lr, betas=betas, **_implementation(groups))
+        return torch.optim.Adam(groups, lr=lr, betas=betas, **fast)
     if name == "adamw":  # decoupled weight decay
-        return torch.optim.AdamW(groups, lr=lr, betas=betas, **_implementation(groups))
+        return torch.optim.AdamW(groups, lr=lr, betas=betas, **fast)
     if name == "lars":
         return LARS(groups, lr=lr, momentum=momentum, weight_decay=weight_decay, nesterov=nesterov)
     raise ValueError(f"unknown optimizer {name!r}; choose one of {', '.join(OPTIMIZERS)}")

@@ -9,6 +9,7 @@ import pytest
 import torch
 from torch import nn
 
+from simclr_cli import optim
 from simclr_cli.optim import (
     LARS,
     OPTIMIZERS,
@@ -100,6 +101,49 @@ def test_build_optimizer_steps_all_params(name: str) -> None:
     opt = build_optimizer(model, name, lr=0.1, weight_decay=1e-4)
     _train_step(model, opt, _batch())
     assert all(not torch.equal(b, p) for b, p in zip(before, model.parameters()))
+
+
+@pytest.mark.parametrize("name", OPTIMIZERS)
+def test_a_step_the_grad_scaler_skips_leaves_weights_and_state_untouched(name: str, monkeypatch) -> None:
+    """fp16: the GradScaler skips a step whose gradients overflowed. The optimiser is chosen as on a GPU
+    (fused where that is safe), its kernels run here on the CPU; fused SGD would leave uninitialised
+    momentum behind on the skipped step and add it on the next one."""
+    monkeypatch.setattr(optim, "_devices", lambda groups: {"cuda"})
+    try:
+        torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=0.1, fused=True)
+    except (RuntimeError, ValueError):
+        pytest.skip("this torch has no fused optimisers on the CPU")
+    model, reference = _tiny_model(), _tiny_model()
+    opt = build_optimizer(model, name, lr=0.1, weight_decay=1e-4, grad_scaler=True)
+    ref_opt = build_optimizer(reference, name, lr=0.1, weight_decay=1e-4, grad_scaler=True)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**16)
+    before = [p.detach().clone() for p in model.parameters()]
+    scaler.scale(model(_batch()).sum() * float("inf")).backward()  # every gradient overflows
+    scaler.step(opt)
+    scaler.update()
+    assert all(torch.equal(b, p) for b, p in zip(before, model.parameters()))
+    for state in opt.state.values():  # nothing, or the initial state (fused Adam: zeros at step 0)
+        assert "momentum_buffer" not in state
+        assert all(not torch.is_tensor(v) or not v.any() for v in state.values()), state
+    opt.zero_grad(set_to_none=True)
+    scaler.scale(model(_batch()).sum()).backward()  # a good step: the same as the reference's first one
+    scaler.step(opt)
+    scaler.update()
+    reference(_batch())  # the skipped step's forward: the same BatchNorm running statistics
+    reference(_batch()).sum().backward()
+    ref_opt.step()
+    for (key, p), q in zip(model.named_parameters(), reference.parameters()):
+        torch.testing.assert_close(p, q, rtol=0, atol=1e-7, msg=key)
+
+
+def test_fused_kernels_on_cuda_except_sgd_under_a_grad_scaler(monkeypatch) -> None:
+    monkeypatch.setattr(optim, "_devices", lambda groups: {"cuda"})
+    groups = param_groups(_tiny_model(), 0.0)
+    assert optim._implementation(groups, "sgd", grad_scaler=False) == {"fused": True}
+    assert optim._implementation(groups, "sgd", grad_scaler=True) == {"foreach": True}
+    assert optim._implementation(groups, "adamw", grad_scaler=True) == {"fused": True}
+    monkeypatch.setattr(optim, "_devices", lambda groups: {"cpu"})
+    assert optim._implementation(groups, "sgd", grad_scaler=False) == {"foreach": True}
 
 
 def test_unknown_names_raise_listing_choices() -> None:
