@@ -166,12 +166,15 @@ def load_dataset(name: str, split: str, root: str | Path | None = None, *, downl
 
 
 def load_train_set(cfg, dist_info: DistInfo, emit: Callback | None = None) -> ImageSet:
-    """The training split a run's config names (subset, checked against the batch size); under several
-    processes local rank 0 loads first, and alone reports a folder cache being built."""
+    """The training split a run's config names (subset, checked against the batch size). Under several
+    processes, CIFAR is loaded (and downloaded) by local rank 0 first, so ranks never write the same archive
+    at once; a folder needs no such turn: its cache build is locked on disk, so one process decodes while
+    the others wait for it, without a collective that could time out on a large folder. Rank 0 alone
+    reports the build."""
     d, emit = cfg.data, emit or (lambda event, data: None)
-    shown = dist_info.is_main  # rank 0 alone reports the folder cache being built
-    # Local rank 0 loads (and downloads) first, so ranks never write the same archive at once.
-    if dist_info.enabled and dist_info.local_rank != 0:
+    shown = dist_info.is_main
+    first = dist_info.enabled and d.dataset in CIFAR_FOLDERS
+    if first and dist_info.local_rank != 0:
         dist.barrier()
     try:
         folder = FolderOptions.of(d, (lambda done, total, bad: emit("cache", {"done": done, "total": total, "bad": bad}))
@@ -180,7 +183,7 @@ def load_train_set(cfg, dist_info: DistInfo, emit: Callback | None = None) -> Im
                             num_workers=d.num_workers, synthetic_size=d.synthetic_size, seed=cfg.train.seed,
                             folder=folder)
     finally:  # released on failure too: the others then fail with the same one line, not a broken-pipe traceback
-        if dist_info.enabled and dist_info.local_rank == 0:
+        if first and dist_info.local_rank == 0:
             dist.barrier()
     if d.size_dataset_train:
         data = data.subset(d.size_dataset_train, seed=cfg.train.seed)

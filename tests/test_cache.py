@@ -1,12 +1,15 @@
 """The decoded image-folder cache: equal to direct decoding, invalidated by any change to the folder, never
-reused after an interrupted build, bad files named or skipped, memory flat, training the same as in memory."""
+reused after an interrupted build, built once by one of several processes, safe against short and refused
+writes, bad files named or skipped, memory flat, training the same as in memory."""
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -56,7 +59,7 @@ def test_the_cache_equals_direct_decoding_and_is_mapped(tmp_path):
         shuffled = torch.randperm(n, generator=torch.Generator().manual_seed(3))
         assert torch.equal(mapped.images[shuffled], direct.images[shuffled])  # read in file order, given back as asked
     (folder,) = (tmp_path / "cache").iterdir()
-    assert sorted(p.name for p in folder.iterdir()) == ["images.npy", "index.json"]
+    assert sorted(p.name for p in folder.iterdir()) == [".build.lock", "images.npy", "index.json"]
     assert np.load(folder / "images.npy", mmap_mode="r").shape == (10, 3, 24, 24)  # the whole folder, once
 
 
@@ -93,15 +96,147 @@ def test_an_interrupted_build_is_never_reused(tmp_path, monkeypatch):
     with pytest.raises(KeyboardInterrupt):
         load(tmp_path / "images", tmp_path, progress=interrupt)
     (folder,) = (tmp_path / "cache").iterdir()
-    assert list(folder.iterdir()) == []  # no index, no half-written array
+    assert [p.name for p in folder.iterdir()] == [".build.lock"]  # no index, no half-written array
     # What a kill -9 mid-build leaves: a temporary array, and an old images.npy whose index was removed first.
     np.save(folder / "images.npy", np.zeros((10, 3, 24, 24), np.uint8))
-    (folder / ".images.999.tmp.npy").write_bytes(b"half")
+    (folder / f".images.{cache.HOST}.{dead_pid()}.tmp.npy").write_bytes(b"half")
     built = []
     data = load(tmp_path / "images", tmp_path, progress=lambda done, total, bad: built.append(done))
     assert built and built[-1] == 10  # decoded again, not taken from the zeros
     assert data.images[torch.arange(len(data))].float().std() > 10
-    assert sorted(p.name for p in folder.iterdir()) == ["images.npy", "index.json"]
+    assert sorted(p.name for p in folder.iterdir()) == [".build.lock", "images.npy", "index.json"]
+
+
+def dead_pid() -> int:
+    """The pid of a process that has exited (and been reaped)."""
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    child.wait()
+    return child.pid
+
+
+def test_only_a_dead_builds_temporaries_are_removed(tmp_path):
+    write_folder(tmp_path / "images")
+    folder = cache.cache_folder(tmp_path / "images", 24, tmp_path / "cache")
+    folder.mkdir(parents=True)
+    dead = folder / f".images.{cache.HOST}.{dead_pid()}.tmp.npy"
+    live = folder / f".images.{cache.HOST}.{os.getppid()}.tmp.npy"  # a running process: this one's parent
+    away_live = folder / ".images.other-machine.4242.tmp.npy"  # written just now: a build on another machine
+    away_dead = folder / ".images.other-machine.4343.tmp.npy"
+    old_layout = folder / ".images.999.tmp.npy"  # the name an older version gave its temporary
+    for tmp in (dead, live, away_live, away_dead, old_layout):
+        tmp.write_bytes(b"half")
+    an_hour_ago = time.time() - 3600  # s; past cache.LEFTOVER_IDLE_S
+    for tmp in (away_dead, old_layout):
+        os.utime(tmp, (an_hour_ago, an_hour_ago))
+    load(tmp_path / "images", tmp_path)
+    assert sorted(p.name for p in folder.glob(".images.*")) == sorted([live.name, away_live.name])
+
+
+BUILDER = """
+import json, sys, time
+from pathlib import Path
+from simclr_cli import cache
+from simclr_cli.data import list_images
+import numpy as np
+
+decode = cache.iter_decoded
+def slow(*args, **kwargs):  # 2 s per batch (one batch here): the other process arrives mid-build
+    for batch in decode(*args, **kwargs):
+        time.sleep(2)
+        yield batch
+cache.iter_decoded = slow
+
+root, out, go = map(Path, sys.argv[1:4])
+out.with_suffix(".ready").touch()
+deadline = time.monotonic() + 60
+while not go.exists() and time.monotonic() < deadline:
+    time.sleep(0.005)
+built, notes = [], []
+images, kept = cache.load_cached(root, list_images(root), 24, num_workers=0, notice=notes.append,
+                                 progress=lambda done, total, bad: built.append(done))
+np.save(out, images[:].numpy())
+print(json.dumps({"built": bool(built), "notes": notes}))
+"""
+
+
+def test_two_processes_on_one_folder_share_one_build(tmp_path):
+    """Started together, one decodes the folder while the other waits (its temporary untouched), then both
+    map the same finished cache."""
+    paths = write_folder(tmp_path / "images")
+    env = {**os.environ, "SIMCLR_CACHE_DIR": str(tmp_path / "cache")}
+    outs, go = [tmp_path / f"out{k}.npy" for k in range(2)], tmp_path / "go"
+    procs = [subprocess.Popen([sys.executable, "-c", BUILDER, str(tmp_path / "images"), str(out), str(go)], env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for out in outs]
+    try:
+        deadline = time.monotonic() + 60  # s; importing torch takes a few on two busy cores
+        while not all(out.with_suffix(".ready").exists() for out in outs):
+            assert time.monotonic() < deadline and all(p.poll() is None for p in procs), "a builder did not start"
+            time.sleep(0.01)
+        go.touch()  # both start the build within a few ms of each other
+        results = [p.communicate(timeout=60) for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+    for p, (_, stderr) in zip(procs, results):
+        assert p.returncode == 0, stderr
+    reports = [json.loads(stdout.splitlines()[-1]) for stdout, _ in results]
+    assert sorted(r["built"] for r in reports) == [False, True]  # exactly one decoded the folder
+    builder, waiter = sorted(reports, key=lambda r: not r["built"])
+    assert builder["notes"] == []
+    assert len(waiter["notes"]) == 1 and waiter["notes"][0].startswith("waiting for another process decoding")
+    direct = decode_all(paths, 24, 0).numpy()
+    for out in outs:
+        assert np.array_equal(np.load(out), direct)
+
+
+def test_a_file_system_without_flock_builds_without_the_lock(tmp_path, monkeypatch):
+    paths = write_folder(tmp_path / "images")
+
+    def no_flock(fd, operation):
+        raise OSError(errno.ENOLCK, os.strerror(errno.ENOLCK))  # NFS without lockd; Lustre noflock: ENOSYS
+
+    monkeypatch.setattr(cache.fcntl, "flock", no_flock)
+    notes = []
+    data = load(tmp_path / "images", tmp_path, notes=notes)
+    assert len(notes) == 1 and notes[0].startswith("cannot lock") and os.strerror(errno.ENOLCK) in notes[0]
+    assert data.mapped and np.array_equal(np.load(cache.cache_folder(tmp_path / "images", 24, tmp_path / "cache")
+                                                  / "images.npy"), decode_all(paths, 24, 0).numpy())
+
+
+def test_short_writes_are_completed(tmp_path, monkeypatch):
+    paths = write_folder(tmp_path / "images")
+    write = os.pwrite
+
+    def short(fd, data, offset):  # at most 100 bytes a call, as a nearly full disk or a signal may leave it
+        return write(fd, bytes(data[:100]), offset)
+
+    monkeypatch.setattr(os, "pwrite", short)
+    load(tmp_path / "images", tmp_path)
+    monkeypatch.undo()
+    (folder,) = (tmp_path / "cache").iterdir()
+    assert (folder / "index.json").is_file()
+    assert np.array_equal(np.load(folder / "images.npy"), decode_all(paths, 24, 0).numpy())
+
+
+@pytest.mark.parametrize("failure", ["no progress", "disk full"])
+def test_a_refused_write_is_one_error_and_leaves_nothing(tmp_path, monkeypatch, failure):
+    write_folder(tmp_path / "images")
+
+    def refuse(fd, data, offset):
+        if failure == "disk full":
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return 0  # no error, no byte written
+
+    monkeypatch.setattr(os, "pwrite", refuse)
+    with pytest.raises(DatasetError) as err:
+        load(tmp_path / "images", tmp_path)
+    (folder,) = (tmp_path / "cache").iterdir()
+    message = str(err.value)
+    assert str(folder) in message and "data.cache_dir" in message and "\n" not in message
+    assert failure != "disk full" or os.strerror(errno.ENOSPC) in message
+    assert [p.name for p in folder.iterdir()] == [".build.lock"]  # no index, no temporary, no array
 
 
 def test_bad_files_are_named_or_skipped(tmp_path):
