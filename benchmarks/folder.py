@@ -5,8 +5,11 @@ Builds a folder of JPEGs at 128-160 px with varied sizes and aspect ratios from 
   decode        images/s decoding the 50,000-image folder without keeping anything (2 workers)
   cache build   images/s of the first run, which decodes into the cache (2 workers)
   restart       seconds for the second run to check the folder against the index and map the cache
-  views/s       pretraining steps reading batches from the mapped cache, against the same images held in
-                memory as one tensor (alternated, median of the rounds); the page cache is warm
+  views/s       pretraining steps reading batches from the mapped cache as the loop does (read ahead on a
+                thread, data.read_ahead=2, and read when needed, 0), against the same images held in memory as
+                one tensor (alternated, median of the rounds); the page cache is warm
+  data wait     the share of those steps' time the loop spent waiting for its batch (reading it, when it
+                was not read ahead)
   memory        for 20,000 and 100,000 images (each its own process: cache build, then training steps):
                 peak anonymous memory (what the process allocates) and peak resident file pages (shared
                 libraries and the map's pages: page cache, which the kernel takes back under pressure)
@@ -33,6 +36,7 @@ from PIL import Image
 
 from simclr_cli.config import load_config
 from simclr_cli.data import FolderOptions, ImageSet, iter_decoded, list_images, load_dataset
+from simclr_cli.readahead import BatchStream
 from simclr_cli.train import Trainer, epoch_order
 
 
@@ -87,26 +91,37 @@ def config(root: Path, size: int, cache_dir: Path, extra: list[str]):
                               "train.device=cpu", "train.precision=fp32", "train.output_dir=/tmp/unused", *extra])
 
 
-def steps_per_s(trainer: Trainer, steps: int) -> float:
+def timed_steps(trainer: Trainer, steps: int) -> tuple[float, float]:
+    """(views/s, share of the time spent waiting for batches) of `steps` steps, batches taken as the loop
+    takes them (read ahead when the images are mapped and data.read_ahead > 0; the epoch's batches again
+    when `steps` passes its end)."""
     order = epoch_order(len(trainer.data), 0, 0, torch.device("cpu") if trainer.data.mapped else trainer.device)
-    trainer.train_step(trainer._batch(order, 0))  # warm-up
-    t0 = time.perf_counter()
-    for i in range(1, steps + 1):
-        trainer.train_step(trainer._batch(order, i))
-    return steps / (time.perf_counter() - t0)
+    depth = trainer.cfg.data.read_ahead if trainer.data.mapped else 0
+    read = lambda i: trainer._read(order, i % trainer.steps_per_epoch)  # noqa: E731
+    with BatchStream(read, range(steps + 1), depth, trainer._move) as batches:
+        trainer.train_step(next(batches))  # warm-up
+        batches.wait_s = 0.0
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            trainer.train_step(next(batches))
+        seconds = time.perf_counter() - t0
+    return 2 * trainer.cfg.train.batch_size * steps / seconds, batches.wait_s / seconds
 
 
-def views_per_s(cfg, steps: int, rounds: int) -> tuple[float, float]:
-    """(mapped, in memory) views/s of the same trainer, alternated `rounds` times."""
+def views_per_s(cfg, steps: int, rounds: int) -> dict[str, tuple[float, float]]:
+    """{way: (views/s, data-wait share)} of the same trainer for the mapped cache read ahead, the mapped cache
+    read when needed, and the images in memory; alternated `rounds` times, medians."""
     trainer = Trainer(cfg)
     mapped = trainer.data
     held = ImageSet(mapped.images[:], mapped.labels, mapped.classes, mapped.name)  # one tensor in memory
-    rates = {"mapped": [], "memory": []}
+    ways = {"mapped, read ahead": (mapped, 2), "mapped, read when needed": (mapped, 0), "in memory": (held, 0)}
+    measured: dict[str, list[tuple[float, float]]] = {way: [] for way in ways}
     for _ in range(rounds):
-        for name, data in (("mapped", mapped), ("memory", held)):
-            trainer.data = data
-            rates[name].append(2 * cfg.train.batch_size * steps_per_s(trainer, steps))
-    return statistics.median(rates["mapped"]), statistics.median(rates["memory"])
+        for way, (data, depth) in ways.items():
+            trainer.data, trainer.cfg.data.read_ahead = data, depth
+            measured[way].append(timed_steps(trainer, steps))
+    return {way: (statistics.median(r for r, _ in runs), statistics.median(w for _, w in runs))
+            for way, runs in measured.items()}
 
 
 MEMORY_PROBE = """
@@ -179,9 +194,12 @@ def main() -> None:
     t0 = time.perf_counter()
     load_dataset("folder", "train", root, image_size=args.size, num_workers=2, folder=opts)
     rows["second run: check and map (s)"] = time.perf_counter() - t0
-    mapped, held = views_per_s(config(root, args.size, cache_dir, []), args.steps, args.rounds)
-    rows["views/s, mapped cache"], rows["views/s, in memory"] = mapped, held
-    rows["mapped / in memory"] = mapped / held
+    speeds = views_per_s(config(root, args.size, cache_dir, []), args.steps, args.rounds)
+    for way, (rate, _) in speeds.items():
+        rows[f"views/s, {way}"] = rate
+    rows["mapped read ahead / in memory"] = speeds["mapped, read ahead"][0] / speeds["in memory"][0]
+    for way, (_, wait) in speeds.items():
+        rows[f"data wait, {way} (% of step time)"] = 100 * wait
     small = link_folder(args.work / f"jpeg-{args.small}", every, args.small)
     for n, folder in ((args.small, small), (args.big, args.work / f"jpeg-{args.big}")):
         m = memory_at(folder, args.size, cache_dir, args.steps)

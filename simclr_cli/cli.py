@@ -70,6 +70,7 @@ def pretrain(
     device: DeviceOption = None,
     precision: PrecisionOption = None,
     resume: Annotated[bool, typer.Option("--resume", help="Continue the run in the output directory from its checkpoint.pt.")] = False,
+    auto_resume: Annotated[bool, typer.Option("--auto-resume", help="Continue from the output directory's checkpoint.pt when there is one, else start: for jobs that restart themselves (torchrun --max-restarts, a requeued cluster job).")] = False,
     nproc: Annotated[Optional[int], typer.Option("--nproc", min=1, help="Processes on this machine, e.g. --nproc 4 for 4 GPUs: starts torchrun with the same options; train.batch_size stays the global batch.")] = None,
 ) -> None:
     """Self-supervised pretraining: writes config.yaml, metrics.jsonl, checkpoint.pt and encoder.pth."""
@@ -79,7 +80,7 @@ def pretrain(
     values = {key: str(value) for key, value in (("train.output_dir", output_dir), ("train.device", device),
                                                  ("train.precision", precision)) if value is not None}
     with handle_errors():
-        cfg = resolve_config(config, list(overrides), values, resume)
+        cfg, resume = resolve_config(config, list(overrides), values, resume, auto_resume)
         if nproc is not None and nproc > 1:
             from simclr_cli.launch import forwarded_args, launch_pretrain
 

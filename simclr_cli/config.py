@@ -3,6 +3,8 @@
 Precedence: dataclass defaults < YAML file < `--set section.key=value` < dedicated CLI flags. One concept
 keeps one name everywhere (YAML key, dataclass field, flag). The resolved config is written to the run
 directory and into every checkpoint, so later commands rebuild the encoder from the file alone.
+
+Longer than 300 lines: every setting, its default, unit and rule, is here and nowhere else.
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ class DataConfig:
     cache_dir: str | None = None  # folder cache location; None -> $SIMCLR_CACHE_DIR or ~/.cache/simclr-cli/folders
     skip_bad: bool = False  # folder: leave out files that do not decode (else they are named and the run stops)
     val_size: int = 5000  # labelled training images held out as the validation split (capped at a tenth)
+    read_ahead: int = 2  # folder through the cache: batches read on a background thread ahead of the step (0: off)
 
 
 @dataclass
@@ -107,6 +110,7 @@ class TrainConfig:
     eval_split: str = "val"  # monitor queries: val (held out of the training split; the rest is the bank) | test
     knn_k: int = 200  # kNN monitor neighbours
     knn_temperature: float = 0.1  # kNN monitor vote temperature
+    dist_timeout_min: float = 30.0  # several processes: minutes a collective may wait for the others before the run fails
 
 
 @dataclass
@@ -150,6 +154,7 @@ RULES = [
     ("train.eval_every", lambda v: v >= 0, ">= 0"),
     ("train.knn_k", lambda v: v >= 1, ">= 1"),
     ("train.knn_temperature", lambda v: v > 0, "> 0"),
+    ("train.dist_timeout_min", lambda v: v > 0, "> 0 (minutes)"),
     ("optim.lr", lambda v: v > 0, "> 0"),
     ("optim.weight_decay", lambda v: v >= 0, ">= 0"),
     ("optim.momentum", lambda v: 0 <= v < 1, "in [0, 1)"),
@@ -179,6 +184,7 @@ RULES = [
     ("data.num_workers", lambda v: v >= 0, ">= 0"),
     ("data.synthetic_size", lambda v: v >= 2, ">= 2"),
     ("data.val_size", lambda v: v >= 1, ">= 1"),
+    ("data.read_ahead", lambda v: v >= 0, ">= 0"),
     ("data.size_dataset_train", lambda v: v is None or v >= 2, ">= 2 or null"),
 ]
 

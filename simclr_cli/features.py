@@ -15,7 +15,7 @@ import torch.nn.functional as F
 
 from simclr_cli.errors import OptionError
 from simclr_cli.model import ProjectionHead, ResNetEncoder
-from simclr_cli.runtime import autocast
+from simclr_cli.runtime import autocast, configure_cuda
 
 
 def _channel_stats(mean: Sequence[float], std: Sequence[float], device: torch.device) -> tuple[torch.Tensor, ...]:
@@ -47,7 +47,9 @@ def check_layer(head: ProjectionHead | None, layer: int) -> None:
 
 def for_inference(encoder: ResNetEncoder, head: ProjectionHead | None, device: torch.device):
     """A loaded (not live) encoder and head on `device`, in eval mode and channels_last, the fastest layout
-    for convolutions here; `extract_features` then feeds it channels_last batches."""
+    for convolutions here; `extract_features` then feeds it channels_last batches. On a GPU, fp32 stays fp32
+    (no TF32; see `runtime.configure_cuda`)."""
+    configure_cuda(device, "fp32", training=False)
     encoder = encoder.eval().to(device).to(memory_format=torch.channels_last)
     return encoder, head.eval().to(device) if head is not None else None
 

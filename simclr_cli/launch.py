@@ -7,7 +7,7 @@ object, so the user reads one line naming the rank and how it died instead of to
 `--standalone` rendezvouses on a free local port, so two runs on one machine never fight over port 29500.
 
 When one rank dies, torchrun's agent stops the others at once (SIGTERM, SIGKILL after 30 s), so no rank
-waits out the 30-minute collective timeout. Rank 0 alone writes checkpoints, by atomic rename, so the last
+waits out the collective timeout (`train.dist_timeout_min`). Rank 0 alone writes checkpoints, by atomic rename, so the last
 one stays whole whatever dies.
 """
 
@@ -24,7 +24,7 @@ import torch
 from simclr_cli.config import Config
 from simclr_cli.errors import USER_ERROR_EXIT, ConfigError, RuntimeSetupError
 from simclr_cli.rundir import check_world, preflight
-from simclr_cli.runtime import pick_device
+from simclr_cli.runtime import check_device_for_ranks, pick_device
 
 
 @dataclass
@@ -105,6 +105,7 @@ def launch_pretrain(nproc: int, args: list[str], cfg: Config, resume: bool = Fal
     """
     if "WORLD_SIZE" in os.environ:
         raise ConfigError("--nproc starts torchrun itself: under torchrun, leave --nproc out")
+    check_device_for_ranks(cfg.train.device, nproc)
     device = pick_device(cfg.train.device)
     check_world(cfg, nproc, device)
     gpus = torch.cuda.device_count() if device.type == "cuda" else 0

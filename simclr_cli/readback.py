@@ -12,8 +12,6 @@ from typing import Callable
 import torch
 import torch.distributed as dist
 
-from simclr_cli.interrupt import RankAgreedStop
-
 
 class NonFiniteLoss(RuntimeError):
     """The loss (or the weights) became NaN or Inf; the last good checkpoint is left as it was."""
@@ -43,18 +41,16 @@ def advice(precision: str, lr: float, saved_step: int | None, checkpoint: Path) 
             "--output-dir (a changed config cannot --resume)")
 
 
-def read_back(window: LossWindow, world_size: int, agreed_stop: RankAgreedStop | None,
-              why: Callable[[], str]) -> list[float]:
+def read_back(window: LossWindow, world_size: int, why: Callable[[], str]) -> list[float]:
     """The window's losses as floats, averaged over ranks (each rank's loss covers its own rows: their mean
-    is the global batch's), so every rank logs, checks and schedules on the same numbers. A distributed
-    run's stop flag is agreed in the same breath. `why()` gives the rest of the error's line, built only
-    when a value is not finite (not once per log window)."""
+    is the global batch's), so every rank logs, checks and schedules on the same numbers. `why()` gives the
+    rest of the error's line, built only when a value is not finite (not once per log window)."""
+    if not window.losses:  # the same on every rank: the loop runs in step
+        return []
     stacked = torch.stack(window.losses).float()
     if world_size > 1:
         dist.all_reduce(stacked)
         stacked /= world_size
-        if agreed_stop is not None:
-            agreed_stop.sync()
     values = stacked.cpu().tolist()  # the one host sync per log window
     for j, value in enumerate(values):
         if not math.isfinite(value):

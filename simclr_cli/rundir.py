@@ -30,19 +30,27 @@ from simclr_cli.files import atomic_save, atomic_write_text, remove_stale_temps,
 
 # Keys a resumed run may change; anything else would make "resume" a different run.
 RESUMABLE_KEYS = {"train.epochs", "train.log_every", "train.checkpoint_every", "train.keep_last",
-                  "train.eval_every", "train.output_dir", "train.device", "data.root", "data.num_workers", "data.cache", "data.cache_dir",
-                  "data.download"}
+                  "train.eval_every", "train.output_dir", "train.device", "train.dist_timeout_min", "data.root",
+                  "data.num_workers", "data.cache", "data.cache_dir", "data.download", "data.read_ahead"}
 FILES = ("checkpoint*.pt", "encoder.pth", "config.yaml", "metrics.jsonl")  # what a run writes (globs)
 
 
-def resolve_config(config: str | Path | None, overrides: list[str], values: dict[str, Any], resume: bool) -> Config:
-    """The run's config: defaults < YAML < --set < flags. `--resume` without `--config` continues the run as
-    it was configured: its own config.yaml, with this command's --set and flags on top."""
+def resolve_config(config: str | Path | None, overrides: list[str], values: dict[str, Any], resume: bool,
+                   auto_resume: bool = False) -> tuple[Config, bool]:
+    """(the run's config, whether it resumes). The config: defaults < YAML < --set < flags. `--resume`
+    without `--config` continues the run as it was configured: its own config.yaml, with this command's
+    --set and flags on top. `--auto-resume` resumes when the run directory holds a checkpoint.pt and starts
+    the run otherwise: what a restarted job (`torchrun --max-restarts`, a requeued cluster job) runs."""
+    if resume and auto_resume:
+        raise ConfigError("--resume and --auto-resume: give one (--auto-resume also starts a run that has no "
+                          "checkpoint yet)")
     cfg = load_config(config, overrides, values)
     saved = Path(cfg.train.output_dir) / "config.yaml"
+    if auto_resume:
+        resume = (Path(cfg.train.output_dir) / "checkpoint.pt").exists()
     if config is None and resume and saved.is_file():
         cfg = config_from_dict(merge_overrides(read_yaml(saved), overrides, values))
-    return cfg
+    return cfg, resume
 
 
 def _flatten(d: dict, prefix: str = "") -> dict:

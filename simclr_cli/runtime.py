@@ -1,7 +1,8 @@
 """Runtime: device choice, numeric precision, torch.distributed set-up, RNG state and device descriptions.
 
-Precision `auto` means bf16 autocast where the hardware runs it fast (CUDA with bf16 support, CPUs with
-AMX or AVX512-BF16) and fp32 elsewhere. Measured on an AVX2-only AMD EPYC (2 cores), a ResNet-18 training
+Precision `auto` means bf16 autocast where the hardware runs it natively (CUDA GPUs of compute capability
+8.0 and up, CPUs with AMX or AVX512-BF16), fp16 with a GradScaler for training on older GPUs (fp32 for probe
+and embed there, which allow no fp16), and fp32 elsewhere. Measured on an AVX2-only AMD EPYC (2 cores), a ResNet-18 training
 step ran at 30.5 views/s in fp32 + channels_last and 2.0 views/s under bf16 autocast: bf16 without
 hardware support is emulated and 15x slower, so `auto` must not pick it there.
 
@@ -13,6 +14,7 @@ bf16). An explicit precision is never overridden.
 from __future__ import annotations
 
 import contextlib
+import datetime
 import os
 import platform
 from dataclasses import dataclass
@@ -87,21 +89,50 @@ def forced_precision() -> str | None:
     return value
 
 
+def cuda_has_native_bf16(device: torch.device) -> bool:
+    """Compute capability 8.0 and up (A100, RTX 30xx, H100, ...). `torch.cuda.is_bf16_supported()` also says
+    yes on a T4, V100 or RTX 20xx, where bf16 is emulated: slow, and missing from some kernels."""
+    return torch.cuda.get_device_capability(device)[0] >= 8
+
+
 def resolve_precision(precision: str, device: torch.device, allowed: tuple[str, ...] = PRECISIONS) -> str:
-    """'auto' | 'fp32' | 'bf16' | 'fp16' -> the precision actually used on this device."""
+    """'auto' | 'fp32' | 'bf16' | 'fp16' -> the precision actually used on this device; `auto` resolves
+    inside `allowed` (probe and embed allow no fp16: a GPU without native bf16 gives them fp32)."""
     if precision not in allowed:
         raise RuntimeSetupError(f"unknown precision {precision!r}: use {', '.join(allowed)}")
     if precision == "auto" and forced_precision():
         precision = forced_precision()
     if precision == "auto":
         if device.type == "cuda":
-            return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+            if cuda_has_native_bf16(device):
+                return "bf16"
+            return "fp16" if "fp16" in allowed else "fp32"
         if device.type == "cpu" and cpu_has_fast_bf16():
             return "bf16"
         return "fp32"
     if precision == "fp16" and device.type == "cpu":
         raise RuntimeSetupError("fp16 is not supported on the CPU: use precision bf16 or fp32")
     return precision
+
+
+def configure_cuda(device: torch.device, precision: str, training: bool) -> str | None:
+    """The CUDA library settings a run uses, set process-wide; what the start panel shows (None off CUDA).
+
+    cudnn.benchmark: cuDNN times its convolution algorithms on the first batch of each shape and keeps the
+    fastest (the shapes here are fixed, or a few with progressive views). GPU results are not bitwise
+    reproducible between processes either way (cudnn.deterministic is off), so nothing is lost.
+    TF32 (10-bit mantissa, as bf16 has 7) for fp32 matmuls and convolutions when training in fp32, where it
+    is what bf16 autocast would give anyway. Off otherwise: under autocast the loss is meant to be fp32, and
+    fp32 probe and embed rows are meant to agree with the CPU's within ~1e-5 (cuDNN's own default for
+    convolutions is TF32 on, so it is switched off explicitly).
+    """
+    if device.type != "cuda":
+        return None
+    torch.backends.cudnn.benchmark = True
+    tf32 = training and precision == "fp32"
+    torch.backends.cuda.matmul.allow_tf32 = tf32
+    torch.backends.cudnn.allow_tf32 = tf32
+    return f"cudnn.benchmark on, TF32 {'on' if tf32 else 'off'} for fp32 matmuls and convolutions"
 
 
 def autocast(device: torch.device, precision: str):
@@ -117,6 +148,7 @@ class DistInfo:
     rank: int = 0
     world_size: int = 1
     local_rank: int = 0
+    control: object = None  # the group small CPU messages go through (a stop agreed every step); None: the default
 
     @property
     def is_main(self) -> bool:
@@ -127,18 +159,34 @@ class DistInfo:
         return self.world_size > 1
 
 
-def init_distributed(device_name: str = "auto") -> tuple[DistInfo, torch.device]:
+def check_device_for_ranks(device_name: str, world_size: int) -> None:
+    """Under several processes each rank takes cuda:LOCAL_RANK; a fixed cuda:N would put them all on GPU N."""
+    if world_size > 1 and device_name.strip().startswith("cuda:"):
+        raise RuntimeSetupError(f"train.device={device_name} would put all {world_size} processes on one GPU: set "
+                                "train.device=cuda (or auto), and each rank takes the GPU of its local rank; choose "
+                                "the GPUs with CUDA_VISIBLE_DEVICES")
+
+
+def init_distributed(device_name: str = "auto", timeout_min: float | None = None) -> tuple[DistInfo, torch.device]:
     """Join the process group torchrun describes in the environment (RANK, WORLD_SIZE, LOCAL_RANK).
 
-    Without those variables this is a single process and nothing is initialised. nccl on CUDA, gloo on CPU.
+    Without those variables this is a single process and nothing is initialised. nccl on CUDA, gloo on CPU;
+    every collective gives up after `timeout_min` minutes (None: torch's default, 10 for nccl, 30 for gloo).
+    Beside an nccl group, a gloo group carries the per-step stop agreement as a CPU message, so agreeing
+    never makes the GPU wait.
     """
     world_size = int(os.environ.get("WORLD_SIZE", 1))
+    check_device_for_ranks(device_name, world_size)
     info = DistInfo(int(os.environ.get("RANK", 0)), world_size, int(os.environ.get("LOCAL_RANK", 0)))
     device = pick_device(device_name)
-    if world_size > 1 and not dist.is_initialized():
-        if device.type == "cuda":
-            torch.cuda.set_device(device)
-        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+    if world_size > 1:
+        timeout = {"timeout": datetime.timedelta(minutes=timeout_min)} if timeout_min else {}
+        if not dist.is_initialized():
+            if device.type == "cuda":
+                torch.cuda.set_device(device)
+            dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo", **timeout)
+        if dist.get_backend() != "gloo":
+            info.control = dist.new_group(backend="gloo", **timeout)
     return info, device
 
 
@@ -151,7 +199,9 @@ def describe_device(device: torch.device, precision: str) -> dict[str, str]:
     """What the start-up panel shows about where the run happens."""
     if device.type == "cuda":
         props = torch.cuda.get_device_properties(device)
-        name = f"{props.name} ({props.total_memory / 2**30:.0f} GiB), CUDA {torch.version.cuda}"
+        bf16 = "native bf16" if cuda_has_native_bf16(device) else "no native bf16"
+        name = (f"{props.name} ({props.total_memory / 2**30:.0f} GiB, compute {props.major}.{props.minor}, {bf16}), "
+                f"CUDA {torch.version.cuda}")
     elif device.type == "mps":
         name = f"Apple MPS ({platform.machine()})"
     else:

@@ -5,11 +5,15 @@ through `callback(event, data)` and never prints. Events: start, notice, log, ep
 The loss is read back to the host every `train.log_every` steps, not every step, so the device never
 waits on the host in between. The run directory's files are `rundir.RunDir`'s, the method's networks and
 loss `methods/`'s, the kNN monitor `evaluate.Monitor`'s.
+
+Longer than 300 lines: the loop with its stop, read-ahead and monitor hooks, until the regrouping splits the
+run state from it.
 """
 
 from __future__ import annotations
 
 import time
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -17,18 +21,19 @@ from torch.nn.parallel import DistributedDataParallel
 
 from simclr_cli.augment import Augmenter, describe_views, view_size_at
 from simclr_cli.checkpoint import checkpoint_payload
-from simclr_cli.config import Config, ConfigError
+from simclr_cli.config import Config
 from simclr_cli.data import load_train_set, normalization_for
 from simclr_cli.encoder_file import encoder_payload
 from simclr_cli.evaluate import Monitor, load_monitor
 from simclr_cli.interrupt import RankAgreedStop, StopFlag, StopRequested, stop_guard
-from simclr_cli.methods import build_method
+from simclr_cli.methods import build_method, convert_sync_batchnorm
 from simclr_cli.optim import build_optimizer, build_scheduler
+from simclr_cli.readahead import BatchStream
 from simclr_cli.readback import LossWindow, NonFiniteLoss, advice, check_finite_weights, read_back  # noqa: F401
 from simclr_cli.resume import RunState, restore
 from simclr_cli.rundir import RunDir, check_world, preflight
-from simclr_cli.runtime import (Callback, DistInfo, autocast, describe_device, init_distributed, resolve_precision,
-                               shutdown_distributed)
+from simclr_cli.runtime import (Callback, autocast, configure_cuda, describe_device, init_distributed,
+                               resolve_precision, shutdown_distributed)
 
 
 def epoch_order(n: int, seed: int, epoch: int, device: torch.device) -> torch.Tensor:
@@ -42,9 +47,10 @@ class Trainer:
 
     def __init__(self, cfg: Config, callback: Callback | None = None):
         self.cfg, self.emit = cfg, callback or (lambda event, data: None)
-        self.dist, self.device = init_distributed(cfg.train.device)
+        self.dist, self.device = init_distributed(cfg.train.device, cfg.train.dist_timeout_min)
         check_world(cfg, self.dist.world_size, self.device)
         self.precision = resolve_precision(cfg.train.precision, self.device)
+        self.cuda_settings = configure_cuda(self.device, self.precision, training=True)
         self.rundir = RunDir(cfg.train.output_dir)
         if self.dist.is_main:
             self.rundir.check_writable()
@@ -66,31 +72,34 @@ class Trainer:
         self.local_batch = cfg.train.batch_size // self.dist.world_size
         self.steps_per_epoch = len(self.data) // cfg.train.batch_size
         o = cfg.optim
-        self.optimizer = build_optimizer(self.model, o.name, o.lr, o.weight_decay, o.momentum, o.nesterov, tuple(o.betas))
+        self.optimizer = build_optimizer(self.model, o.name, o.lr, o.weight_decay, o.momentum, o.nesterov, tuple(o.betas),
+                                         grad_scaler=self.precision == "fp16")
         self.scheduler = build_scheduler(self.optimizer, o.schedule, cfg.train.epochs * self.steps_per_epoch,
                                          round(o.warmup_epochs * self.steps_per_epoch), o.min_lr,
                                          o.plateau_factor, o.plateau_patience)
         self.scaler = torch.amp.GradScaler(self.device.type) if self.precision == "fp16" else None
-        self.net = self._wrap(self.model)
+        self.net = self._wrap()
         self.state = RunState()
         self.saved_step: int | None = None  # step of the state in checkpoint.pt, when this run wrote or read it
         self.saved_epoch: int | None = None  # its epoch, when it was written at an epoch's end (for keep_last)
-        self.agreed_stop: RankAgreedStop | None = None
+        self.stop: StopFlag | RankAgreedStop | None = None  # what run() asks between steps and monitor batches
         self.monitor: Monitor | None | bool = False  # False: not loaded yet; None: no labelled test split
         self.last_knn: float | None = None  # the monitor's latest kNN top-1
 
-    def _wrap(self, model: torch.nn.Module) -> torch.nn.Module:
+    def _wrap(self) -> torch.nn.Module:
+        """The model as the step runs it: DDP across ranks (after SyncBatchNorm when asked), then compiled."""
+        if self.dist.enabled and self.cfg.model.sync_bn:
+            convert_sync_batchnorm(self.method)
+            self.model = self.method.model
+        net = self.model
         if self.dist.enabled:
-            if self.cfg.model.sync_bn:
-                model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
-            model = DistributedDataParallel(model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
-        if self.cfg.train.compile:
-            model = torch.compile(model)
-        return model
+            net = DistributedDataParallel(net, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+        return torch.compile(net) if self.cfg.train.compile else net
 
     def describe(self) -> dict:
         cfg, ranks = self.cfg, f"rank{'s' if self.dist.enabled else ''}"
-        return {**describe_device(self.device, self.precision),
+        cuda = {"cuda": self.cuda_settings} if self.cuda_settings else {}
+        return {**describe_device(self.device, self.precision), **cuda,
                 "dataset": f"{self.data.name}, {len(self.data)} images {tuple(self.data.images.shape[1:])}",
                 "method": cfg.method.name,
                 "model": f"{cfg.model.arch} ({cfg.model.stem} stem, width {cfg.model.width}), "
@@ -133,14 +142,24 @@ class Trainer:
         """This step's view size, from the step and the schedule's end (the same at the same step on resume)."""
         return view_size_at(self.cfg.augment, self.cfg.data.image_size, self.state.step, self.scheduler.total_steps)
 
-    def _batch(self, order: torch.Tensor, i: int) -> torch.Tensor:
+    def _read(self, order: torch.Tensor, i: int) -> torch.Tensor:
+        """This rank's rows of batch i: cut on the device when the images are there; read from the map of a
+        folder on the host, into pinned memory when a GPU will take them."""
         start = i * self.cfg.train.batch_size + self.dist.rank * self.local_batch
-        x = self.data.images[order[start:start + self.local_batch]]  # mapped: read from disk now, on the host
-        if self.data.mapped and self.device.type == "cuda":
-            x = x.pin_memory().to(self.device, non_blocking=True)  # the copy overlaps the previous step's work
-        elif self.data.mapped:
-            x = x.to(self.device)
-        return x
+        x = self.data.images[order[start:start + self.local_batch]]
+        return x.pin_memory() if self.data.mapped and self.device.type == "cuda" else x
+
+    def _move(self, x: torch.Tensor) -> torch.Tensor:
+        return x.to(self.device, non_blocking=True)  # pinned: the copy overlaps the work queued before it
+
+    def batches(self, order: torch.Tensor, first: int) -> BatchStream:
+        """Batches first.. of the epoch in order; a mapped folder's read `data.read_ahead` batches ahead."""
+        depth = self.cfg.data.read_ahead if self.data.mapped else 0
+        return BatchStream(lambda i: self._read(order, i), range(first, self.steps_per_epoch), depth, self._move)
+
+    def _batch(self, order: torch.Tensor, i: int) -> torch.Tensor:
+        """Batch i, read now (benchmarks and tests time single steps with it)."""
+        return self._move(self._read(order, i))
 
     def lr(self) -> float:
         return self.optimizer.param_groups[0]["lr"]
@@ -149,10 +168,11 @@ class Trainer:
         return advice(self.precision, self.cfg.optim.lr, self.saved_step, self.rundir.checkpoint)
 
     def _read_back(self, window: LossWindow) -> list[float]:
-        return read_back(window, self.dist.world_size, self.agreed_stop, self._why)
+        return read_back(window, self.dist.world_size, self._why)
 
     def run_epoch(self, epoch: int, stop) -> float:
-        """Steps to the end of `epoch`; returns its mean loss. A stop request is honoured between steps.
+        """Steps to the end of `epoch`; returns its mean loss. A stop request is honoured before every step
+        (every rank agrees on it there), so it is taken within one step of the signal.
 
         Log windows end at multiples of log_every within the epoch. A stop between them reads the open window
         back (so only finite losses are saved) without logging it; the checkpoint carries the epoch's losses
@@ -169,17 +189,17 @@ class Trainer:
         open_steps = first % cfg.train.log_every  # steps of the window a stop left open: they go back in
         window = LossWindow(s.step - open_steps, self.device, s.epoch_losses[len(s.epoch_losses) - open_steps:])
         del s.epoch_losses[len(s.epoch_losses) - open_steps:]
-        for i in range(first, self.steps_per_epoch):
-            if stop.requested:
-                raise StopRequested(stop.signal_name)
-            lr = self.lr()  # the lr this step uses
-            window.add(self.train_step(self._batch(order, i)), lr)
-            s.step += 1
-            if (i + 1) % cfg.train.log_every == 0 or i == self.steps_per_epoch - 1:
-                self._log_window(epoch, window)
-                window = LossWindow(s.step, self.device)
-            elif stop.requested:
-                s.epoch_losses = s.epoch_losses + self._read_back(window)
+        with self.batches(order, first) as batches:
+            for i in range(first, self.steps_per_epoch):
+                if stop.check():
+                    s.epoch_losses += self._read_back(window)  # the open window: only finite losses are saved
+                    raise StopRequested(stop.signal_name)
+                lr = self.lr()  # the lr this step uses
+                window.add(self.train_step(next(batches)), lr)
+                s.step += 1
+                if (i + 1) % cfg.train.log_every == 0 or i == self.steps_per_epoch - 1:
+                    self._log_window(epoch, window)
+                    window = LossWindow(s.step, self.device)
         return sum(s.epoch_losses) / max(len(s.epoch_losses), 1)
 
     def _log_window(self, epoch: int, window: LossWindow) -> None:
@@ -210,17 +230,20 @@ class Trainer:
         self.saved_epoch = s.epoch if s.step == s.epoch * self.steps_per_epoch else None
 
     def evaluate(self) -> float | None:
-        """The kNN monitor's top-1 on the labelled test split, logged; None without one."""
+        """The kNN monitor's top-1 on the labelled held-out split, logged; None without one, and on ranks other
+        than 0 (each extracts its share of the images; rank 0 votes). A stop is agreed between batches."""
         if self.monitor is False:
-            self.monitor, why = load_monitor(self.cfg, self.data, self.mean, self.std, self.device, self.precision)
-            if why:
+            self.monitor, why = load_monitor(self.cfg, self.data, self.mean, self.std, self.device, self.precision,
+                                             self.dist)
+            if why and self.dist.is_main:
                 self.emit("notice", {"message": why})
         if self.monitor is None:
             return None
         t0, s = time.perf_counter(), self.state
-        self.last_knn = self.monitor(self.model.encoder)
-        self._log({"kind": "eval", "epoch": s.epoch, "step": s.step, "knn_top1": self.last_knn,
-                   "split": self.cfg.train.eval_split, "eval_s": time.perf_counter() - t0}, "eval")
+        self.last_knn = self.monitor(self.model.encoder, self.stop)
+        if self.dist.is_main:
+            self._log({"kind": "eval", "epoch": s.epoch, "step": s.step, "knn_top1": self.last_knn,
+                       "split": self.cfg.train.eval_split, "eval_s": time.perf_counter() - t0}, "eval")
         return self.last_knn
 
     def write_encoder(self):
@@ -235,12 +258,13 @@ class Trainer:
             with stop_guard() as stop:
                 return self.run(stop)
         if self.dist.enabled and not isinstance(stop, RankAgreedStop):  # a rank stops only when all do
-            stop = self.agreed_stop = RankAgreedStop(stop, self.device)
+            stop = RankAgreedStop(stop, self.dist.control)
+        self.stop = stop
         cfg, s = self.cfg, self.state
         if self.dist.is_main:
             self.rundir.start(cfg, new=s.step == 0)
         try:
-            if stop.requested:  # a signal while the data or model was being set up
+            if stop.check():  # a signal while the data or model was being set up
                 raise StopRequested(stop.signal_name)
             self.emit("start", {"info": self.describe(), "epochs": cfg.train.epochs, "start_epoch": s.epoch,
                                 "steps_per_epoch": self.steps_per_epoch, "step": s.step})
@@ -269,22 +293,29 @@ class Trainer:
         self._log(record, "epoch")
         if s.epoch % cfg.checkpoint_every == 0 or s.epoch == cfg.epochs:
             self.save_checkpoint()
-        if self.dist.is_main and (s.epoch == cfg.epochs or (cfg.eval_every and s.epoch % cfg.eval_every == 0)):
-            self.evaluate()
+        if s.epoch == cfg.epochs or (cfg.eval_every and s.epoch % cfg.eval_every == 0):
+            self.evaluate()  # every rank: each extracts its share
 
 
 def pretrain(cfg: Config, resume: bool = False, callback: Callback | None = None) -> dict:
     """Train as `cfg` says; with `resume`, continue from the run directory's checkpoint.pt.
 
     `rundir.preflight` decides new vs resume before any data or model is built, so a wrong resume fails in
-    a second. Ctrl-C / SIGTERM from here on raise StopRequested once the current step is done and the
-    checkpoint written.
+    a second. Ctrl-C / SIGTERM from here on raise StopRequested: during set-up at once, during training
+    once the current step is done and the checkpoint written.
     """
     ckpt = preflight(cfg, resume)
     owns_group = not (dist.is_available() and dist.is_initialized())  # else a caller's group: leave it up
     try:
         with stop_guard() as stop:
-            trainer = Trainer(cfg, callback)
+            try:
+                with stop.at_once():  # set-up has nothing to save: a signal ends it where it is
+                    trainer = Trainer(cfg, callback)
+            except StopRequested as request:
+                if ckpt is None:
+                    raise
+                raise StopRequested(request.signal_name, str(Path(cfg.train.output_dir) / "checkpoint.pt"),
+                                    ckpt["epoch"], ckpt["step"]) from None
             if ckpt is not None:
                 trainer.resume(ckpt)
             summary = trainer.run(stop)

@@ -69,8 +69,10 @@ def test_the_folder_benchmark_runs_end_to_end_and_prints_what_it_measured(tmp_pa
     assert done.returncode == 0, done.stderr
     rows = {line.split("|")[1].strip(): float(line.split("|")[2]) for line in done.stdout.splitlines()
             if line.startswith("|")}
-    assert len(rows) == 12 and all(v > 0 or name.endswith("(s)") for name, v in rows.items()), rows
-    assert 0.3 < rows["mapped / in memory"] < 3
+    assert len(rows) == 16 and all(v > 0 or name.endswith("(s)") for name, v in rows.items()), rows
+    assert 0.3 < rows["mapped read ahead / in memory"] < 3
+    for way in ("mapped, read ahead", "mapped, read when needed", "in memory"):
+        assert 0 < rows[f"data wait, {way} (% of step time)"] < 100
     assert len(list((tmp_path / "work" / "jpeg-120").rglob("*.jpg"))) == 120
 
 
@@ -90,16 +92,81 @@ def test_the_probe_speed_benchmark_prints_every_row(tmp_path):
         assert float(ln.split()[-3]) > 0  # images/s measured, not blank
 
 
-@pytest.mark.slow
-def test_the_gpu_script_runs_end_to_end_on_a_cpu(tmp_path, cifar10_root):
-    """benchmarks/gpu.py --device cpu --tiny: every step ok (the cuda tests skip), the table and gpu.json."""
+def load_gpu():
+    import sys
+
+    spec = importlib.util.spec_from_file_location("gpu", REPO / "benchmarks" / "gpu.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["gpu"] = module  # its dataclass looks its module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+GPU_STAGES = ["environment", "roi_align", "cuda tests", "throughput eager", "pretrain", "probe", "throughput compiled",
+              "compile test"]
+
+
+def test_the_gpu_script_runs_every_stage_on_a_cpu(tmp_path):
+    """benchmarks/gpu.py --device cpu --tiny on fake CIFAR: a line per stage in gpu.jsonl, in order, each ok
+    (the cuda tests skip on a CPU), the probe's kNN figure, and the summary table."""
+    import re
     import subprocess
     import sys
 
-    done = subprocess.run([sys.executable, str(REPO / "benchmarks" / "gpu.py"), "--data-root", str(cifar10_root),
-                           "--device", "cpu", "--tiny", "--out", str(tmp_path)], capture_output=True, text=True,
-                          timeout=900, cwd=REPO)
+    write_fake_cifar(tmp_path / "data", "cifar10", n_per_batch=40)  # 200 training images, 40 test
+    done = subprocess.run([sys.executable, str(REPO / "benchmarks" / "gpu.py"), "--device", "cpu", "--tiny",
+                           "--data-root", str(tmp_path / "data"), "--out", str(tmp_path / "out"), "--work",
+                           str(tmp_path / "work")], capture_output=True, text=True, timeout=300, cwd=REPO)
     assert done.returncode == 0, done.stdout + done.stderr
-    results = json.loads((tmp_path / "gpu.json").read_text())
-    assert list(results) == ["roi_align", "cuda tests", "throughput", "pretrain + kNN"]
-    assert all(r["ok"] for r in results.values()) and "kNN top-1" in results["pretrain + kNN"]["result"]
+    lines = [json.loads(line) for line in (tmp_path / "out" / "gpu.jsonl").read_text().splitlines()]
+    assert [line["name"] for line in lines] == GPU_STAGES
+    assert all(line["ok"] for line in lines), lines
+    env, stages = lines[0], {line["name"]: line for line in lines}
+    assert env["torch"] and env["torchvision"] and env["device"] == "cpu" and env["budget_s"] == 60
+    assert "skipped" in stages["cuda tests"]["result"] and "skipped" in stages["compile test"]["result"]
+    assert re.search(r"kNN top-1 \d+\.\d\d%", stages["probe"]["result"]), stages["probe"]
+    assert "simclr-cli step" in stages["throughput eager"]["result"]
+    assert all(line["at_s"] < 60 for line in lines)  # inside the budget
+    assert (tmp_path / "out" / "pretrain-metrics.jsonl").stat().st_size > 0
+    table = done.stdout[done.stdout.index("\nstage "):]
+    assert all(f"{name:<20} ok" in table for name in GPU_STAGES[1:]), done.stdout
+
+
+def test_a_stage_past_its_timeout_is_recorded_before_the_next_one_runs(tmp_path):
+    """run_stages kills a stage at its timeout and writes its line at once; the next stage, which prints
+    the last line on disk when it starts, sees it, and runs to the end."""
+    import sys
+    import time
+
+    gpu = load_gpu()
+    jsonl, log = tmp_path / "gpu.jsonl", tmp_path / "gpu.log"
+    hang = "import time; print('started', flush=True); time.sleep(60)"
+    last_line = f"print(open({str(jsonl)!r}).read().splitlines()[-1])"
+    stages = [gpu.Stage("hangs", lambda timeout: [sys.executable, "-c", hang], reserve_s=1, cap_s=2),
+              gpu.Stage("next", lambda timeout: [sys.executable, "-c", last_line], reserve_s=1)]
+    start = time.monotonic()
+    hung, after = gpu.run_stages(stages, 30, start, jsonl, log, margin_s=1)
+    assert time.monotonic() - start < 15
+    assert not hung["ok"] and hung["timed_out"] and hung["timeout_s"] == 2 and 2 <= hung["seconds"] < 10
+    assert hung["result"].startswith("timed out after 2 s") and "started" in hung["result"]  # its output kept
+    assert after["ok"] and json.loads(after["result"]) == hung  # on disk before the next stage started
+    assert [json.loads(line)["name"] for line in jsonl.read_text().splitlines()] == ["hangs", "next"]
+
+
+def test_the_pretraining_time_is_what_the_later_stages_leave():
+    """The planned pretraining shrinks second for second with the time the stages before it took."""
+    import argparse
+    from pathlib import Path
+
+    gpu = load_gpu()
+    reserve = gpu.RESERVE_S["gpu"]
+    later = reserve["probe"] + reserve["throughput compiled"] + reserve["compile test"] + gpu.MARGIN_S["gpu"]
+    assert later == 225  # 60 + 90 + 60 + 15 s
+    assert gpu.plan_seconds(480, 120, later) == 135  # 2 minutes spent before the pretraining
+    assert gpu.plan_seconds(480, 180, later) == 75  # a minute more spent: a minute less
+    assert gpu.plan_seconds(480, 300, later) == 0  # nothing left
+    assert gpu.plan_seconds(480, 10, 100, cap_s=120) == 120  # a cap bounds what a hang can take
+    args = argparse.Namespace(tiny=False, device="cuda", data_root=Path("d"), out=Path("o"))
+    pretrain = {s.name: s for s in gpu.build_stages(args, Path("w"))}["pretrain"]
+    argv = pretrain.argv(135)
+    assert argv[argv.index("--train-s") + 1] == "105"  # less the 30 s of start-up, calibration and writing

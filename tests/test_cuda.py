@@ -1,9 +1,11 @@
 """The CUDA code paths, on a GPU only (skipped elsewhere; `benchmarks/gpu.py` runs them on a lent device):
 no host sync inside a training step, pinned + non_blocking batches from a mapped folder, fp16 with its
-GradScaler, and torch.compile. nccl and sync_bn need two GPUs and are not covered here."""
+GradScaler (unfused SGD), cuDNN and TF32 settings, read-ahead of pinned batches, and torch.compile. The two-GPU
+tests (nccl, SyncBatchNorm in every network, the sharded kNN monitor) skip on a machine with one GPU."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -67,3 +69,70 @@ def test_fp16_trains_with_its_scaler_and_resumes(tmp_path):
 def test_compile_trains(tmp_path):
     summary = pretrain(tiny(tmp_path, "train.compile=true", "train.precision=bf16"))
     assert np.isfinite(summary["final_loss"])
+
+
+def test_auto_precision_on_this_gpu_is_native():
+    device = torch.device("cuda", 0)
+    expected = "bf16" if torch.cuda.get_device_capability(device)[0] >= 8 else "fp16"
+    from simclr_cli.runtime import resolve_precision
+
+    assert resolve_precision("auto", device) == expected
+
+
+@pytest.mark.parametrize("precision, tf32", [("fp32", True), ("bf16", False)])
+def test_the_start_panel_shows_cudnn_benchmark_and_tf32(tmp_path, precision, tf32):
+    trainer = Trainer(tiny(tmp_path, f"train.precision={precision}"))
+    assert torch.backends.cudnn.benchmark and torch.backends.cuda.matmul.allow_tf32 == tf32
+    assert trainer.describe()["cuda"] == f"cudnn.benchmark on, TF32 {'on' if tf32 else 'off'} for fp32 matmuls and convolutions"
+
+
+def test_fp16_sgd_is_unfused_and_its_first_steps_stay_finite(tmp_path):
+    """fp16's loss scale starts at 65536 and overflows on the first steps; fused SGD would leave garbage in
+    the momentum on those skipped steps. Unfused, the weights and the momentum stay finite."""
+    trainer = Trainer(tiny(tmp_path, "train.precision=fp16", "optim.name=sgd"))
+    assert not trainer.optimizer.defaults.get("fused")
+    order = epoch_order(len(trainer.data), 0, 0, trainer.device)
+    for i in range(4):
+        trainer.train_step(trainer._batch(order, i))
+    buffers = [s["momentum_buffer"] for s in trainer.optimizer.state.values() if "momentum_buffer" in s]
+    assert all(torch.isfinite(b).all() for b in buffers)
+    assert all(torch.isfinite(p).all() for p in trainer.model.parameters())
+    bf16 = Trainer(tiny(tmp_path / "bf16", "train.precision=bf16", "optim.name=sgd"))
+    assert bf16.optimizer.defaults.get("fused")  # no scaler: the fused kernels are safe
+
+
+def test_a_mapped_folder_reads_pinned_batches_ahead(tmp_path):
+    rng = np.random.default_rng(0)
+    for i in range(96):
+        (tmp_path / "images").mkdir(exist_ok=True)
+        Image.fromarray(rng.integers(0, 256, (40, 40, 3), np.uint8)).save(tmp_path / "images" / f"{i}.png")
+    cfg = load_config(None, ["data.dataset=folder", f"data.root={tmp_path / 'images'}", "data.image_size=32",
+                             f"data.cache_dir={tmp_path / 'cache'}", "model.width=16", "train.batch_size=32",
+                             "train.device=cuda", f"train.output_dir={tmp_path / 'run'}", "train.epochs=1"])
+    trainer = Trainer(cfg)
+    order = epoch_order(len(trainer.data), 0, 0, torch.device("cpu"))
+    assert trainer._read(order, 0).is_pinned()
+    with trainer.batches(order, 0) as batches:
+        got = [x for x in batches]
+    assert len(got) == 3 and all(x.device.type == "cuda" for x in got)
+    assert all(torch.equal(x.cpu(), trainer.data.images[order[32 * i:32 * (i + 1)]]) for i, x in enumerate(got))
+
+
+two_gpus = pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA GPUs")
+
+
+@two_gpus
+@pytest.mark.parametrize("method", ["simclr", "byol"])
+def test_two_gpus_with_sync_bn_and_the_sharded_monitor(tmp_path, method):
+    """nccl, SyncBatchNorm (the target network's too) and the monitor's gathered features, on two GPUs."""
+    import subprocess
+    import sys
+
+    out = tmp_path / "run"
+    sets = [*TINY[:-3], "train.epochs=2", "train.eval_every=1", "model.sync_bn=true", f"method.name={method}"]
+    done = subprocess.run([sys.executable, "-m", "simclr_cli", "pretrain", "--nproc", "2", "--device", "cuda",
+                           "-o", str(out), *[a for kv in sets for a in ("--set", kv)]],
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr
+    evals = [r for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if r["kind"] == "eval"]
+    assert len(evals) == 2 and all(0 <= r["knn_top1"] <= 1 for r in evals)

@@ -17,8 +17,11 @@ the momentum encoder of SimCLR v2). byol: an EMA target and a predictor, no nega
 
 from __future__ import annotations
 
+import torch
+
 from simclr_cli.config import Config
 from simclr_cli.methods.byol import BYOLMethod
+from simclr_cli.methods.ema import WithTarget
 from simclr_cli.methods.moco import MoCoMethod
 from simclr_cli.methods.simclr import SimCLRMethod
 
@@ -28,3 +31,11 @@ METHODS = {"simclr": SimCLRMethod, "moco": MoCoMethod, "byol": BYOLMethod}
 def build_method(cfg: Config) -> SimCLRMethod | MoCoMethod | BYOLMethod:
     """The method `method.name` names, its networks built from `cfg.model` (call after torch.manual_seed)."""
     return METHODS[cfg.method.name](cfg)
+
+
+def convert_sync_batchnorm(method: SimCLRMethod | MoCoMethod | BYOLMethod) -> None:
+    """model.sync_bn: every BatchNorm of every network the method runs normalises over the global batch,
+    the target network's too (left as it was, it would keep each rank's own batch statistics)."""
+    method.model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(method.model)
+    if isinstance(method, WithTarget):
+        method.target.net = torch.nn.SyncBatchNorm.convert_sync_batchnorm(method.target.net)
