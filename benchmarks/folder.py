@@ -34,10 +34,11 @@ import numpy as np
 import torch
 from PIL import Image
 
-from simclr_cli.config import load_config
-from simclr_cli.data import FolderOptions, ImageSet, iter_decoded, list_images, load_dataset
-from simclr_cli.readahead import BatchStream
-from simclr_cli.train import Trainer, epoch_order
+from simclr_cli.config import DataConfig, load_config
+from simclr_cli.data import ImageSet, load_dataset
+from simclr_cli.data.batches import Batches
+from simclr_cli.data.images import iter_decoded, list_images
+from simclr_cli.train import Trainer
 
 
 def _write(job: tuple[str, np.ndarray, int, int, int]) -> None:
@@ -51,8 +52,8 @@ def make_folder(root: Path, n: int, data_root: str) -> list[Path]:
     """n JPEGs under root/<class>/, sides 128-160 px drawn independently (aspect 0.8-1.25); kept if complete."""
     if root.is_dir() and len(list_images(root)) == n:
         return list_images(root)
-    train = load_dataset("cifar10", "train", data_root)
-    test = load_dataset("cifar10", "test", data_root)
+    train = load_dataset(DataConfig(dataset="cifar10", root=data_root, download=False), "train")
+    test = load_dataset(DataConfig(dataset="cifar10", root=data_root, download=False), "test")
     images = torch.cat([train.images, test.images]).permute(0, 2, 3, 1).numpy()  # (60000, 32, 32, 3)
     labels = torch.cat([train.labels, test.labels]).tolist()
     rng = np.random.default_rng(0)
@@ -95,10 +96,8 @@ def timed_steps(trainer: Trainer, steps: int) -> tuple[float, float]:
     """(views/s, share of the time spent waiting for batches) of `steps` steps, batches taken as the loop
     takes them (read ahead when the images are mapped and data.read_ahead > 0; the epoch's batches again
     when `steps` passes its end)."""
-    order = epoch_order(len(trainer.data), 0, 0, torch.device("cpu") if trainer.data.mapped else trainer.device)
-    depth = trainer.cfg.data.read_ahead if trainer.data.mapped else 0
-    read = lambda i: trainer._read(order, i % trainer.steps_per_epoch)  # noqa: E731
-    with BatchStream(read, range(steps + 1), depth, trainer._move) as batches:
+    order = trainer.batches.order(0, 0)
+    with trainer.batches.stream(order, [i % trainer.steps_per_epoch for i in range(steps + 1)]) as batches:
         trainer.train_step(next(batches))  # warm-up
         batches.wait_s = 0.0
         t0 = time.perf_counter()
@@ -118,7 +117,8 @@ def views_per_s(cfg, steps: int, rounds: int) -> dict[str, tuple[float, float]]:
     measured: dict[str, list[tuple[float, float]]] = {way: [] for way in ways}
     for _ in range(rounds):
         for way, (data, depth) in ways.items():
-            trainer.data, trainer.cfg.data.read_ahead = data, depth
+            trainer.batches = Batches(data.images, cfg.train.batch_size, 0, trainer.local_batch, trainer.device,
+                                      data.mapped, depth)
             measured[way].append(timed_steps(trainer, steps))
     return {way: (statistics.median(r for r, _ in runs), statistics.median(w for _, w in runs))
             for way, runs in measured.items()}
@@ -128,7 +128,7 @@ MEMORY_PROBE = """
 import json, sys, threading, time
 from pathlib import Path
 from simclr_cli.config import load_config
-from simclr_cli.train import Trainer, epoch_order
+from simclr_cli.train import Trainer
 peak = {"RssAnon": 0, "RssFile": 0}
 def sample():
     while True:
@@ -142,9 +142,9 @@ args = json.loads(sys.argv[1])
 t0 = time.perf_counter()
 trainer = Trainer(load_config(None, args["config"]))
 setup = time.perf_counter() - t0
-order = epoch_order(len(trainer.data), 0, 0, trainer.device)
+order = trainer.batches.order(0, 0)
 for i in range(args["steps"]):
-    trainer.train_step(trainer._batch(order, i))
+    trainer.train_step(trainer.batches.get(order, i))
 time.sleep(0.2)
 print(json.dumps({"images": len(trainer.data), "setup_s": setup, **peak}))
 """
@@ -186,13 +186,13 @@ def main() -> None:
     paths = list_images(root)
     cache_dir = args.work / "cache"
     rows = {"decode only (images/s)": decode_only(paths, args.size)}
-    opts = FolderOptions(cache_dir=cache_dir)
+    data = DataConfig(dataset="folder", root=str(root), num_workers=2, cache_dir=str(cache_dir))
     clear(cache_dir, root, args.size)  # the first run must really decode
     t0 = time.perf_counter()
-    load_dataset("folder", "train", root, image_size=args.size, num_workers=2, folder=opts)
+    load_dataset(data, "train", image_size=args.size)
     rows["first run: decode into the cache (images/s)"] = len(paths) / (time.perf_counter() - t0)
     t0 = time.perf_counter()
-    load_dataset("folder", "train", root, image_size=args.size, num_workers=2, folder=opts)
+    load_dataset(data, "train", image_size=args.size)
     rows["second run: check and map (s)"] = time.perf_counter() - t0
     speeds = views_per_s(config(root, args.size, cache_dir, []), args.steps, args.rounds)
     for way, (rate, _) in speeds.items():

@@ -21,8 +21,8 @@ from torch.fx.experimental.optimization import fuse
 
 from simclr_cli.config import ModelConfig
 from simclr_cli.data import NORMALIZATION
-from simclr_cli.features import extract_features, for_inference
-from simclr_cli.model import build_model
+from simclr_cli.models import build_model
+from simclr_cli.models.features import extract_features, for_inference
 
 CPU = torch.device("cpu")
 

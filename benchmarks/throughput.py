@@ -2,7 +2,7 @@
 
 Rows (ResNet-18 by default, batch B images = 2B views per step):
   ceiling      forward + backward + optimiser on ready random tensors (same precision and memory format)
-  simclr-cli   the real step, `Trainer._batch` + `Trainer.train_step`: the batch cut from the epoch order,
+  simclr-cli   the real step, `Trainer.batches.get` + `Trainer.train_step`: the batch cut from the epoch order,
                batched views of both crops, forward, NT-Xent, backward, SGD (what `simclr pretrain` runs)
   usual        torchvision per-image PIL transforms in a DataLoader (2 workers), fp32, contiguous, SGD
   original     the original design: the usual pipeline with its own weak views, ImageNet stem, Adam, fp32
@@ -22,12 +22,12 @@ import torchvision.transforms as T
 from torch.utils.data import DataLoader, Dataset
 
 from simclr_cli.augment import Augmenter
-from simclr_cli.config import load_config
+from simclr_cli.config import DataConfig, load_config
 from simclr_cli.data import load_dataset, normalization_for
-from simclr_cli.loss import nt_xent
-from simclr_cli.model import build_model
-from simclr_cli.optim import build_optimizer
+from simclr_cli.methods.simclr import nt_xent
+from simclr_cli.models import build_model
 from simclr_cli.runtime import autocast, pick_device, resolve_precision
+from simclr_cli.train.optim import build_optimizer
 
 
 def sync(device: torch.device) -> None:
@@ -118,11 +118,11 @@ def loader_rate(runner: StepRunner, images, preset, mean, std, batch, steps, war
 
 
 def real_step_seconds(args, cfg, device, precision: str) -> float:
-    """Seconds per step of `simclr pretrain`'s own step on synthetic 32-pixel images: Trainer._batch (the
+    """Seconds per step of `simclr pretrain`'s own step on synthetic 32-pixel images: Trainer.batches.get (the
     batch cut from the epoch order on the device) and Trainer.train_step, nothing re-implemented."""
     import tempfile
 
-    from simclr_cli.train import Trainer, epoch_order
+    from simclr_cli.train import Trainer
 
     overrides = [f"model.arch={args.arch}", f"train.compile={args.compile}", *args.set, "data.dataset=synthetic",
                  f"data.synthetic_size={max(16 * args.batch, 2048)}", "data.image_size=32",
@@ -130,9 +130,9 @@ def real_step_seconds(args, cfg, device, precision: str) -> float:
                  "augment.view_size=null", "augment.view_size_start=null"]
     with tempfile.TemporaryDirectory() as out:
         trainer = Trainer(load_config(args.config, [*overrides, f"train.output_dir={out}"]))
-        order = epoch_order(len(trainer.data), 0, 0, trainer.device)
+        order = trainer.batches.order(0, 0)
         i = iter(range(10**9))
-        return timed(lambda: trainer.train_step(trainer._batch(order, next(i) % trainer.steps_per_epoch)),
+        return timed(lambda: trainer.train_step(trainer.batches.get(order, next(i) % trainer.steps_per_epoch)),
                      args.steps, args.warmup, device)
 
 
@@ -143,7 +143,7 @@ def measure(args):
     cfg = load_config(args.config, [f"model.arch={args.arch}", f"train.compile={args.compile}"] + args.set)
     # 16 batches: the loader rows' workers (2 x prefetch 2) cannot have the whole epoch ready after warm-up
     n = max(16 * args.batch, 2048)
-    data = load_dataset(args.dataset, "train", args.data_dir, synthetic_size=n)
+    data = load_dataset(DataConfig(dataset=args.dataset, root=args.data_dir, synthetic_size=n, download=False), "train")
     images = data.images[:n]
     mean, std = normalization_for(args.dataset)
     gpu_images = images.to(device)

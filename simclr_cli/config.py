@@ -27,7 +27,7 @@ from simclr_cli.runtime import PRECISIONS
 
 @dataclass
 class DataConfig:
-    dataset: str = "cifar10"  # cifar10 | cifar100 | folder | synthetic
+    dataset: str = "cifar10"  # a name of data.SOURCES: cifar10 | cifar100 | folder | synthetic
     root: str | None = None  # data folder (folder dataset: the image folder); None -> $SIMCLR_DATA_DIR or ~/.cache
     download: bool = True  # cifar10/100 only: fetch with torchvision when the files are missing
     size_dataset_train: int | None = None  # keep a fixed random subset of this many training images
@@ -55,7 +55,7 @@ class AugmentConfig:
 
 @dataclass
 class ModelConfig:
-    arch: str = "resnet18"  # resnet18 | resnet34 | resnet50
+    arch: str = "resnet18"  # a name of models.ENCODERS: resnet18 | resnet34 | resnet50
     stem: str = "auto"  # auto (imagenet from data.image_size 64 up, else cifar) | cifar (3x3 stride-1 conv, no max-pool) | imagenet (7x7 stride-2 conv + max-pool)
     width: int = 64  # channels of the first stage; 64 is torchvision's ResNet, smaller is faster on a CPU
     head_hidden: int | None = None  # projection head hidden units; None -> the encoder's feature dim
@@ -66,7 +66,7 @@ class ModelConfig:
 
 @dataclass
 class MethodConfig:
-    name: str = "simclr"  # simclr | moco (EMA key encoder + queue of negatives: MoCo v2 / SimCLR v2) | byol
+    name: str = "simclr"  # a name of methods.METHODS: simclr | moco (EMA key encoder + queue: MoCo v2 / SimCLR v2) | byol
     momentum: float = 0.99  # moco, byol: EMA momentum of the target network at step 0
     momentum_end: float = 1.0  # moco, byol: ... at the last step, on a cosine (= momentum: constant)
     queue_size: int = 4096  # moco: past keys kept as negatives (every rank's, gathered)
@@ -127,12 +127,11 @@ class Config:
 # model.stem auto: the ImageNet stem (7x7 stride-2 conv + max-pool, 4x fewer pixels after it) from 64 px up;
 # below that its downsampling leaves too little: a 32 px CIFAR image would be 8x8 after the stem.
 IMAGENET_STEM_FROM = 64
-DATASETS = ("cifar10", "cifar100", "folder", "synthetic")  # the one list: data, probe and the config use it
+# data.dataset, model.arch and method.name name entries of the wings' registries (data.SOURCES,
+# models.ENCODERS, methods.METHODS), which check them, with a close match, before a run is set up
+# (`train.preflight.check_names`): adding an entry there is all a new one needs.
 CHOICES = {
-    "data.dataset": DATASETS,
-    "method.name": ("simclr", "moco", "byol"),
     "augment.preset": ("simclr", "baseline"),
-    "model.arch": ("resnet18", "resnet34", "resnet50"),
     "model.stem": ("auto", "cifar", "imagenet"),
     "optim.name": ("sgd", "adam", "adamw", "lars"),
     "optim.schedule": ("cosine", "plateau", "constant"),

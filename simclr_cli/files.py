@@ -1,14 +1,20 @@
-"""Atomic writes and their leftovers: every file the tool writes appears whole or not at all.
+"""The project's files on disk: written whole or not at all, read without running anything they hold.
 
 A write goes to a temporary file beside the target (`.NAME.<random>.tmp`), is fsync'ed, then renamed over
 the target, and the folder is fsync'ed so the rename itself survives a crash. A `kill -9` mid-write can
 only leave such a temporary file behind; `remove_stale_temps` clears them, and nothing ever reads one.
+
+Every torch file is read through `safe_load`, `torch.load(weights_only=True)`: a file carrying a pickled
+object that would run code is refused before anything in it runs. The two files the tool writes say what
+they are in their "format" key: CHECKPOINT_FORMAT (a run's checkpoint.pt, `train.state`) and ENCODER_FORMAT
+(the encoder file, `models.encoder_file`).
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
+import pickle
 import shutil
 import tempfile
 from pathlib import Path
@@ -16,7 +22,10 @@ from typing import Any, BinaryIO, Iterable, Iterator
 
 import torch
 
-from simclr_cli.errors import OutputError
+from simclr_cli.errors import CheckpointError, OutputError
+
+CHECKPOINT_FORMAT = "simclr-cli/checkpoint"
+ENCODER_FORMAT = "simclr-cli/encoder"
 
 
 def temp_glob(name: str) -> str:
@@ -98,3 +107,32 @@ def remove_stale_temps(folder: Path, names: Iterable[str]) -> list[Path]:
     for p in stale:
         p.unlink(missing_ok=True)
     return stale
+
+
+def safe_load(path: str | Path) -> Any:
+    """torch.load with weights_only=True, turning every failure into a one-line CheckpointError."""
+    path = Path(path)
+    if path.is_dir():
+        raise CheckpointError(f"{path} is a folder, not a file: give the encoder.pth or checkpoint.pt inside it")
+    if not path.is_file():
+        raise CheckpointError(f"file not found: {path}")
+    if path.stat().st_size == 0:
+        raise CheckpointError(f"{path} is empty (0 bytes): was it written completely?")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        if "global" in str(err).lower():  # the file names a Python callable: loading it could run code
+            raise CheckpointError(
+                f"{path} holds pickled Python objects that could run code; refused (only tensors and plain "
+                "data are loaded). Re-save it as a plain state dict from a source you trust"
+            ) from None
+        with path.open("rb") as f:
+            raw_pickle = f.read(1) == b"\x80"  # pickle's PROTO opcode; torch.save writes a zip archive
+        if raw_pickle:
+            raise CheckpointError(f"{path} is a raw pickle stream, not a torch.save file; refused (a pickle can run "
+                                  "code). Re-save it with torch.save from a source you trust") from None
+        raise CheckpointError(f"{path} is truncated or not a PyTorch file (no checkpoint could be read)") from None
+    except Exception as err:  # torch's readers raise RuntimeError, EOFError, BadZipFile, KeyError, ... on junk
+        reason = str(err).strip().splitlines()[0].split(". ")[0][:160] if str(err).strip() else "no message"
+        raise CheckpointError(f"{path} is truncated or not a PyTorch file ({type(err).__name__}: {reason}): "
+                              "give a file that torch.save wrote (an encoder.pth or checkpoint.pt)") from None

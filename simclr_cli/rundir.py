@@ -1,4 +1,4 @@
-"""A run directory: the one policy for starting or resuming a run, and every file the run keeps there.
+"""A run directory: every file a run keeps, by name, and the reading and writing of its metrics.
 
 RUN_DIR/config.yaml      the resolved config, written at the start of every (re)started run
 RUN_DIR/metrics.jsonl    one JSON line per logged step, epoch and evaluation; after a resume, the lines past
@@ -8,8 +8,8 @@ RUN_DIR/checkpoint.pt    the latest checkpoint, replaced atomically; with keep_l
                          kept as checkpoint-epochNNNN.pt (a hard link: no copy)
 RUN_DIR/encoder.pth      the encoder file, written at the end
 
-`resolve_config`, `check_world` and `preflight` are what `simclr pretrain` (in one process or under --nproc)
-asks before any data or model is built, so a wrong start or resume fails in a second with one line.
+The training loop writes them (rank 0 alone), `simclr report` and `simclr pretrain --nproc` read them; what
+a start or a resume is allowed to do with them is `train.preflight`'s.
 """
 
 from __future__ import annotations
@@ -18,94 +18,27 @@ import json
 import os
 import re
 from pathlib import Path
-from typing import Any
 
-import torch
-
-from simclr_cli.checkpoint import load_checkpoint
-from simclr_cli.config import (Config, config_from_dict, config_to_dict, dump_config, load_config,
-                               merge_overrides, read_yaml)
-from simclr_cli.errors import CheckpointError, ConfigError, RuntimeSetupError
+from simclr_cli.config import Config, config_from_dict, dump_config, read_yaml
+from simclr_cli.errors import ConfigError, OptionError
 from simclr_cli.files import atomic_save, atomic_write_text, remove_stale_temps, replace_with_link
 
-# Keys a resumed run may change; anything else would make "resume" a different run.
-RESUMABLE_KEYS = {"train.epochs", "train.log_every", "train.checkpoint_every", "train.keep_last",
-                  "train.eval_every", "train.output_dir", "train.device", "train.dist_timeout_min", "data.root",
-                  "data.num_workers", "data.cache", "data.cache_dir", "data.download", "data.read_ahead"}
 FILES = ("checkpoint*.pt", "encoder.pth", "config.yaml", "metrics.jsonl")  # what a run writes (globs)
 
 
-def resolve_config(config: str | Path | None, overrides: list[str], values: dict[str, Any], resume: bool,
-                   auto_resume: bool = False) -> tuple[Config, bool]:
-    """(the run's config, whether it resumes). The config: defaults < YAML < --set < flags. `--resume`
-    without `--config` continues the run as it was configured: its own config.yaml, with this command's
-    --set and flags on top. `--auto-resume` resumes when the run directory holds a checkpoint.pt and starts
-    the run otherwise: what a restarted job (`torchrun --max-restarts`, a requeued cluster job) runs."""
-    if resume and auto_resume:
-        raise ConfigError("--resume and --auto-resume: give one (--auto-resume also starts a run that has no "
-                          "checkpoint yet)")
-    cfg = load_config(config, overrides, values)
-    saved = Path(cfg.train.output_dir) / "config.yaml"
-    if auto_resume:
-        resume = (Path(cfg.train.output_dir) / "checkpoint.pt").exists()
-    if config is None and resume and saved.is_file():
-        cfg = config_from_dict(merge_overrides(read_yaml(saved), overrides, values))
-    return cfg, resume
-
-
-def _flatten(d: dict, prefix: str = "") -> dict:
-    out = {}
-    for k, v in d.items():
-        out.update(_flatten(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
-    return out
-
-
-def check_resume_config(saved: dict, cfg: Config) -> list[str]:
-    """Changed keys between the checkpoint's config and this run's; refuse any that are not safe."""
-    old, new, default = _flatten(saved), _flatten(config_to_dict(cfg)), _flatten(config_to_dict(Config()))
-    # A key the saved config lacks (written before the key existed) had its default then.
-    changed = sorted(k for k in new if old.get(k, default.get(k)) != new[k])
-    unsafe = [k for k in changed if k not in RESUMABLE_KEYS]
-    if unsafe:
-        diffs = ", ".join(f"{k}: {old.get(k, default.get(k))!r} -> {new[k]!r}" for k in unsafe)
-        raise ConfigError(f"resume refused, the config changed ({diffs}); only {', '.join(sorted(RESUMABLE_KEYS))} "
-                          "may change on resume: start a new run with another --output-dir instead")
-    return [f"{k}: {old.get(k, default.get(k))!r} -> {new[k]!r}" for k in changed]
-
-
-def check_world(cfg: Config, world_size: int, device: torch.device) -> None:
-    """Refuse what cannot run on `world_size` processes; `simclr pretrain --nproc` asks before it starts any."""
-    if cfg.train.batch_size % world_size:
-        raise ConfigError(f"train.batch_size {cfg.train.batch_size} must divide evenly over "
-                          f"{world_size} processes: pick a multiple of {world_size}")
-    if cfg.model.sync_bn and world_size > 1 and device.type != "cuda":
-        # torch's SyncBatchNorm raises on CPU tensors ("expected input tensor to be on GPU"): refuse up front.
-        raise RuntimeSetupError(f"model.sync_bn needs CUDA GPUs; SyncBatchNorm has no {device.type} path: "
-                                "set model.sync_bn=false (each rank then normalises over its own views)")
-
-
-def preflight(cfg: Config, resume: bool, load: bool = True) -> dict | None:
-    """New run or resume, decided before anything is built: a new run never replaces another run's
-    checkpoint; a resume needs a checkpoint whose config differs only in RESUMABLE_KEYS. Returns the
-    loaded checkpoint (weights_only) for a resume, None for a new run or when `load` is False (the
-    --nproc launcher: the ranks load it themselves)."""
-    path = Path(cfg.train.output_dir) / "checkpoint.pt"
-    if not resume:
-        if path.exists():
-            raise ConfigError(f"{path} already exists: add --resume to continue that run, or choose another "
-                              "--output-dir")
-        return None
-    if path.is_dir():
-        raise CheckpointError(f"{path} is a folder, not a checkpoint: give --output-dir a run directory")
+def read_metrics(path: Path) -> list[dict]:
+    """The records of metrics.jsonl; a line torn by a kill (or being written now) is skipped."""
     if not path.is_file():
-        raise CheckpointError(f"nothing to resume: {path} does not exist (drop --resume to start a new run)")
-    if not load:
-        return None
-    ckpt = load_checkpoint(path)
-    if not isinstance(ckpt.get("config"), dict):
-        raise CheckpointError(f"{path} holds no config: give the checkpoint.pt that `simclr pretrain` wrote")
-    check_resume_config(ckpt["config"], cfg)
-    return ckpt
+        return []
+    records = []
+    for line in path.read_text(errors="replace").splitlines():
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(record, dict) and isinstance(record.get("step"), int):
+            records.append(record)
+    return records
 
 
 class RunDir:
@@ -180,3 +113,17 @@ class RunDir:
 
     def write_encoder(self, payload: dict) -> Path:
         return atomic_save(payload, self.encoder)
+
+    def records(self) -> list[dict]:
+        return read_metrics(self.metrics)
+
+    def read_config(self) -> Config:
+        """The run's config.yaml; a folder without one is not a run directory (one line naming the fix)."""
+        if not self.path.is_dir() or not self.config.is_file():
+            raise OptionError(f"{self.path} is not a run directory (no config.yaml): give the folder `simclr "
+                              "pretrain` wrote, its train.output_dir")
+        return config_from_dict(read_yaml(self.config))
+
+    def latest_encoder_source(self) -> Path | None:
+        """encoder.pth, else checkpoint.pt (a run still going or stopped), else None."""
+        return next((p for p in (self.encoder, self.checkpoint) if p.is_file()), None)

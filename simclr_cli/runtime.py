@@ -159,6 +159,11 @@ class DistInfo:
         return self.world_size > 1
 
 
+def is_main_process() -> bool:
+    """Rank 0 of a torchrun group, or a process on its own: the one that prints and writes."""
+    return int(os.environ.get("RANK", 0)) == 0
+
+
 def check_device_for_ranks(device_name: str, world_size: int) -> None:
     """Under several processes each rank takes cuda:LOCAL_RANK; a fixed cuda:N would put them all on GPU N."""
     if world_size > 1 and device_name.strip().startswith("cuda:"):

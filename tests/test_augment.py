@@ -12,9 +12,9 @@ from torchvision.transforms import InterpolationMode
 from torchvision.transforms.v2 import RandomResizedCrop
 from torchvision.transforms.v2 import functional as TF
 
-from simclr_cli import augment as A
-from simclr_cli import colour as C
 from simclr_cli.augment import Augmenter
+from simclr_cli.augment import color as C
+from simclr_cli.augment import views as A
 
 BILINEAR = InterpolationMode.BILINEAR
 ATOL = 1e-5  # fp32 colour ops: same formulas as torchvision, different rounding order (~1e-7 seen)

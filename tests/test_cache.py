@@ -17,9 +17,9 @@ import pytest
 import torch
 from PIL import Image
 
-from simclr_cli import cache
-from simclr_cli.config import load_config
-from simclr_cli.data import FolderOptions, decode_all, list_images, load_dataset
+from simclr_cli.config import DataConfig, load_config
+from simclr_cli.data import cache, load_dataset
+from simclr_cli.data.images import decode_all, list_images
 from simclr_cli.errors import DatasetError
 from simclr_cli.train import Trainer, pretrain
 
@@ -36,28 +36,30 @@ def write_folder(root: Path, per_class: int = 5, classes=("a", "b")) -> list[Pat
     return list_images(root)
 
 
-def opts(tmp_path: Path, **kw) -> FolderOptions:
-    notes = kw.pop("notes", None)
-    return FolderOptions(cache_dir=tmp_path / "cache", notice=notes.append if notes is not None else None, **kw)
+def load(root: Path, tmp_path: Path, split: str = "train", size: int = 24, notes: list | None = None,
+         progress=None, **data):
+    """A split through the cache in tmp_path/cache; `data`: more DataConfig fields (skip_bad, cache)."""
+    return load_dataset(DataConfig(dataset="folder", root=root, num_workers=0, cache_dir=tmp_path / "cache", **data),
+                        split, image_size=size, progress=progress, notice=notes.append if notes is not None else None)
 
 
-def load(root: Path, tmp_path: Path, split: str = "train", size: int = 24, **kw):
-    return load_dataset("folder", split, root, image_size=size, num_workers=0, folder=opts(tmp_path, **kw))
+def direct(root: Path, split: str = "train", size: int = 24):
+    """The same split decoded into memory, without the cache."""
+    return load_dataset(DataConfig(dataset="folder", root=root, num_workers=0, cache=False), split, image_size=size)
 
 
 def test_the_cache_equals_direct_decoding_and_is_mapped(tmp_path):
     write_folder(tmp_path / "images")
     for split in ("train", "test"):
         mapped = load(tmp_path / "images", tmp_path, split)
-        direct = load_dataset("folder", split, tmp_path / "images", image_size=24, num_workers=0,
-                              folder=FolderOptions(cache=False))
-        assert mapped.mapped and not direct.mapped
-        assert torch.equal(mapped.images[torch.arange(len(mapped))], direct.images)
-        assert torch.equal(mapped.labels, direct.labels) and mapped.classes == direct.classes
+        decoded = direct(tmp_path / "images", split)
+        assert mapped.mapped and not decoded.mapped
+        assert torch.equal(mapped.images[torch.arange(len(mapped))], decoded.images)
+        assert torch.equal(mapped.labels, decoded.labels) and mapped.classes == decoded.classes
         n = len(mapped)
-        assert torch.equal(mapped.images[1:n], direct.images[1:n]) and torch.equal(mapped.images[n - 1], direct.images[n - 1])
+        assert torch.equal(mapped.images[1:n], decoded.images[1:n]) and torch.equal(mapped.images[n - 1], decoded.images[n - 1])
         shuffled = torch.randperm(n, generator=torch.Generator().manual_seed(3))
-        assert torch.equal(mapped.images[shuffled], direct.images[shuffled])  # read in file order, given back as asked
+        assert torch.equal(mapped.images[shuffled], decoded.images[shuffled])  # read in file order, given back as asked
     (folder,) = (tmp_path / "cache").iterdir()
     assert sorted(p.name for p in folder.iterdir()) == [".build.lock", "images.npy", "index.json"]
     assert np.load(folder / "images.npy", mmap_mode="r").shape == (10, 3, 24, 24)  # the whole folder, once
@@ -77,9 +79,8 @@ def test_a_changed_folder_is_decoded_again(tmp_path, change):
     notes = []
     after = load(tmp_path / "images", tmp_path, notes=notes)
     assert len(notes) == 1 and "changed since it was cached" in notes[0] and f"1 {change}" in notes[0]
-    direct = load_dataset("folder", "train", tmp_path / "images", image_size=24, num_workers=0,
-                          folder=FolderOptions(cache=False))
-    assert torch.equal(after.images[torch.arange(len(after))], direct.images)
+    decoded = direct(tmp_path / "images")
+    assert torch.equal(after.images[torch.arange(len(after))], decoded.images)
     if change == "modified":
         assert not torch.equal(after.images[torch.arange(len(after))], before.images[torch.arange(len(before))])
     again = []
@@ -135,8 +136,8 @@ def test_only_a_dead_builds_temporaries_are_removed(tmp_path):
 BUILDER = """
 import json, sys, time
 from pathlib import Path
-from simclr_cli import cache
-from simclr_cli.data import list_images
+from simclr_cli.data import cache
+from simclr_cli.data.images import list_images
 import numpy as np
 
 decode = cache.iter_decoded
@@ -256,7 +257,7 @@ def test_memory_stays_flat_while_batches_are_read(tmp_path):
     (what it allocates, page cache aside) grows by a batch, not by the array. Would fail on a load-all."""
     script = f"""
 import numpy as np, torch
-from simclr_cli.cache import MappedImages
+from simclr_cli.data.mapped import MappedImages
 def anon_mb():
     for line in open("/proc/self/status"):
         if line.startswith("RssAnon:"):

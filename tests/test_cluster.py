@@ -14,22 +14,23 @@ from pathlib import Path
 
 import pytest
 import torch
+from ranks import run_ranks  # tests/ranks.py
 from typer.testing import CliRunner
 
-from simclr_cli import evaluate, launch, runtime, train
-from simclr_cli.checkpoint import load_checkpoint
+from simclr_cli import runtime
 from simclr_cli.cli import app
 from simclr_cli.config import ModelConfig, load_config
 from simclr_cli.data import make_synthetic
+from simclr_cli.data.batches import BatchStream
 from simclr_cli.errors import RuntimeSetupError
-from simclr_cli.evaluate import Monitor
-from simclr_cli.interrupt import StopFlag, StopRequested
-from simclr_cli.model import build_model
-from simclr_cli.readahead import BatchStream
+from simclr_cli.models import build_model
 from simclr_cli.runtime import INFERENCE_PRECISIONS, DistInfo, configure_cuda, init_distributed, resolve_precision
-from simclr_cli.train import Trainer, pretrain
-
-from ranks import run_ranks  # tests/ranks.py
+from simclr_cli.train import Trainer, launch, pretrain
+from simclr_cli.train import loop as train
+from simclr_cli.train import monitor as evaluate
+from simclr_cli.train.interrupt import StopFlag, StopRequested
+from simclr_cli.train.monitor import Monitor
+from simclr_cli.train.state import load_checkpoint
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -200,7 +201,7 @@ def test_sync_bn_converts_every_network_the_method_runs(tmp_path, monkeypatch, m
     DDP stood in for: the target network of moco and byol must normalise over every rank's views too."""
     trainer = Trainer(tiny(tmp_path, f"method.name={method}", "model.sync_bn=true"))
     monkeypatch.setattr(train, "DistributedDataParallel", lambda net, device_ids=None: net)
-    trainer.dist = DistInfo(0, 2)
+    trainer.ranks = DistInfo(0, 2)
     trainer.net = trainer._wrap()
     networks = [trainer.model, trainer.net] + ([trainer.method.target.net] if method != "simclr" else [])
     plain = [type(m).__name__ for net in networks for m in net.modules()

@@ -3,8 +3,16 @@
 import pytest
 import yaml
 
-from simclr_cli.config import (CHOICES, RULES, Config, ConfigError, config_from_dict, config_to_dict, dump_config,
-                               load_config)
+from simclr_cli.config import (
+    CHOICES,
+    RULES,
+    Config,
+    ConfigError,
+    config_from_dict,
+    config_to_dict,
+    dump_config,
+    load_config,
+)
 
 
 def write(tmp_path, text, name="c.yaml"):

@@ -14,7 +14,9 @@ import torch
 from PIL import Image
 
 from simclr_cli.config import load_config
-from simclr_cli.train import Trainer, epoch_order, pretrain
+from simclr_cli.data.batches import epoch_order
+from simclr_cli.train import Trainer, pretrain
+from simclr_cli.train.loop import start_panel
 
 pytestmark = [pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 
@@ -32,12 +34,12 @@ def test_a_training_step_never_waits_on_the_host(tmp_path, method):
     queue work without a host-device sync: sync debug mode "error" raises on any."""
     trainer = Trainer(tiny(tmp_path, f"method.name={method}", "optim.name=lars", "train.precision=bf16"))
     order = epoch_order(len(trainer.data), 0, 0, trainer.device)
-    trainer.train_step(trainer._batch(order, 0))  # first call: allocations, cuDNN choices
+    trainer.train_step(trainer.batches.get(order, 0))  # first call: allocations, cuDNN choices
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
     try:
         for i in range(1, 3):
-            trainer.train_step(trainer._batch(order, i))
+            trainer.train_step(trainer.batches.get(order, i))
     finally:
         torch.cuda.set_sync_debug_mode("default")
 
@@ -53,7 +55,7 @@ def test_a_mapped_folder_moves_pinned_batches(tmp_path):
                              "train.device=cuda", f"train.output_dir={tmp_path / 'run'}", "train.epochs=1"])
     trainer = Trainer(cfg)
     assert trainer.data.mapped
-    x = trainer._batch(epoch_order(len(trainer.data), 0, 0, torch.device("cpu")), 0)
+    x = trainer.batches.get(epoch_order(len(trainer.data), 0, 0, torch.device("cpu")), 0)
     assert x.device.type == "cuda" and x.dtype == torch.uint8 and x.shape == (32, 3, 32, 32)
     assert torch.isfinite(trainer.train_step(x))
 
@@ -61,7 +63,7 @@ def test_a_mapped_folder_moves_pinned_batches(tmp_path):
 def test_fp16_trains_with_its_scaler_and_resumes(tmp_path):
     summary = pretrain(tiny(tmp_path, "train.precision=fp16"))
     assert summary["final_loss"] is not None and np.isfinite(summary["final_loss"])
-    from simclr_cli.checkpoint import load_checkpoint
+    from simclr_cli.train.state import load_checkpoint
     assert load_checkpoint(tmp_path / "checkpoint.pt")["scaler"]  # the GradScaler's state travels
     pretrain(tiny(tmp_path, "train.precision=fp16", "train.epochs=2"), resume=True)
 
@@ -83,7 +85,7 @@ def test_auto_precision_on_this_gpu_is_native():
 def test_the_start_panel_shows_cudnn_benchmark_and_tf32(tmp_path, precision, tf32):
     trainer = Trainer(tiny(tmp_path, f"train.precision={precision}"))
     assert torch.backends.cudnn.benchmark and torch.backends.cuda.matmul.allow_tf32 == tf32
-    assert trainer.describe()["cuda"] == f"cudnn.benchmark on, TF32 {'on' if tf32 else 'off'} for fp32 matmuls and convolutions"
+    assert start_panel(trainer)["cuda"] == f"cudnn.benchmark on, TF32 {'on' if tf32 else 'off'} for fp32 matmuls and convolutions"
 
 
 def test_fp16_sgd_is_unfused_and_its_first_steps_stay_finite(tmp_path):
@@ -93,7 +95,7 @@ def test_fp16_sgd_is_unfused_and_its_first_steps_stay_finite(tmp_path):
     assert not trainer.optimizer.defaults.get("fused")
     order = epoch_order(len(trainer.data), 0, 0, trainer.device)
     for i in range(4):
-        trainer.train_step(trainer._batch(order, i))
+        trainer.train_step(trainer.batches.get(order, i))
     buffers = [s["momentum_buffer"] for s in trainer.optimizer.state.values() if "momentum_buffer" in s]
     assert all(torch.isfinite(b).all() for b in buffers)
     assert all(torch.isfinite(p).all() for p in trainer.model.parameters())
@@ -111,8 +113,8 @@ def test_a_mapped_folder_reads_pinned_batches_ahead(tmp_path):
                              "train.device=cuda", f"train.output_dir={tmp_path / 'run'}", "train.epochs=1"])
     trainer = Trainer(cfg)
     order = epoch_order(len(trainer.data), 0, 0, torch.device("cpu"))
-    assert trainer._read(order, 0).is_pinned()
-    with trainer.batches(order, 0) as batches:
+    assert trainer.batches.read(order, 0).is_pinned()
+    with trainer.batches.stream(order, range(trainer.steps_per_epoch)) as batches:
         got = [x for x in batches]
     assert len(got) == 3 and all(x.device.type == "cuda" for x in got)
     assert all(torch.equal(x.cpu(), trainer.data.images[order[32 * i:32 * (i + 1)]]) for i, x in enumerate(got))

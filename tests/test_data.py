@@ -12,8 +12,10 @@ import torch
 from PIL import Image, ImageFile
 
 from simclr_cli import data
-from simclr_cli.data import (DatasetError, ImageDecodeError, ImageFolderDataset, ImageSet, decode_image,
-                             iter_decoded, list_images, load_dataset, normalization_for)
+from simclr_cli.config import DataConfig
+from simclr_cli.data import ImageSet, load_dataset, normalization_for
+from simclr_cli.data.images import ImageFolderDataset, decode_image, iter_decoded, list_images
+from simclr_cli.errors import DatasetError, ImageDecodeError
 
 RED, BLUE, GREEN = (255, 0, 0), (0, 0, 255), (0, 255, 0)
 
@@ -37,7 +39,7 @@ def as_images(rows: np.ndarray) -> torch.Tensor:
 def test_cifar10_batches_read_back_exactly(fake_cifar10):
     root, expected = fake_cifar10  # batch files written with pickle protocols 2, 4 and 5
     for split, n in (("train", 30), ("test", 6)):
-        s = load_dataset("cifar10", split, root)
+        s = load_dataset(DataConfig(dataset="cifar10", root=root, download=False), split)
         assert s.name == f"cifar10/{split}" and len(s) == n
         assert s.images.dtype == torch.uint8 and s.images.shape == (n, 3, 32, 32) and s.images.is_contiguous()
         assert torch.equal(s.images, as_images(expected[split][0]))  # values and batch order
@@ -47,21 +49,21 @@ def test_cifar10_batches_read_back_exactly(fake_cifar10):
 
 def test_cifar100_fine_labels_and_classes(fake_cifar100):
     root, expected = fake_cifar100
-    s = load_dataset("cifar100", "test", root)
+    s = load_dataset(DataConfig(dataset="cifar100", root=root, download=False), "test")
     assert torch.equal(s.images, as_images(expected["test"][0]))
     assert s.labels.tolist() == expected["test"][1].tolist()
     assert s.classes == expected["classes"] and len(s.classes) == 100
 
 
 def test_cifar_image_size_resizes(fake_cifar10):
-    s = load_dataset("cifar10", "test", fake_cifar10[0], image_size=16)
+    s = load_dataset(DataConfig(dataset="cifar10", root=fake_cifar10[0], download=False), "test", image_size=16)
     assert s.images.shape == (6, 3, 16, 16) and s.images.dtype == torch.uint8
 
 
 @pytest.mark.parametrize("name, folder", [("cifar10", "cifar-10-batches-py"), ("cifar100", "cifar-100-python")])
 def test_missing_cifar_names_the_fix(tmp_path, name, folder):
     with pytest.raises(DatasetError) as e:
-        load_dataset(name, "train", tmp_path, download=False)
+        load_dataset(DataConfig(dataset=name, root=tmp_path, download=False), "train")
     msg = str(e.value)
     assert "download" in msg and folder in msg and str(tmp_path) in msg and "\n" not in msg
 
@@ -75,9 +77,9 @@ def test_download_uses_torchvision_then_our_reader(tmp_path, monkeypatch, write_
         write_cifar(Path(root), "cifar10")
 
     monkeypatch.setattr(tv_utils, "download_and_extract_archive", fake_download)
-    s = load_dataset("cifar10", "test", tmp_path, download=True)
+    s = load_dataset(DataConfig(dataset="cifar10", root=tmp_path, download=True), "test")
     assert len(s) == 6 and calls and calls[0][0].endswith("cifar-10-python.tar.gz") and calls[0][1]
-    load_dataset("cifar10", "train", tmp_path, download=True)
+    load_dataset(DataConfig(dataset="cifar10", root=tmp_path, download=True), "train")
     assert len(calls) == 1  # files present: no second download
 
 
@@ -89,7 +91,7 @@ def test_download_failure_is_one_line(tmp_path, monkeypatch):
 
     monkeypatch.setattr(tv_utils, "download_and_extract_archive", offline)
     with pytest.raises(DatasetError, match="network unreachable") as e:
-        load_dataset("cifar100", "train", tmp_path, download=True)
+        load_dataset(DataConfig(dataset="cifar100", root=tmp_path, download=True), "train")
     assert "\n" not in str(e.value)
 
 
@@ -111,7 +113,7 @@ def test_malicious_pickle_is_refused(fake_cifar10, tmp_path):
     batch = root / "cifar-10-batches-py" / "test_batch"
     batch.write_bytes(pickle.dumps({b"data": _WritesFile(canary), b"labels": [0]}, protocol=2))
     with pytest.raises(DatasetError, match="refusing"):
-        load_dataset("cifar10", "test", root)
+        load_dataset(DataConfig(dataset="cifar10", root=root, download=False), "test")
     assert not canary.exists()
 
 
@@ -127,17 +129,17 @@ def test_corrupt_cifar_batch_is_dataset_error(fake_cifar10, payload):
     root, _ = fake_cifar10
     (root / "cifar-10-batches-py" / "test_batch").write_bytes(payload)
     with pytest.raises(DatasetError, match="test_batch"):
-        load_dataset("cifar10", "test", root)
+        load_dataset(DataConfig(dataset="cifar10", root=root, download=False), "test")
 
 
 # --- real CIFAR-10 -----------------------------------------------------------------------------------------
 
 def test_real_cifar10(cifar10_root):
-    train = load_dataset("cifar10", "train", cifar10_root)
+    train = load_dataset(DataConfig(dataset="cifar10", root=cifar10_root, download=False), "train")
     assert train.images.shape == (50_000, 3, 32, 32) and train.images.dtype == torch.uint8
     assert train.labels.bincount().tolist() == [5000] * 10
     assert train.classes[:3] == ["airplane", "automobile", "bird"] and len(train.classes) == 10
-    test = load_dataset("cifar10", "test", cifar10_root)
+    test = load_dataset(DataConfig(dataset="cifar10", root=cifar10_root, download=False), "test")
     assert test.images.shape == (10_000, 3, 32, 32) and test.labels.bincount().tolist() == [1000] * 10
     assert test.labels[:10].tolist() == [3, 8, 8, 0, 6, 6, 1, 6, 3, 1]  # the original test order
     # NORMALIZATION["cifar10"] holds the training set's stats (this JPEG copy is slightly smoother: std -0.002)
@@ -164,14 +166,14 @@ def make_class_folder(root: Path, counts: dict[str, int]) -> None:
 
 def test_folder_with_classes_has_seeded_stratified_split(tmp_path):
     make_class_folder(tmp_path, {"cat": 10, "ant": 5})  # classes sorted: ant=0, cat=1
-    train = load_dataset("folder", "train", tmp_path, image_size=8, num_workers=0, seed=3)
-    test = load_dataset("folder", "test", tmp_path, image_size=8, num_workers=0, seed=3)
+    train = load_dataset(DataConfig(dataset="folder", root=tmp_path, num_workers=0), "train", seed=3, image_size=8)
+    test = load_dataset(DataConfig(dataset="folder", root=tmp_path, num_workers=0), "test", seed=3, image_size=8)
     assert train.classes == test.classes == ["ant", "cat"]
     assert train.labels.bincount().tolist() == [4, 8] and test.labels.bincount().tolist() == [1, 2]
     assert train.images.shape == (12, 3, 8, 8) and test.images.shape == (3, 3, 8, 8)
     assert (test.images[test.labels == 0][:, 1] == 255).all()  # "ant" images are green: labels match pixels
     assert (test.images[test.labels == 1][:, 0] == 255).all()  # "cat" images are red
-    again = load_dataset("folder", "test", tmp_path, image_size=8, num_workers=0, seed=3)
+    again = load_dataset(DataConfig(dataset="folder", root=tmp_path, num_workers=0), "test", seed=3, image_size=8)
     assert torch.equal(again.images, test.images) and torch.equal(again.labels, test.labels)
 
 
@@ -180,22 +182,22 @@ def test_unlabelled_flat_folder_pretrains_on_every_image(tmp_path):
     for i in range(10):  # flat folder, each image a different grey level so images identify themselves
         save(tmp_path / f"{i}.png", solid((i * 20,) * 3))
     for seed in (0, 1):
-        train = load_dataset("folder", "train", tmp_path, image_size=4, num_workers=0, seed=seed)
+        train = load_dataset(DataConfig(dataset="folder", root=tmp_path, num_workers=0), "train", seed=seed, image_size=4)
         assert train.labels is None and train.classes is None and len(train) == 10
         assert sorted(train.images[:, 0, 0, 0].tolist()) == [i * 20 for i in range(10)]
     with pytest.raises(DatasetError, match="no labelled test split"):
-        load_dataset("folder", "test", tmp_path, image_size=4, num_workers=0)
+        load_dataset(DataConfig(dataset="folder", root=tmp_path, num_workers=0), "test", image_size=4)
 
 
 def test_labelled_flat_folder_split_is_a_seeded_partition(tmp_path):
     for i in range(10):
         save(tmp_path / ("a" if i % 2 else "b") / f"{i}.png", solid((i * 20,) * 3))
-    train = load_dataset("folder", "train", tmp_path, image_size=4, num_workers=0, seed=1)
-    test = load_dataset("folder", "test", tmp_path, image_size=4, num_workers=0, seed=1)
+    train = load_dataset(DataConfig(dataset="folder", root=tmp_path, num_workers=0), "train", seed=1, image_size=4)
+    test = load_dataset(DataConfig(dataset="folder", root=tmp_path, num_workers=0), "test", seed=1, image_size=4)
     assert (len(train), len(test)) == (8, 2)
     ids = sorted(train.images[:, 0, 0, 0].tolist() + test.images[:, 0, 0, 0].tolist())
     assert ids == [i * 20 for i in range(10)]
-    seeds = {tuple(load_dataset("folder", "test", tmp_path, image_size=4, num_workers=0, seed=s)
+    seeds = {tuple(load_dataset(DataConfig(dataset="folder", root=tmp_path, num_workers=0), "test", seed=s, image_size=4)
                    .images[:, 0, 0, 0].tolist()) for s in range(6)}
     assert len(seeds) > 1  # the seed matters
 
@@ -203,15 +205,15 @@ def test_labelled_flat_folder_split_is_a_seeded_partition(tmp_path):
 def test_folder_with_loose_images_has_no_labels(tmp_path):
     make_class_folder(tmp_path, {"a": 3})
     save(tmp_path / "loose.png", solid())
-    s = load_dataset("folder", "train", tmp_path, image_size=8, num_workers=0)
+    s = load_dataset(DataConfig(dataset="folder", root=tmp_path, num_workers=0), "train", image_size=8)
     assert s.labels is None and s.classes is None
 
 
 def test_folder_with_train_and_test_subfolders(tmp_path):
     make_class_folder(tmp_path / "train", {"a": 3, "b": 2, "c": 1})
     make_class_folder(tmp_path / "test", {"b": 2, "c": 1})  # no "a": indices must still match train's
-    train = load_dataset("folder", "train", tmp_path, image_size=8, num_workers=2)
-    test = load_dataset("folder", "test", tmp_path, image_size=8, num_workers=0)
+    train = load_dataset(DataConfig(dataset="folder", root=tmp_path, num_workers=2), "train", image_size=8)
+    test = load_dataset(DataConfig(dataset="folder", root=tmp_path, num_workers=0), "test", image_size=8)
     assert train.classes == test.classes == ["a", "b", "c"]
     assert train.labels.tolist() == [0, 0, 0, 1, 1, 2] and test.labels.tolist() == [1, 1, 2]
     assert test.name == "folder/test"
@@ -219,19 +221,19 @@ def test_folder_with_train_and_test_subfolders(tmp_path):
 
 def test_folder_errors(tmp_path):
     with pytest.raises(DatasetError, match="does not exist"):
-        load_dataset("folder", "train", tmp_path / "nope")
+        load_dataset(DataConfig(dataset="folder", root=tmp_path / "nope"), "train")
     with pytest.raises(DatasetError, match="no images"):
-        load_dataset("folder", "train", tmp_path)
+        load_dataset(DataConfig(dataset="folder", root=tmp_path), "train")
     with pytest.raises(DatasetError, match="root"):
-        load_dataset("folder", "train", None)
+        load_dataset(DataConfig(dataset="folder"), "train")
     save(tmp_path / "a" / "one.png", solid())
     with pytest.raises(DatasetError, match="test split .* is empty"):
-        load_dataset("folder", "test", tmp_path, num_workers=0)
+        load_dataset(DataConfig(dataset="folder", root=tmp_path, num_workers=0), "test")
     save(tmp_path / "split" / "train" / "good.png", solid())
     save(tmp_path / "split" / "test" / "good.png", solid())
     (tmp_path / "split" / "train" / "bad.jpg").write_bytes(b"")
     with pytest.raises(DatasetError, match="1 of 3 images could not be decoded: .*bad.jpg"):
-        load_dataset("folder", "train", tmp_path / "split", num_workers=0)
+        load_dataset(DataConfig(dataset="folder", root=tmp_path / "split", num_workers=0), "train")
 
 
 def test_list_images_recursive_sorted_case_insensitive(tmp_path):
@@ -393,15 +395,14 @@ def test_subset_is_seeded_sorted_and_sized():
 
 
 def test_synthetic_is_deterministic_labelled_and_split():
-    a = load_dataset("synthetic", "train", synthetic_size=200, image_size=24, seed=5)
-    b = load_dataset("synthetic", "train", synthetic_size=200, image_size=24, seed=5)
-    t = load_dataset("synthetic", "test", synthetic_size=200, image_size=24, seed=5)
+    a = load_dataset(DataConfig(dataset="synthetic", synthetic_size=200), "train", seed=5, image_size=24)
+    b = load_dataset(DataConfig(dataset="synthetic", synthetic_size=200), "train", seed=5, image_size=24)
+    t = load_dataset(DataConfig(dataset="synthetic", synthetic_size=200), "test", seed=5, image_size=24)
     assert a.images.shape == (200, 3, 24, 24) and a.images.dtype == torch.uint8
     assert torch.equal(a.images, b.images) and torch.equal(a.labels, b.labels)
     assert not torch.equal(a.images, t.images)
     assert a.labels.bincount().tolist() == [20] * 10 and a.classes == [f"class{i}" for i in range(10)]
-    assert not torch.equal(a.images, load_dataset("synthetic", "train", synthetic_size=200, image_size=24,
-                                                  seed=6).images)
+    assert not torch.equal(a.images, load_dataset(DataConfig(dataset="synthetic", synthetic_size=200), "train", seed=6, image_size=24).images)
 
 
 def test_synthetic_classes_are_learnable():
@@ -411,8 +412,8 @@ def test_synthetic_classes_are_learnable():
         spectrum = torch.fft.rfft2(x.mean(1)).abs().flatten(1)
         return torch.cat([x.mean((2, 3)) * 10, spectrum / spectrum.norm(dim=1, keepdim=True)], 1)
 
-    train = load_dataset("synthetic", "train", synthetic_size=500, seed=0)
-    test = load_dataset("synthetic", "test", synthetic_size=200, seed=0)
+    train = load_dataset(DataConfig(dataset="synthetic", synthetic_size=500), "train", seed=0)
+    test = load_dataset(DataConfig(dataset="synthetic", synthetic_size=200), "test", seed=0)
     f_train, f_test = features(train), features(test)
     centroids = torch.stack([f_train[train.labels == c].mean(0) for c in range(10)])
     accuracy = (torch.cdist(f_test, centroids).argmin(1) == test.labels).float().mean().item()
@@ -421,10 +422,10 @@ def test_synthetic_classes_are_learnable():
 
 def test_names_and_normalization(monkeypatch, tmp_path):
     with pytest.raises(DatasetError, match="did you mean 'cifar10'"):
-        load_dataset("cifar-10", "train")
+        load_dataset(DataConfig(dataset="cifar-10", download=False), "train")
     with pytest.raises(DatasetError, match="split"):
-        load_dataset("synthetic", "val")
-    assert data.DATASETS == ("cifar10", "cifar100", "folder", "synthetic")
+        load_dataset(DataConfig(dataset="synthetic"), "val")
+    assert tuple(data.SOURCES) == ("cifar10", "cifar100", "folder", "synthetic")
     assert normalization_for("folder") == normalization_for("synthetic") == data.NORMALIZATION["imagenet"]
     assert normalization_for("cifar100") == data.NORMALIZATION["cifar100"]
     with pytest.raises(DatasetError):

@@ -13,17 +13,17 @@ from pathlib import Path
 
 import pytest
 import torch
+from ranks import run_ranks  # tests/ranks.py
 from torch.nn.parallel import DistributedDataParallel
 from typer.testing import CliRunner
 
-from simclr_cli import launch
-from simclr_cli.checkpoint import ENCODER_FORMAT, load_checkpoint, safe_load
 from simclr_cli.cli import app
 from simclr_cli.config import ModelConfig, load_config
-from simclr_cli.loss import nt_xent
-from simclr_cli.model import build_model
-
-from ranks import run_ranks  # tests/ranks.py
+from simclr_cli.files import ENCODER_FORMAT, safe_load
+from simclr_cli.methods.simclr import nt_xent
+from simclr_cli.models import build_model
+from simclr_cli.train import launch
+from simclr_cli.train.state import load_checkpoint
 
 WORLD = 2
 TEMPERATURE = 0.2
@@ -133,11 +133,13 @@ def _simclr(*args: str, timeout: float = 240) -> subprocess.CompletedProcess:
                           timeout=timeout, env=env, cwd=REPO)
 
 
-def test_nproc_forwards_every_option_to_the_ranks(tmp_path: Path, monkeypatch) -> None:
+def test_nproc_hands_the_ranks_the_config_it_resolved(tmp_path: Path, monkeypatch) -> None:
+    """The launcher resolves the config once (file, --set, flags, the resume) and every rank reads that."""
     seen = {}
 
     def fake_torchrun(nproc: int, module_args: list[str]) -> launch.LaunchResult:
         seen["nproc"], seen["args"] = nproc, module_args
+        seen["config"] = load_config(module_args[module_args.index("--config") + 1])  # what a rank loads
         return launch.LaunchResult(0)
 
     monkeypatch.setattr(launch, "run_torchrun", fake_torchrun)
@@ -150,9 +152,10 @@ def test_nproc_forwards_every_option_to_the_ranks(tmp_path: Path, monkeypatch) -
                                       *TINY, "--set", "train.seed=5"])
     assert result.exit_code == 0, result.output
     assert seen["nproc"] == 2
-    sets = [arg for kv in SETTINGS + ["train.seed=5"] for arg in ("--set", kv)]
-    assert seen["args"] == ["simclr_cli", "pretrain", "--config", str(config), *sets, "--output-dir", str(out),
-                            "--device", "cpu", "--resume"]
+    assert seen["args"][:3] == ["simclr_cli", "pretrain", "--config"] and seen["args"][4:] == ["--resume"]
+    resolved = load_config(config, SETTINGS + ["train.seed=5"], {"train.output_dir": str(out), "train.device": "cpu"})
+    assert seen["config"] == resolved
+    assert not Path(seen["args"][3]).exists()  # the launcher's temporary config is gone
 
 
 @pytest.mark.parametrize("override, message", [

@@ -18,19 +18,20 @@ import torch
 from PIL import Image
 from typer.testing import CliRunner
 
-from simclr_cli.checkpoint import CheckpointError, load_checkpoint, safe_load
-from simclr_cli.encoder_file import encoder_payload, load_encoder
-from simclr_cli.files import atomic_save
 from simclr_cli.cli import app
-from simclr_cli.config import config_from_dict, load_config
+from simclr_cli.config import DataConfig, config_from_dict, load_config
 from simclr_cli.data import NORMALIZATION, load_dataset
-from simclr_cli.embed import embed_images
-from simclr_cli.features import extract_features
-from simclr_cli.probe import run_probe
-from simclr_cli.images import ImageDecodeError, decode_image
-from simclr_cli.model import ResNetEncoder
+from simclr_cli.data.images import decode_image
+from simclr_cli.errors import CheckpointError, ImageDecodeError
+from simclr_cli.evaluate.embed import embed_images
+from simclr_cli.evaluate.probe import run_probe
+from simclr_cli.files import atomic_save, safe_load
+from simclr_cli.models import ResNetEncoder
+from simclr_cli.models.encoder_file import encoder_payload, load_encoder
+from simclr_cli.models.features import extract_features
 from simclr_cli.runtime import PRECISION_ENV, RuntimeSetupError, pick_device, resolve_precision, restore_rng
 from simclr_cli.train import Trainer, pretrain
+from simclr_cli.train.state import load_checkpoint
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 CPU = torch.device("cpu")
@@ -99,8 +100,7 @@ def test_probe_and_embed_take_precision_and_report_it(tmp_path):
 
 def test_probe_splits_a_flat_folder_with_the_pretraining_seed(tmp_path):
     grey_folder(tmp_path / "img")
-    held_out = {seed: sorted(load_dataset("folder", "test", tmp_path / "img", image_size=16, num_workers=0,
-                                          seed=seed).images[:, 0, 0, 0].tolist()) for seed in (0, 1)}
+    held_out = {seed: sorted(load_dataset(DataConfig(dataset="folder", root=tmp_path / "img", num_workers=0), "test", seed=seed, image_size=16).images[:, 0, 0, 0].tolist()) for seed in (0, 1)}
     assert held_out[0] != held_out[1]  # else the test below could not tell the seeds apart
     report = run_probe(encoder_file(tmp_path / "enc.pth", seed=1), "folder", tmp_path / "img", device="cpu",
                        num_workers=0)

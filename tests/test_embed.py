@@ -15,15 +15,16 @@ import torch
 from PIL import Image
 from typer.testing import CliRunner
 
-from simclr_cli.encoder_file import encoder_payload, load_encoder
 from simclr_cli.cli import app
 from simclr_cli.config import config_from_dict
-from simclr_cli.data import NORMALIZATION, decode_image
-from simclr_cli.embed import embed_images
-from simclr_cli.vectors import HEADER_BYTES, NpyWriter, npy_header
-from simclr_cli.features import extract_features
+from simclr_cli.data import NORMALIZATION
+from simclr_cli.data.images import decode_image
+from simclr_cli.evaluate.embed import embed_images
+from simclr_cli.evaluate.vectors import HEADER_BYTES, NpyWriter, npy_header
 from simclr_cli.files import atomic_save
-from simclr_cli.model import ResNetEncoder
+from simclr_cli.models import ResNetEncoder
+from simclr_cli.models.encoder_file import encoder_payload, load_encoder
+from simclr_cli.models.features import extract_features
 
 BAD = ("bad/corrupt.jpg", "bad/truncated.png", "bad/zero.jpg", "bad/text.jpg", "bad/dangling.png")
 CLI = [sys.executable, "-m", "simclr_cli"]

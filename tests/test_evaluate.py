@@ -9,14 +9,15 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from simclr_cli.encoder_file import encoder_payload, load_encoder
+from simclr_cli.config import DataConfig, load_config
 from simclr_cli.errors import OptionError
-from simclr_cli.config import load_config
-from simclr_cli.evaluate import holdout_split, knn_accuracy, knn_classify, linear_probe
-from simclr_cli.features import extract_features, preprocess
+from simclr_cli.evaluate.knn import knn_accuracy, knn_classify
+from simclr_cli.evaluate.linear import holdout_split, linear_probe
+from simclr_cli.evaluate.probe import random_encoder, run_probe
 from simclr_cli.files import atomic_save
-from simclr_cli.probe import random_encoder, run_probe
-from simclr_cli.model import ProjectionHead, ResNetEncoder, build_model
+from simclr_cli.models import ProjectionHead, ResNetEncoder, build_model
+from simclr_cli.models.encoder_file import encoder_payload, load_encoder
+from simclr_cli.models.features import extract_features, preprocess
 
 MEAN, STD = (0.4, 0.5, 0.6), (0.2, 0.25, 0.3)
 
@@ -145,7 +146,8 @@ def test_random_init_is_the_seeded_build_model_and_leaves_the_rng_alone(tiny_enc
             p.add_(1.0)
     loaded = load_encoder(path)
     state = torch.get_rng_state()
-    encoder, head = random_encoder(loaded, seed=5)
+    random = random_encoder(loaded, seed=5)
+    encoder, head = random.encoder, random.head
     assert torch.equal(torch.get_rng_state(), state)
     torch.manual_seed(5)
     fresh = build_model(load_config(None, ["model.width=8"]).model)
@@ -173,9 +175,9 @@ def test_probe_on_synthetic_reaches_well_above_chance(tiny_encoder_file):
 
 def test_the_monitor_queries_a_fixed_validation_split_of_the_training_images():
     from simclr_cli.data import load_dataset, split_validation
-    from simclr_cli.evaluate import load_monitor
+    from simclr_cli.train.monitor import load_monitor
 
-    train = load_dataset("synthetic", "train", synthetic_size=300, image_size=16)
+    train = load_dataset(DataConfig(dataset="synthetic", synthetic_size=300), "train", image_size=16)
     rest, val = split_validation(train, 5000)
     assert (len(rest), len(val)) == (270, 30)  # capped at a tenth of the split
     again_rest, again_val = split_validation(train, 5000)

@@ -14,27 +14,36 @@ import yaml
 from torch import nn
 from typer.testing import CliRunner
 
-from simclr_cli.checkpoint import CheckpointError, checkpoint_payload
-from simclr_cli.encoder_file import encoder_payload, extract_encoder, load_encoder
-from simclr_cli.files import atomic_save
 from simclr_cli.cli import app
 from simclr_cli.config import config_digest, load_config
 from simclr_cli.data import NORMALIZATION, normalization_for
-from simclr_cli.model import build_model
-from simclr_cli.optim import build_optimizer, build_scheduler
+from simclr_cli.errors import CheckpointError
+from simclr_cli.evaluate.export import extract_encoder
+from simclr_cli.files import atomic_save
+from simclr_cli.methods import build_method
+from simclr_cli.models.encoder_file import encoder_meta, encoder_payload, load_encoder
+from simclr_cli.train.optim import build_optimizer, build_scheduler
+from simclr_cli.train.state import Parts, RunState, checkpoint
 
 ENV = {"COLUMNS": "120", "NO_COLOR": "1"}
 
 
-def write_checkpoint(path: Path, width: int = 8, seed: int = 3):
-    """A checkpoint as `simclr pretrain` writes it (epoch 2, step 10), without the training."""
+def write_checkpoint(path: Path, width: int = 8, seed: int = 3, layout: str = "today"):
+    """A checkpoint as `simclr pretrain` writes it (epoch 2, step 10), without the training; layout "0.1": as
+    simclr-cli 0.1 wrote it, without the encoder's description (read from its config instead)."""
     cfg = load_config(None, ["data.dataset=synthetic", f"model.width={width}", "data.image_size=16",
                              f"train.seed={seed}"])
     torch.manual_seed(seed)
-    model = build_model(cfg.model)
+    method = build_method(cfg)
+    model = method.model
     opt = build_optimizer(model, "sgd", 0.1)
     sched = build_scheduler(opt, "cosine", 100)
-    atomic_save(checkpoint_payload(model, opt, sched, None, cfg, epoch=2, step=10, generator=None), path)
+    mean, std = normalization_for(cfg.data.dataset)
+    payload = checkpoint(cfg, RunState(epoch=2, step=10), Parts(model, method, opt, sched, None, torch.Generator()),
+                         world_size=1, train_images=100, encoder=encoder_meta(model.encoder, cfg, model.head, mean, std))
+    if layout == "0.1":
+        del payload["encoder"]
+    atomic_save(payload, path)
     return model.eval(), cfg
 
 
@@ -82,6 +91,23 @@ def test_checkpoint_loads_directly_as_the_same_encoder(run):
     assert loaded.kind == "pretraining checkpoint" and loaded.head is not None
     assert loaded.provenance["epoch"] == 2
     torch.testing.assert_close(outputs(loaded.encoder), outputs(model.encoder))
+
+
+def test_a_checkpoint_of_simclr_cli_0_1_loads_the_same_encoder_without_todays_rules(tmp_path, run):
+    """0.1 wrote no description of the encoder: it is read from the checkpoint's config as it is, so a rule
+    tightened since (here a config value today's validation refuses) never stops an old checkpoint loading."""
+    folder, _, cfg = run
+    model, _ = write_checkpoint(tmp_path / "checkpoint.pt", layout="0.1")
+    old = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
+    old["config"]["train"]["knn_k"] = 0  # refused by today's rules
+    atomic_save(old, tmp_path / "checkpoint.pt")
+    loaded = load_encoder(tmp_path / "checkpoint.pt")
+    today = load_encoder(folder / "checkpoint.pt")
+    assert loaded.encoder.describe() == today.encoder.describe() and loaded.image_size == today.image_size
+    assert (loaded.mean, loaded.std) == (today.mean, today.std) and loaded.provenance["config_digest"] is None
+    torch.testing.assert_close(outputs(loaded.encoder), outputs(model.encoder))
+    h = torch.randn(4, loaded.encoder.feature_dim)
+    torch.testing.assert_close(loaded.head(h), model.head(h))
 
 
 def test_torchvision_export_loads_strictly_into_torchvision(tmp_path):

@@ -21,13 +21,14 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from simclr_cli import train
-from simclr_cli.checkpoint import load_checkpoint
 from simclr_cli.cli import app
 from simclr_cli.config import load_config
-from simclr_cli.interrupt import StopRequested
 from simclr_cli.methods import simclr as simclr_method
-from simclr_cli.train import NonFiniteLoss, Trainer, pretrain
+from simclr_cli.train import Trainer, pretrain
+from simclr_cli.train import loop as train
+from simclr_cli.train.interrupt import StopRequested
+from simclr_cli.train.readback import NonFiniteLoss
+from simclr_cli.train.state import load_checkpoint
 
 # 160 images / batch 16 = 10 steps per epoch, a line per step: long enough to interrupt mid-epoch.
 SUB = ["data.dataset=synthetic", "data.synthetic_size=160", "data.image_size=16", "model.width=8",
@@ -119,7 +120,7 @@ def test_signal_stops_saves_and_resumes_exactly(tmp_path, straight, signum, code
 
 SLOW_STEPS = """
 import time
-from simclr_cli import train
+from simclr_cli.train import loop as train
 _step = train.Trainer.train_step
 def slow_step(self, x):
     loss = _step(self, x)

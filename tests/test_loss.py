@@ -7,11 +7,9 @@ import os
 
 import pytest
 import torch
-
-from simclr_cli.loss import nt_xent
-
 from ranks import run_ranks  # tests/ranks.py
 
+from simclr_cli.methods.simclr import nt_xent
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

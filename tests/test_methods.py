@@ -17,18 +17,17 @@ import pytest
 import torch
 import torch.nn.functional as F
 from PIL import Image
+from ranks import run_ranks  # tests/ranks.py
 from typer.testing import CliRunner
 
-from simclr_cli.checkpoint import load_checkpoint
 from simclr_cli.cli import app
 from simclr_cli.config import load_config
-from simclr_cli.interrupt import StopRequested
 from simclr_cli.methods.byol import byol_loss
 from simclr_cli.methods.ema import EmaTarget, momentum_at
 from simclr_cli.methods.moco import KeyQueue, gather_rows, info_nce_with_queue
 from simclr_cli.train import Trainer, pretrain
-
-from ranks import run_ranks  # tests/ranks.py
+from simclr_cli.train.interrupt import StopRequested
+from simclr_cli.train.state import load_checkpoint
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 METHODS = ("simclr", "moco", "byol")

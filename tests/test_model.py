@@ -6,7 +6,7 @@ import torchvision
 from torch import nn
 
 from simclr_cli.config import ModelConfig
-from simclr_cli.model import ProjectionHead, ResNetEncoder, build_model
+from simclr_cli.models import ProjectionHead, ResNetEncoder, build_model
 
 
 @pytest.mark.parametrize("arch,dim", [("resnet18", 512), ("resnet34", 512), ("resnet50", 2048)])

@@ -10,16 +10,16 @@ from pathlib import Path
 
 import pytest
 import torch
+from ranks import run_ranks  # tests/ranks.py
 from torch.nn.parallel import DistributedDataParallel
 
-from simclr_cli.checkpoint import load_checkpoint
 from simclr_cli.config import ConfigError, load_config
-from simclr_cli.interrupt import StopRequested
-from simclr_cli.loss import nt_xent
-from simclr_cli.methods.simclr import SimCLRMethod
+from simclr_cli.methods import Views
+from simclr_cli.methods.simclr import SimCLRMethod, nt_xent
 from simclr_cli.train import Trainer, pretrain
-
-from ranks import run_ranks  # tests/ranks.py
+from simclr_cli.train.interrupt import StopRequested
+from simclr_cli.train.loop import start_panel
+from simclr_cli.train.state import load_checkpoint
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 TINY = ["data.dataset=synthetic", "data.synthetic_size=48", "data.image_size=16", "model.width=8",
@@ -43,7 +43,7 @@ def test_small_views_have_their_size_and_follow_both_views(tmp_path):
     trainer.augment.small = spy
     trainer.run()
     assert shapes and all(s == ((2 * 16, 3, 8, 8), 2, 8, (0.08, 0.35)) for s in shapes)
-    assert "2 x 8 px (multi-crop)" in trainer.describe()["views"]
+    assert "2 x 8 px (multi-crop)" in start_panel(trainer)["views"]
 
 
 def _loss_by_hand(model, views, small, b):
@@ -66,9 +66,10 @@ def test_multicrop_loss_averages_the_pairs_and_reaches_the_small_views():
     g = torch.Generator().manual_seed(1)
     views, small = torch.randn(8, 3, 16, 16, generator=g), torch.randn(12, 3, 8, 8, generator=g)  # b = 4, m = 3
     small.requires_grad_()
-    loss = method.loss(model, views, torch.autocast("cpu", enabled=False), small)
+    loss = method.loss(model, Views(views, small), torch.autocast("cpu", enabled=False))
     assert loss.item() == pytest.approx(_loss_by_hand(model, views, small, 4).item(), abs=1e-6)
-    assert loss.item() != pytest.approx(method.loss(model, views, torch.autocast("cpu", enabled=False)).item(), abs=1e-3)
+    assert loss.item() != pytest.approx(method.loss(model, Views(views), torch.autocast("cpu", enabled=False)).item(),
+                                        abs=1e-3)
     loss.backward()
     assert small.grad is not None and small.grad.abs().sum() > 0  # the small views are trained on
 
@@ -94,7 +95,7 @@ def _rank_worker(rank: int, state: dict, x1, x2, s1, out_dir: str) -> None:
     net = DistributedDataParallel(method.model)
     n = len(x1) // 2
     mine = slice(rank * n, (rank + 1) * n)
-    loss = method.loss(net, torch.cat([x1[mine], x2[mine]]), torch.autocast("cpu", enabled=False), s1[mine])
+    loss = method.loss(net, Views(torch.cat([x1[mine], x2[mine]]), s1[mine]), torch.autocast("cpu", enabled=False))
     loss.backward()
     grads = {k: p.grad.clone() for k, p in method.model.named_parameters()}
     torch.save({"loss": loss.detach(), "grads": grads}, os.path.join(out_dir, f"rank{rank}.pt"))
@@ -108,7 +109,7 @@ def test_two_ranks_with_small_views_give_the_loss_and_gradients_of_one_process(t
     state = {k: v.clone() for k, v in method.model.state_dict().items()}
     run_ranks(_rank_worker, (state, x1, x2, s1, str(tmp_path)), 2)
     ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2)]
-    single = method.loss(method.model, torch.cat([x1, x2]), torch.autocast("cpu", enabled=False), s1)
+    single = method.loss(method.model, Views(torch.cat([x1, x2]), s1), torch.autocast("cpu", enabled=False))
     single.backward()
     assert torch.stack([r["loss"] for r in ranks]).mean().item() == pytest.approx(single.item(), abs=1e-5)
     for name, p in method.model.named_parameters():

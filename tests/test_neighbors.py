@@ -12,13 +12,12 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from test_embed import write_encoder
 from typer.testing import CliRunner
 
-from simclr_cli import neighbors as nb
 from simclr_cli.cli import app
 from simclr_cli.errors import DatasetError
-
-from test_embed import write_encoder
+from simclr_cli.evaluate.knn import top_k_cosine
 
 
 def brute_force(q: np.ndarray, index: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
@@ -30,21 +29,20 @@ def brute_force(q: np.ndarray, index: np.ndarray, k: int) -> tuple[np.ndarray, n
 
 
 @pytest.mark.parametrize("block", [7, 64, 1 << 24])  # many chunks, a few, one
-def test_chunked_top_k_equals_brute_force(block, monkeypatch):
-    monkeypatch.setattr(nb, "QUERY_BLOCK", 5)  # several query blocks too
+def test_chunked_top_k_equals_brute_force(block):
     rng = np.random.default_rng(0)
     index, q = rng.normal(size=(301, 12)).astype(np.float32), rng.normal(size=(13, 12)).astype(np.float32)
-    sims, rows = nb.top_k_cosine(torch.from_numpy(q), index, k=6, block_elements=block)
+    sims, rows = top_k_cosine(torch.from_numpy(q), index, k=6, block_elements=block, query_block=5)  # 3 query blocks
     want_s, want_i = brute_force(q, index, 6)
     assert rows.numpy().tolist() == want_i.tolist()
     np.testing.assert_allclose(sims.numpy(), want_s, rtol=1e-5, atol=1e-6)
 
 
 def test_k_is_capped_at_the_index_and_dimensions_must_match():
-    sims, rows = nb.top_k_cosine(torch.randn(2, 4), np.random.rand(3, 4).astype(np.float32), k=10)
+    sims, rows = top_k_cosine(torch.randn(2, 4), np.random.rand(3, 4).astype(np.float32), k=10)
     assert sims.shape == rows.shape == (2, 3) and sorted(rows[0].tolist()) == [0, 1, 2]
     with pytest.raises(DatasetError, match="same encoder"):
-        nb.top_k_cosine(torch.randn(2, 5), np.random.rand(3, 4).astype(np.float32), k=1)
+        top_k_cosine(torch.randn(2, 5), np.random.rand(3, 4).astype(np.float32), k=1)
 
 
 def test_a_million_row_index_is_searched_in_bounded_memory(tmp_path):
@@ -52,7 +50,7 @@ def test_a_million_row_index_is_searched_in_bounded_memory(tmp_path):
     the chunked search stays far below that (peak RSS of a fresh process, page cache of the map aside)."""
     script = f"""
 import resource, numpy as np, torch
-from simclr_cli.neighbors import top_k_cosine
+from simclr_cli.evaluate.knn import top_k_cosine
 torch.set_num_threads(2)
 path = {str(tmp_path / 'big.npy')!r}
 x = np.lib.format.open_memmap(path, mode="w+", dtype=np.float32, shape=(1_000_000, 32))

@@ -9,16 +9,8 @@ import pytest
 import torch
 from torch import nn
 
-from simclr_cli import optim
-from simclr_cli.optim import (
-    LARS,
-    OPTIMIZERS,
-    SCHEDULES,
-    build_optimizer,
-    build_scheduler,
-    param_groups,
-)
-
+from simclr_cli.train import optim
+from simclr_cli.train.optim import LARS, OPTIMIZERS, SCHEDULES, build_optimizer, build_scheduler, param_groups
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -14,11 +14,12 @@ import torch
 from PIL import Image
 from typer.testing import CliRunner
 
-from simclr_cli import plots
 from simclr_cli.cli import app
-from simclr_cli.config import load_config
+from simclr_cli.config import DataConfig, load_config
 from simclr_cli.errors import MissingExtraError
-from simclr_cli.report import first_of_each_class, make_report, project_2d, read_metrics, _grid_rows
+from simclr_cli.evaluate import plots
+from simclr_cli.evaluate.report import _grid_rows, first_of_each_class, make_report, project_2d
+from simclr_cli.rundir import read_metrics
 from simclr_cli.train import pretrain
 
 TINY = ["data.dataset=synthetic", "data.synthetic_size=300", "data.image_size=32", "model.width=8",
@@ -82,9 +83,9 @@ def test_the_resume_is_marked_on_the_curves(run_dir, tmp_path):
 def test_most_grid_neighbours_share_the_query_class(run_dir):
     from simclr_cli.data import load_dataset
 
-    train, test = (load_dataset("synthetic", s, synthetic_size=300, image_size=32) for s in ("train", "test"))
-    from simclr_cli.encoder_file import load_encoder
-    from simclr_cli.features import extract_features
+    train, test = (load_dataset(DataConfig(dataset="synthetic", synthetic_size=300), s, image_size=32) for s in ("train", "test"))
+    from simclr_cli.models.encoder_file import load_encoder
+    from simclr_cli.models.features import extract_features
 
     loaded = load_encoder(run_dir / "encoder.pth")
     h = [extract_features(loaded.encoder, d.images, loaded.mean, loaded.std, 32, torch.device("cpu")) for d in (train, test)]

@@ -16,11 +16,12 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from simclr_cli.checkpoint import CheckpointError, load_checkpoint
 from simclr_cli.cli import app
 from simclr_cli.config import ConfigError, load_config
-from simclr_cli.interrupt import StopRequested
+from simclr_cli.errors import CheckpointError
 from simclr_cli.train import Trainer, pretrain
+from simclr_cli.train.interrupt import StopRequested
+from simclr_cli.train.state import load_checkpoint
 
 TINY = ["data.dataset=synthetic", "data.synthetic_size=48", "data.image_size=16", "model.width=8",
         "train.batch_size=16", "train.precision=fp32", "train.device=cpu", "train.log_every=2", "train.epochs=3"]
@@ -210,15 +211,16 @@ def test_views_per_s_after_a_resume_counts_only_the_steps_it_timed(monkeypatch):
     not timed from the window's start, so the rate leaves them out (they once gave 25,000 views/s)."""
     from types import SimpleNamespace
 
-    from simclr_cli import train as train_module
-    from simclr_cli.readback import LossWindow
+    from simclr_cli.train import loop as train_module
+    from simclr_cli.train.readback import LossWindow
 
     window = LossWindow(10, torch.device("cpu"), restored=[2.0, 2.0, 2.0])  # 3 steps from before the stop
     for _ in range(2):
         window.add(torch.tensor(1.0), 0.1)  # 2 steps after the resume
     logged = []
-    fake = SimpleNamespace(_read_back=lambda w: [float(x) for x in w.losses], state=SimpleNamespace(epoch_losses=[], step=15),
-                           cfg=SimpleNamespace(train=SimpleNamespace(batch_size=16)), lr=lambda: 0.1,
+    fake = SimpleNamespace(ranks=SimpleNamespace(world_size=1), _why=lambda: "", lr=lambda: 0.1,
+                           state=SimpleNamespace(epoch_losses=[], step=15),
+                           cfg=SimpleNamespace(train=SimpleNamespace(batch_size=16)),
                            _log=lambda record: logged.append(record))
     monkeypatch.setattr(train_module.time, "perf_counter", lambda: window.t0 + 1.0)  # the window took 1 s
     Trainer._log_window(fake, 1, window)

@@ -11,8 +11,8 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from simclr_cli.checkpoint import CHECKPOINT_FORMAT
 from simclr_cli.cli import app
+from simclr_cli.files import CHECKPOINT_FORMAT
 
 TINY = ["data.dataset=synthetic", "data.synthetic_size=48", "data.image_size=16", "model.width=8",
         "train.batch_size=16", "train.precision=fp32", "train.device=cpu", "train.epochs=1"]

@@ -7,8 +7,8 @@ import json
 import pytest
 
 from simclr_cli.augment import progressive_size
-from simclr_cli.encoder_file import load_encoder
 from simclr_cli.config import ConfigError, load_config
+from simclr_cli.models.encoder_file import load_encoder
 from simclr_cli.train import Trainer
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -23,15 +23,15 @@ def test_views_take_view_size_and_the_encoder_keeps_the_image_size(tmp_path, vie
     extra = [] if view_size is None else [f"augment.view_size={view_size}"]
     trainer = Trainer(load_config(None, [*TINY, f"train.output_dir={tmp_path}", *extra]))
     seen = []
-    augment = trainer.augment
+    pair = trainer.augment.pair
 
     def spy(x, generator=None, size=None):
-        views = augment(x, generator, size)
-        seen.append(tuple(v.shape for v in views))
+        views = pair(x, generator, size)
+        seen.append(tuple(views.shape))
         return views
-    trainer.augment = spy
+    trainer.augment.pair = spy
     trainer.run()
-    assert seen and all(shapes == ((16, 3, expected, expected),) * 2 for shapes in seen)
+    assert seen and all(shape == (2 * 16, 3, expected, expected) for shape in seen)  # both views of 16 images
     assert load_encoder(tmp_path / "encoder.pth").image_size == 16  # probes and embeddings use the images' size
     evals = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert any(r["kind"] == "eval" and 0 <= r["knn_top1"] <= 1 for r in evals)  # the monitor runs at 16 px
@@ -52,14 +52,14 @@ def test_progressive_views_follow_the_schedule_and_the_encoder_keeps_the_image_s
     cfg = load_config(None, [*TINY, f"train.output_dir={tmp_path}", "train.epochs=2", "augment.view_size_start=8"])
     trainer = Trainer(cfg)
     sizes = []
-    augment = trainer.augment
+    pair = trainer.augment.pair
 
     def spy(x, generator=None, size=None):
-        views = augment(x, generator, size)
-        assert views[0].shape == views[1].shape == (16, 3, size, size)
+        views = pair(x, generator, size)
+        assert views.shape == (2 * 16, 3, size, size)
         sizes.append(size)
         return views
-    trainer.augment = spy
+    trainer.augment.pair = spy
     trainer.run()
     assert sizes == [8, 8, 12, 12, 12, 16]
     assert load_encoder(tmp_path / "encoder.pth").image_size == 16

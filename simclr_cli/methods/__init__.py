@@ -1,41 +1,39 @@
-"""Pretraining methods: each one builds the networks it trains, computes its loss on a batch of views and
-does what its networks need after the optimiser step. The training loop calls a method object and never
-branches on which one it is:
-
-    method.model                        the module the optimiser trains; `.encoder` is exported, `.head`
-                                        (None for byol) goes into the encoder file beside it
-    method.to(device, memory_format)    every network the method holds, on the training device
-    method.loss(net, views, ctx)        the loss of 2B views (first B: view 1, last B: view 2), the forward
-                                        passes inside `ctx` (autocast); `net` is `model` as wrapped (DDP);
-                                        simclr also takes `small`, the multi-crop views (augment.small_crops)
-    method.after_step(step, total)      after optimiser step `step` of `total`: EMA update, enqueue
-    method.state_dict() / load_state_dict()   what a checkpoint must carry beyond `model`
+"""Pretraining methods, one file each, in one registry: METHODS maps `method.name` to a class that builds its
+networks from the config (after torch.manual_seed) and follows `methods.base.Method`.
 
 simclr: NT-Xent over the batch. moco: an EMA key encoder and a queue of past keys as negatives (MoCo v2,
 the momentum encoder of SimCLR v2). byol: an EMA target and a predictor, no negatives.
+
+A new method: a file here with a `Method` subclass, one line in METHODS, and its tests (copy
+tests/test_methods.py's loss oracle, exact-resume and two-rank cases).
 """
 
 from __future__ import annotations
 
-import torch
+import difflib
 
 from simclr_cli.config import Config
+from simclr_cli.errors import ConfigError
+from simclr_cli.methods.base import Method, Views
 from simclr_cli.methods.byol import BYOLMethod
-from simclr_cli.methods.ema import WithTarget
 from simclr_cli.methods.moco import MoCoMethod
 from simclr_cli.methods.simclr import SimCLRMethod
 
-METHODS = {"simclr": SimCLRMethod, "moco": MoCoMethod, "byol": BYOLMethod}
+METHODS: dict[str, type[Method]] = {"simclr": SimCLRMethod, "moco": MoCoMethod, "byol": BYOLMethod}
 
 
-def build_method(cfg: Config) -> SimCLRMethod | MoCoMethod | BYOLMethod:
+def check_method(name: str) -> None:
+    """An unknown `method.name` is one line naming the closest method."""
+    if name not in METHODS:
+        close = difflib.get_close_matches(name, METHODS, n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        raise ConfigError(f"'method.name' must be one of {', '.join(METHODS)}; got {name!r}{hint}")
+
+
+def build_method(cfg: Config) -> Method:
     """The method `method.name` names, its networks built from `cfg.model` (call after torch.manual_seed)."""
+    check_method(cfg.method.name)
     return METHODS[cfg.method.name](cfg)
 
 
-def convert_sync_batchnorm(method: SimCLRMethod | MoCoMethod | BYOLMethod) -> None:
-    """model.sync_bn: every BatchNorm of every network the method runs normalises over the global batch,
-    the target network's too (left as it was, it would keep each rank's own batch statistics)."""
-    method.model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(method.model)
-    if isinstance(method, WithTarget):
-        method.target.net = torch.nn.SyncBatchNorm.convert_sync_batchnorm(method.target.net)
+__all__ = ["METHODS", "Method", "Views", "build_method", "check_method"]

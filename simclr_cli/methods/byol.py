@@ -18,8 +18,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from simclr_cli.config import Config
+from simclr_cli.methods.base import Views
 from simclr_cli.methods.ema import EmaTarget, WithTarget, momentum_at
-from simclr_cli.model import ResNetEncoder, encoder_from
+from simclr_cli.models import build_encoder
 
 
 def mlp(dim_in: int, hidden: int, dim_out: int) -> nn.Sequential:
@@ -35,7 +36,7 @@ def byol_loss(p: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
 class Projected(nn.Module):
     """encoder -> projector (-> predictor, online only): x -> (h, projection or prediction)."""
 
-    def __init__(self, encoder: ResNetEncoder, projector: nn.Module, predictor: nn.Module | None = None):
+    def __init__(self, encoder: nn.Module, projector: nn.Module, predictor: nn.Module | None = None):
         super().__init__()
         self.encoder, self.projector, self.predictor = encoder, projector, predictor
         self.head = None  # the encoder file carries no head: BYOL's projector is not probed from
@@ -49,7 +50,7 @@ class Projected(nn.Module):
 class BYOLMethod(WithTarget):
     def __init__(self, cfg: Config) -> None:
         m = cfg.model
-        encoder = encoder_from(m)
+        encoder = build_encoder(m)
         hidden = m.head_hidden or encoder.feature_dim
         projector = mlp(encoder.feature_dim, hidden, m.head_out)
         self.target = EmaTarget(Projected(encoder, projector))  # encoder + projector, before the predictor
@@ -57,10 +58,9 @@ class BYOLMethod(WithTarget):
         self.momentum = (cfg.method.momentum, cfg.method.momentum_end)
         self.averaged = Projected(encoder, projector)  # the online part the target follows (shares the modules)
 
-    def loss(self, net: torch.nn.Module, views: torch.Tensor,
-             ctx: contextlib.AbstractContextManager) -> torch.Tensor:
-        """views (2B, ...): each view's prediction against the target's projection of the other view."""
-        b = views.shape[0] // 2
+    def loss(self, net: torch.nn.Module, views: Views, ctx: contextlib.AbstractContextManager) -> torch.Tensor:
+        """views.pair (2B, ...): each view's prediction against the target's projection of the other view."""
+        b = views.pair.shape[0] // 2
         p, z = self.outputs(net, views, ctx)  # (2B, head_out) each: predictions, target projections
         return byol_loss(p[:b], z[b:]) + byol_loss(p[b:], z[:b])
 

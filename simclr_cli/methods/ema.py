@@ -15,6 +15,8 @@ import math
 
 import torch
 
+from simclr_cli.methods.base import Method, Views
+
 
 def momentum_at(step: int, total_steps: int, start: float, end: float) -> float:
     """m after `step` of `total_steps` optimiser steps: `start` at 0, `end` at total_steps and beyond."""
@@ -34,26 +36,32 @@ class EmaTarget:
         torch._foreach_lerp_(target, source, 1.0 - momentum)
 
 
-class WithTarget:
+class WithTarget(Method):
     """What the momentum methods share: an online `model` and its EMA `target`, run, moved and saved
     together. Subclasses set both in __init__."""
 
     model: torch.nn.Module
     target: EmaTarget
 
-    def outputs(self, net: torch.nn.Module, views: torch.Tensor,
+    def outputs(self, net: torch.nn.Module, views: Views,
                 ctx: contextlib.AbstractContextManager) -> tuple[torch.Tensor, torch.Tensor]:
         """(online output, target output) for the same 2B views; the target's without a graph."""
         with ctx:
-            _, online = net(views)  # (2B, head_out)
+            _, online = net(views.pair)  # (2B, head_out)
             with torch.no_grad():
-                _, target = self.target.net(views)  # (2B, head_out)
+                _, target = self.target.net(views.pair)  # (2B, head_out)
         return online, target
 
-    def to(self, device: torch.device, memory_format: torch.memory_format):
-        self.model = self.model.to(device, memory_format=memory_format)
-        self.target.net = self.target.net.to(device, memory_format=memory_format)
-        return self
+    def networks(self) -> dict[str, torch.nn.Module]:
+        return {"model": self.model, "target_net": self.target.net}
+
+    @property
+    def target_net(self) -> torch.nn.Module:
+        return self.target.net
+
+    @target_net.setter
+    def target_net(self, net: torch.nn.Module) -> None:
+        self.target.net = net
 
     def state_dict(self) -> dict:
         return {"target": self.target.net.state_dict()}

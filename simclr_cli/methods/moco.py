@@ -18,8 +18,9 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from simclr_cli.config import Config
+from simclr_cli.methods.base import Views
 from simclr_cli.methods.ema import EmaTarget, WithTarget, momentum_at
-from simclr_cli.model import build_model
+from simclr_cli.models import build_model
 
 
 def info_nce_with_queue(q: torch.Tensor, k: torch.Tensor, queue: torch.Tensor, temperature: float) -> torch.Tensor:
@@ -69,10 +70,9 @@ class MoCoMethod(WithTarget):
         self.queue.keys = self.queue.keys.to(device)
         return self
 
-    def loss(self, net: torch.nn.Module, views: torch.Tensor,
-             ctx: contextlib.AbstractContextManager) -> torch.Tensor:
-        """views (2B, ...): queries of both views against the keys of the other view and the queue."""
-        b = views.shape[0] // 2
+    def loss(self, net: torch.nn.Module, views: Views, ctx: contextlib.AbstractContextManager) -> torch.Tensor:
+        """views.pair (2B, ...): queries of both views against the keys of the other view and the queue."""
+        b = views.pair.shape[0] // 2
         q, k = self.outputs(net, views, ctx)  # (2B, head_out) each: queries, keys
         self._keys = k.detach()
         return (info_nce_with_queue(q[:b], k[b:], self.queue.keys, self.temperature)

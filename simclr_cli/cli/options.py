@@ -1,0 +1,40 @@
+"""What every `simclr` command shares: the option aliases (defined once), the user-error handler and the
+quiet exit when stdout's reader goes away."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import sys
+from typing import Annotated, Iterator, Optional
+
+import typer
+
+from simclr_cli.cli import display
+from simclr_cli.errors import USER_ERROR_EXIT, UserError
+
+# Shared options, defined once. A flag for a config key has that key's name (data.root: --data-root).
+SetOption = Annotated[list[str], typer.Option("--set", help="Override a config key, e.g. --set optim.lr=0.5 (repeatable).")]
+DeviceOption = Annotated[Optional[str], typer.Option("--device", help="auto (cuda > mps > cpu) | cpu | cuda | cuda:N | mps. Default: auto (pretrain: the config's train.device).", show_default=False)]
+PrecisionOption = Annotated[Optional[str], typer.Option("--precision", help="auto (bf16 where the hardware runs it fast, else fp32) | fp32 | bf16 (pretrain also fp16). Default: fp32 for embed (the same vectors on any machine), auto for probe (speed), the config's train.precision for pretrain.", show_default=False)]
+NumWorkersOption = Annotated[int, typer.Option("--num-workers", "--workers", min=0, help="Image-decoding worker processes (0: decode in this process), as data.num_workers.")]
+
+
+@contextlib.contextmanager
+def handle_errors() -> Iterator[None]:
+    """Turn the core's user errors into one red line and exit code 2."""
+    try:
+        yield
+    except (UserError, FileNotFoundError) as err:
+        display.error(str(err))
+        raise typer.Exit(USER_ERROR_EXIT)
+
+
+@contextlib.contextmanager
+def quiet_on_broken_pipe() -> Iterator[None]:
+    """The reader of stdout left (`| head`): stop quietly with exit code 1, as cat does."""
+    try:
+        yield
+    except BrokenPipeError:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit
+        raise typer.Exit(1)

@@ -1,0 +1,64 @@
+"""What every method is: the networks it trains, the views it asks of a batch, its loss, its after-step.
+
+The training loop calls these and never branches on which method runs:
+
+    method.model                        the module the optimiser trains; `.encoder` is exported, `.head`
+                                        (None for byol) goes into the encoder file beside it
+    method.views(augment, x, g, size)   the views of a uint8 batch (default: the pair, 2B views)
+    method.loss(net, views, ctx)        the loss, forward passes inside `ctx` (autocast); `net` is `model`
+                                        as wrapped (DDP, compile)
+    method.after_step(step, total)      after optimiser step `step` of `total`: EMA update, enqueue
+    method.networks()                   every network it runs (SyncBatchNorm converts them all)
+    method.state_dict() / load_state_dict()   what a checkpoint must carry beyond `model`
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+
+import torch
+
+from simclr_cli.augment import Augmenter
+
+
+@dataclass
+class Views:
+    pair: torch.Tensor  # (2B, 3, S, S): view 1 of every image, then view 2
+    small: torch.Tensor | None = None  # (m * B, 3, s, s): multi-crop's small views, when asked
+
+
+class Method:
+    model: torch.nn.Module
+
+    def views(self, augment: Augmenter, x: torch.Tensor, generator: torch.Generator, size: int) -> Views:
+        return Views(augment.pair(x, generator, size))
+
+    def loss(self, net: torch.nn.Module, views: Views, ctx: contextlib.AbstractContextManager) -> torch.Tensor:
+        raise NotImplementedError
+
+    def networks(self) -> dict[str, torch.nn.Module]:
+        """Every network the method runs, by attribute: what moves to the device and what SyncBatchNorm
+        converts. The optimiser trains `model` alone."""
+        return {"model": self.model}
+
+    def to(self, device: torch.device, memory_format: torch.memory_format) -> Method:
+        for name, net in self.networks().items():
+            setattr(self, name, net.to(device, memory_format=memory_format))
+        return self
+
+    def convert_sync_batchnorm(self) -> None:
+        """model.sync_bn: every BatchNorm of every network normalises over the global batch, the target
+        network's too (left as it was, it would keep each rank's own batch statistics)."""
+        for name, net in self.networks().items():
+            setattr(self, name, torch.nn.SyncBatchNorm.convert_sync_batchnorm(net))
+
+    def after_step(self, step: int, total_steps: int) -> None:
+        """Nothing by default: a method with a second network updates it here."""
+
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        if state:
+            raise ValueError(f"the checkpoint carries another method's state ({', '.join(state)})")

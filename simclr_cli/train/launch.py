@@ -1,0 +1,106 @@
+"""`simclr pretrain --nproc N`: the same run on N processes of this machine, through torchrun's own launcher.
+
+It is a shortcut for `torchrun --standalone --nproc_per_node N -m simclr_cli pretrain --config <the config this
+command resolved>`: the launcher resolves the config once (file, --set, flags, --resume's saved config,
+--auto-resume's choice) and hands every rank that config, written to a temporary file, and whether to resume.
+The launcher runs in this process (`torch.distributed.run.main`) rather than as `python -m
+torch.distributed.run`: one interpreter fewer to start, and a failed rank arrives as a `ChildFailedError`
+object, so the user reads one line naming the rank and how it died instead of torchrun's failure table.
+`--standalone` rendezvouses on a free local port, so two runs on one machine never fight over port 29500.
+
+When one rank dies, torchrun's agent stops the others at once (SIGTERM, SIGKILL after 30 s), so no rank
+waits out the collective timeout (`train.dist_timeout_min`). Rank 0 alone writes checkpoints, by atomic rename, so the last
+one stays whole whatever dies.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from simclr_cli.config import Config, dump_config
+from simclr_cli.errors import USER_ERROR_EXIT, ConfigError, RuntimeSetupError
+from simclr_cli.rundir import RunDir
+from simclr_cli.runtime import check_device_for_ranks, pick_device
+from simclr_cli.train.preflight import check_names, check_world, preflight
+
+
+@dataclass
+class LaunchResult:
+    exit_code: int
+    message: str | None = None  # one line for the user when the run failed
+
+
+def threads_per_process(nproc: int) -> int:
+    """CPU threads each rank may use: the cores this process may run on, shared out (torchrun's default is 1)."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return max(1, cores // nproc)
+
+
+def describe_failure(rank: int, exit_code: int) -> str:
+    if exit_code < 0:
+        try:
+            how = f"was killed by {signal.Signals(-exit_code).name}"
+        except ValueError:
+            how = f"was killed by signal {-exit_code}"
+    else:
+        how = f"exited with code {exit_code} (its error is printed above)"
+    return f"rank {rank} {how}; torchrun stopped the other ranks"
+
+
+def run_torchrun(nproc: int, module_args: list[str]) -> LaunchResult:
+    """`torchrun --standalone --nproc_per_node nproc -m <module_args>` in this process; never raises for a rank's failure."""
+    from torch.distributed import run as torchrun
+    from torch.distributed.elastic.multiprocessing.api import SignalException
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+
+    os.environ.setdefault("OMP_NUM_THREADS", str(threads_per_process(nproc)))
+    # The agent warns about each failure and signal; the line the caller prints (or rank 0's) says the same.
+    # Its loggers each set their own level, so the parent's level alone would not quiet them.
+    for name, log in list(logging.Logger.manager.loggerDict.items()):
+        if name.startswith("torch.distributed") and isinstance(log, logging.Logger):
+            log.setLevel(logging.CRITICAL)
+    argv = ["--standalone", "--nproc_per_node", str(nproc), "-m", *module_args]
+    try:
+        torchrun.main(argv)
+    except ChildFailedError as err:
+        rank, failure = err.get_first_failure()  # the earliest failure is the cause; the rest were stopped
+        if failure.exitcode == USER_ERROR_EXIT:  # the rank printed the one line naming the fix already
+            return LaunchResult(USER_ERROR_EXIT)
+        code = failure.exitcode if failure.exitcode > 0 else 1
+        return LaunchResult(code, describe_failure(rank, failure.exitcode))
+    except SignalException as err:  # Ctrl-C or SIGTERM reached the launcher; it passed it on to every rank
+        return LaunchResult(128 + int(err.sigval))
+    return LaunchResult(0)
+
+
+def launch_pretrain(nproc: int, cfg: Config, resume: bool = False) -> LaunchResult:
+    """Check what can be checked once here, then run `simclr pretrain` with this config on nproc local
+    processes. A mistake every rank would find is caught here, so it reads as one line rather than one per rank.
+    """
+    if "WORLD_SIZE" in os.environ:
+        raise ConfigError("--nproc starts torchrun itself: under torchrun, leave --nproc out")
+    check_names(cfg)
+    check_device_for_ranks(cfg.train.device, nproc)
+    device = pick_device(cfg.train.device)
+    check_world(cfg, nproc, device)
+    gpus = torch.cuda.device_count() if device.type == "cuda" else 0
+    if device.type == "cuda" and nproc > gpus:  # NCCL refuses two ranks on one GPU, with a cryptic error
+        raise RuntimeSetupError(f"--nproc {nproc} needs {nproc} GPUs, {gpus} visible: use --nproc {gpus} "
+                                "(one process per GPU), or --device cpu")
+    preflight(cfg, resume, load=False)  # the new-or-resume policy the ranks apply, once, before any starts
+    with tempfile.TemporaryDirectory(prefix="simclr-launch-") as folder:
+        resolved = Path(folder) / "config.yaml"
+        resolved.write_text(dump_config(cfg))
+        result = run_torchrun(nproc, ["simclr_cli", "pretrain", "--config", str(resolved),
+                                      *(["--resume"] if resume else [])])
+    checkpoint = RunDir(cfg.train.output_dir).checkpoint
+    if result.message and checkpoint.exists():
+        result.message += f"; the last checkpoint {checkpoint} is intact: add --resume to continue (any --nproc)"
+    return result

@@ -1,0 +1,285 @@
+"""The pretraining loop: data on the device, the method's views and loss, checkpoints, the kNN monitor.
+
+`pretrain(cfg, resume=..., callback=...)` runs under the CLI, a test or a notebook alike; it reports
+through `callback(event, data)` and never prints. Events: start, notice, cache, log, epoch, eval,
+checkpoint, end. The loss is read back to the host every `train.log_every` steps, not every step, so the
+device never waits on the host in between. What the step computes is the method's (`methods/`), what a
+checkpoint holds and how a resume restores it `state.py`'s, where the files go `rundir.RunDir`'s.
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
+
+from simclr_cli.augment import Augmenter, describe_views, view_size_at
+from simclr_cli.config import Config
+from simclr_cli.data import load_train_set, normalization_for
+from simclr_cli.data.batches import Batches
+from simclr_cli.methods import build_method
+from simclr_cli.models.encoder_file import encoder_meta, encoder_payload
+from simclr_cli.rundir import RunDir
+from simclr_cli.runtime import (Callback, autocast, configure_cuda, describe_device, init_distributed,
+                                resolve_precision, shutdown_distributed)
+from simclr_cli.train.interrupt import RankAgreedStop, StopFlag, StopRequested, stop_guard
+from simclr_cli.train.monitor import Monitor, load_monitor
+from simclr_cli.train.optim import build_optimizer, build_scheduler
+from simclr_cli.train.preflight import check_names, check_resume_config, check_world, preflight
+from simclr_cli.train.readback import LossWindow, advice, check_finite_weights, read_back
+from simclr_cli.train.state import Parts, RunState, checkpoint, restore
+
+
+class Trainer:
+    """One run's objects, built from the config; `run()` trains from the current state to `train.epochs`."""
+
+    def __init__(self, cfg: Config, callback: Callback | None = None):
+        self.cfg, self.emit = cfg, callback or (lambda event, data: None)
+        check_names(cfg)  # before minutes of data loading
+        self.ranks, self.device = init_distributed(cfg.train.device, cfg.train.dist_timeout_min)
+        check_world(cfg, self.ranks.world_size, self.device)
+        self.precision = resolve_precision(cfg.train.precision, self.device)
+        self.cuda_settings = configure_cuda(self.device, self.precision, training=True)
+        self.rundir = RunDir(cfg.train.output_dir)
+        if self.ranks.is_main:
+            self.rundir.check_writable()
+            self.rundir.remove_stale_temps()
+        self.data = load_train_set(cfg, self.ranks, self.emit).to(self.device)  # a mapped folder stays on disk
+        self.mean, self.std = normalization_for(cfg.data.dataset)
+        a, nhwc = cfg.augment, cfg.train.channels_last  # views may be smaller than the images (probes: image_size)
+        self.augment = Augmenter(a.preset, a.view_size or cfg.data.image_size, self.mean, self.std, a.crop_scale_min,
+                                 a.jitter_strength, torch.channels_last if nhwc else torch.contiguous_format)
+        self.generator = torch.Generator(device=self.device)
+        # Seeded here, after the data: decoding a folder draws from the global generator (DataLoader seeds),
+        # a mapped cache does not, and the initial weights must not depend on which happened.
+        torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
+        self.method = build_method(cfg).to(self.device, torch.channels_last if nhwc else torch.preserve_format)
+        self.local_batch = cfg.train.batch_size // self.ranks.world_size
+        self.steps_per_epoch = len(self.data) // cfg.train.batch_size
+        self.batches = Batches(self.data.images, cfg.train.batch_size, self.ranks.rank, self.local_batch,
+                               self.device, self.data.mapped, cfg.data.read_ahead)
+        o = cfg.optim
+        self.optimizer = build_optimizer(self.method.model, o.name, o.lr, o.weight_decay, o.momentum, o.nesterov,
+                                         tuple(o.betas), grad_scaler=self.precision == "fp16")
+        self.scheduler = build_scheduler(self.optimizer, o.schedule, cfg.train.epochs * self.steps_per_epoch,
+                                         round(o.warmup_epochs * self.steps_per_epoch), o.min_lr,
+                                         o.plateau_factor, o.plateau_patience)
+        self.scaler = torch.amp.GradScaler(self.device.type) if self.precision == "fp16" else None
+        self.net = self._wrap()
+        self.state = RunState()
+        self.stop: StopFlag | RankAgreedStop | None = None  # what run() asks between steps and monitor batches
+        self.monitor: Monitor | None | bool = False  # False: not loaded yet; None: no labelled held-out split
+        self.last_knn: float | None = None  # the monitor's latest kNN top-1
+
+    @property
+    def model(self) -> torch.nn.Module:
+        return self.method.model
+
+    def _wrap(self) -> torch.nn.Module:
+        """The model as the step runs it: DDP across ranks (after SyncBatchNorm when asked), then compiled."""
+        if self.ranks.enabled and self.cfg.model.sync_bn:
+            self.method.convert_sync_batchnorm()
+        net = self.model
+        if self.ranks.enabled:
+            net = DistributedDataParallel(net, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+        return torch.compile(net) if self.cfg.train.compile else net
+
+    def parts(self) -> Parts:
+        return Parts(self.model, self.method, self.optimizer, self.scheduler, self.scaler, self.generator)
+
+    def resume(self, ckpt: dict) -> None:
+        """Continue from a loaded checkpoint; one line refuses a checkpoint that does not fit this run."""
+        for change in check_resume_config(ckpt["config"], self.cfg):
+            self.emit("notice", {"message": f"resume changes {change}"})
+        self.state = restore(ckpt, self.cfg, self.parts(), ranks=self.ranks, rundir=self.rundir,
+                             train_images=len(self.data), steps_per_epoch=self.steps_per_epoch, emit=self.emit)
+
+    def train_step(self, x: torch.Tensor) -> torch.Tensor:
+        """One optimiser step on uint8 images (b, 3, H, W); returns the loss as a device tensor (no sync)."""
+        views = self.method.views(self.augment, x, self.generator, self.view_size())
+        loss = self.method.loss(self.net, views, autocast(self.device, self.precision))
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.scaler is not None:  # fp16: a step whose gradients overflowed is skipped, the scale lowered
+            self.scaler.scale(loss).backward()
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            loss.backward()
+            self.optimizer.step()
+        self.scheduler.step_batch()
+        self.method.after_step(self.state.step + 1, self.scheduler.total_steps)  # EMA, enqueue: before the next
+        return loss.detach()
+
+    def view_size(self) -> int:
+        """This step's view size, from the step and the schedule's end (the same at the same step on resume)."""
+        return view_size_at(self.cfg.augment, self.cfg.data.image_size, self.state.step, self.scheduler.total_steps)
+
+    def lr(self) -> float:
+        return self.optimizer.param_groups[0]["lr"]
+
+    def _why(self) -> str:
+        """The rest of a non-finite loss's line: what is kept, what to change (built only when needed)."""
+        return advice(self.precision, self.cfg.optim.lr, self.state.saved_step, self.rundir.checkpoint)
+
+    def run_epoch(self, epoch: int, stop: StopFlag | RankAgreedStop) -> float:
+        """Steps to the end of `epoch`; returns its mean loss."""
+        cfg, s = self.cfg.train, self.state
+        order = self.batches.order(cfg.seed, epoch)  # the same on every rank
+        first = s.step - epoch * self.steps_per_epoch  # > 0: a resumed run goes on mid-epoch
+        if first == 0:  # (a mid-epoch resume continues the saved augmentation stream instead)
+            self.generator.manual_seed(cfg.seed * 1_000_003 + epoch * 7919 + self.ranks.rank)
+            s.epoch_losses = []
+        window = s.reopen_window(first, cfg.log_every, self.device)
+        self.net.train()
+        with self.batches.stream(order, range(first, self.steps_per_epoch)) as batches:
+            for i in range(first, self.steps_per_epoch):
+                if stop.check():  # before every step, agreed by every rank: a stop is taken within a step
+                    # the open window, read back so that only finite losses are saved
+                    s.epoch_losses += read_back(window, self.ranks.world_size, self._why)
+                    raise StopRequested(stop.signal_name)
+                lr = self.lr()  # the lr this step uses
+                window.add(self.train_step(next(batches)), lr)
+                s.step += 1
+                if (i + 1) % cfg.log_every == 0 or i == self.steps_per_epoch - 1:  # a log window ends
+                    self._log_window(epoch, window)
+                    window = LossWindow(s.step, self.device)
+        return s.epoch_mean()
+
+    def _log_window(self, epoch: int, window: LossWindow) -> None:
+        chunk = read_back(window, self.ranks.world_size, self._why)
+        self.state.epoch_losses += chunk
+        timed = len(chunk) - window.restored  # a resumed window's first steps ran before the stop, untimed
+        rate = 2 * self.cfg.train.batch_size * timed / (time.perf_counter() - window.t0)
+        self._log({"kind": "step", "epoch": epoch + 1, "step": self.state.step, "loss": sum(chunk) / len(chunk),
+                   "lr": self.lr(), "views_per_s": rate})
+
+    def _log(self, record: dict, event: str = "log") -> None:
+        if self.ranks.is_main:
+            self.rundir.append(record)
+        self.emit(event, record)
+
+    def save_checkpoint(self) -> None:
+        """Replace checkpoint.pt atomically; with keep_last, the one it replaces is kept as checkpoint-epochNNNN.pt."""
+        s = self.state
+        check_finite_weights(self.model, s.step, self.lr(), self._why)  # every rank: all stop together
+        if self.ranks.is_main:
+            meta = encoder_meta(self.model.encoder, self.cfg, self.model.head, self.mean, self.std)
+            payload = checkpoint(self.cfg, s, self.parts(), world_size=self.ranks.world_size,
+                                 train_images=len(self.data), encoder=meta)
+            path = self.rundir.save_checkpoint(payload, self.cfg.train.keep_last, s.saved_epoch)
+            self.emit("checkpoint", {"path": str(path), "epoch": s.epoch, "step": s.step})
+        s.mark_saved(self.steps_per_epoch)
+
+    def evaluate(self) -> float | None:
+        """The kNN monitor's top-1 on the labelled held-out split, logged; None without one, and on ranks other
+        than 0 (each extracts its share of the images; rank 0 votes). A stop is agreed between batches."""
+        if self.monitor is False:
+            self.monitor, why = load_monitor(self.cfg, self.data, self.mean, self.std, self.device, self.precision,
+                                             self.ranks)
+            if why and self.ranks.is_main:
+                self.emit("notice", {"message": why})
+        if self.monitor is None:
+            return None
+        t0, s = time.perf_counter(), self.state
+        self.last_knn = self.monitor(self.model.encoder, self.stop)
+        if self.ranks.is_main:
+            self._log({"kind": "eval", "epoch": s.epoch, "step": s.step, "knn_top1": self.last_knn,
+                       "split": self.cfg.train.eval_split, "eval_s": time.perf_counter() - t0}, "eval")
+        return self.last_knn
+
+    def write_encoder(self):
+        s = self.state
+        payload = encoder_payload(self.model.encoder, self.cfg, self.model.head, self.mean, self.std,
+                                  epoch=s.epoch, step=s.step, source=str(self.rundir.checkpoint))
+        return self.rundir.write_encoder(payload)
+
+    def run(self, stop: StopFlag | None = None) -> dict:
+        """Train to train.epochs. `stop` is the flag of a `stop_guard()` the caller holds; None installs one."""
+        if stop is None:
+            with stop_guard() as stop:
+                return self.run(stop)
+        if self.ranks.enabled and not isinstance(stop, RankAgreedStop):  # a rank stops only when all do
+            stop = RankAgreedStop(stop, self.ranks.control)
+        self.stop, cfg, s = stop, self.cfg, self.state
+        if self.ranks.is_main:
+            self.rundir.start(cfg, new=s.step == 0)
+        try:
+            if stop.check():  # a signal while the data or model was being set up
+                raise StopRequested(stop.signal_name)
+            self.emit("start", {"info": start_panel(self), "epochs": cfg.train.epochs, "start_epoch": s.epoch,
+                                "steps_per_epoch": self.steps_per_epoch, "step": s.step})
+            for epoch in range(s.epoch, cfg.train.epochs):
+                self._finish_epoch(epoch, self.run_epoch(epoch, stop))
+        except StopRequested as request:
+            saved = s.unsaved
+            if saved:
+                self.save_checkpoint()
+            raise StopRequested(request.signal_name, str(self.rundir.checkpoint) if s.saved_step is not None
+                                else None, s.epoch, s.step, saved) from None
+        encoder_path = self.write_encoder() if self.ranks.is_main else None
+        summary = {"epochs": s.epoch, "steps": s.step, "final_loss": s.history[-1]["loss"] if s.history else None,
+                   "encoder": str(encoder_path), "checkpoint": str(self.rundir.checkpoint), "knn_top1": self.last_knn,
+                   "knn_split": cfg.train.eval_split}
+        self.emit("end", summary)
+        return summary
+
+    def _finish_epoch(self, epoch: int, loss: float) -> None:
+        """After the last step of `epoch`: schedule, log, checkpoint and monitor as the config says."""
+        cfg, s = self.cfg.train, self.state
+        s.epoch = epoch + 1
+        self.scheduler.step_epoch(loss)
+        record = {"kind": "epoch", "epoch": s.epoch, "step": s.step, "loss": loss, "lr": self.lr()}
+        s.history.append(record)
+        self._log(record, "epoch")
+        if s.epoch % cfg.checkpoint_every == 0 or s.epoch == cfg.epochs:
+            self.save_checkpoint()
+        if s.epoch == cfg.epochs or (cfg.eval_every and s.epoch % cfg.eval_every == 0):
+            self.evaluate()  # every rank: each extracts its share
+
+
+def start_panel(t: Trainer) -> dict:
+    """What the start panel shows about a run."""
+    cfg, ranks = t.cfg, f"rank{'s' if t.ranks.enabled else ''}"
+    cuda = {"cuda": t.cuda_settings} if t.cuda_settings else {}
+    return {**describe_device(t.device, t.precision), **cuda,
+            "dataset": f"{t.data.name}, {len(t.data)} images {tuple(t.data.images.shape[1:])}",
+            "method": cfg.method.name,
+            "model": f"{cfg.model.arch} ({cfg.model.stem} stem, width {cfg.model.width}), "
+                     f"{sum(p.numel() for p in t.model.parameters()) / 1e6:.2f}M parameters",
+            "batch": f"{cfg.train.batch_size} global = {t.ranks.world_size} {ranks} x {t.local_batch}, "
+                     f"{t.steps_per_epoch} steps/epoch",
+            "views": describe_views(cfg.augment, cfg.data.image_size, t.view_size()),
+            "optimizer": f"{cfg.optim.name}, lr {cfg.optim.lr}, {cfg.optim.schedule} schedule",
+            "run directory": str(t.rundir.path)}
+
+
+def pretrain(cfg: Config, resume: bool = False, callback: Callback | None = None) -> dict:
+    """Train as `cfg` says; with `resume`, continue from the run directory's checkpoint.pt.
+
+    `preflight` decides new vs resume before any data or model is built, so a wrong resume fails in a
+    second. Ctrl-C / SIGTERM from here on raise StopRequested: during set-up at once, during training once
+    the current step is done and the checkpoint written.
+    """
+    ckpt = preflight(cfg, resume)
+    owns_group = not (dist.is_available() and dist.is_initialized())  # else a caller's group: leave it up
+    try:
+        with stop_guard() as stop:
+            try:
+                with stop.at_once():  # set-up has nothing to save: a signal ends it where it is
+                    trainer = Trainer(cfg, callback)
+            except StopRequested as request:
+                if ckpt is None:
+                    raise
+                raise StopRequested(request.signal_name, str(RunDir(cfg.train.output_dir).checkpoint),
+                                    ckpt["epoch"], ckpt["step"]) from None
+            if ckpt is not None:
+                trainer.resume(ckpt)
+            summary = trainer.run(stop)
+        if owns_group and dist.is_initialized():
+            dist.barrier()  # leave together: a rank tearing down while another still sends can abort it
+        return summary
+    finally:
+        if owns_group:  # NCCL warns on every rank at exit about a group never destroyed
+            shutdown_distributed()

@@ -1,0 +1,106 @@
+"""Starting or resuming a run, decided before any data or model is built, so a wrong start or resume
+fails in a second with one line: the config a run resolves to, what a resume may change, what several
+processes need. `simclr pretrain` asks these in one process or, under --nproc, once in the launcher.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from simclr_cli.config import Config, config_from_dict, config_to_dict, load_config, merge_overrides, read_yaml
+from simclr_cli.data import check_source
+from simclr_cli.errors import CheckpointError, ConfigError, RuntimeSetupError
+from simclr_cli.methods import check_method
+from simclr_cli.models import check_encoder
+from simclr_cli.rundir import RunDir
+from simclr_cli.train.state import load_checkpoint
+
+
+def check_names(cfg: Config) -> None:
+    """The names the config gives the registries (data.dataset, model.arch, method.name) exist: one line
+    with the closest name, before any data is read."""
+    check_source(cfg.data.dataset)
+    check_encoder(cfg.model.arch)
+    check_method(cfg.method.name)
+
+# Keys a resumed run may change; anything else would make "resume" a different run.
+RESUMABLE_KEYS = {"train.epochs", "train.log_every", "train.checkpoint_every", "train.keep_last",
+                  "train.eval_every", "train.output_dir", "train.device", "train.dist_timeout_min", "data.root",
+                  "data.num_workers", "data.cache", "data.cache_dir", "data.download", "data.read_ahead"}
+FILES = ("checkpoint*.pt", "encoder.pth", "config.yaml", "metrics.jsonl")  # what a run writes (globs)
+
+
+def resolve_config(config: str | Path | None, overrides: list[str], values: dict[str, Any], resume: bool,
+                   auto_resume: bool = False) -> tuple[Config, bool]:
+    """(the run's config, whether it resumes). The config: defaults < YAML < --set < flags. `--resume`
+    without `--config` continues the run as it was configured: its own config.yaml, with this command's
+    --set and flags on top. `--auto-resume` resumes when the run directory holds a checkpoint.pt and starts
+    the run otherwise: what a restarted job (`torchrun --max-restarts`, a requeued cluster job) runs."""
+    if resume and auto_resume:
+        raise ConfigError("--resume and --auto-resume: give one (--auto-resume also starts a run that has no "
+                          "checkpoint yet)")
+    cfg = load_config(config, overrides, values)
+    run = RunDir(cfg.train.output_dir)
+    if auto_resume:
+        resume = run.checkpoint.exists()
+    if config is None and resume and run.config.is_file():
+        cfg = config_from_dict(merge_overrides(read_yaml(run.config), overrides, values))
+    return cfg, resume
+
+
+def _flatten(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        out.update(_flatten(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
+    return out
+
+
+def check_resume_config(saved: dict, cfg: Config) -> list[str]:
+    """Changed keys between the checkpoint's config and this run's; refuse any that are not safe."""
+    old, new, default = _flatten(saved), _flatten(config_to_dict(cfg)), _flatten(config_to_dict(Config()))
+    # A key the saved config lacks (written before the key existed) had its default then.
+    changed = sorted(k for k in new if old.get(k, default.get(k)) != new[k])
+    unsafe = [k for k in changed if k not in RESUMABLE_KEYS]
+    if unsafe:
+        diffs = ", ".join(f"{k}: {old.get(k, default.get(k))!r} -> {new[k]!r}" for k in unsafe)
+        raise ConfigError(f"resume refused, the config changed ({diffs}); only {', '.join(sorted(RESUMABLE_KEYS))} "
+                          "may change on resume: start a new run with another --output-dir instead")
+    return [f"{k}: {old.get(k, default.get(k))!r} -> {new[k]!r}" for k in changed]
+
+
+def check_world(cfg: Config, world_size: int, device: torch.device) -> None:
+    """Refuse what cannot run on `world_size` processes; `simclr pretrain --nproc` asks before it starts any."""
+    if cfg.train.batch_size % world_size:
+        raise ConfigError(f"train.batch_size {cfg.train.batch_size} must divide evenly over "
+                          f"{world_size} processes: pick a multiple of {world_size}")
+    if cfg.model.sync_bn and world_size > 1 and device.type != "cuda":
+        # torch's SyncBatchNorm raises on CPU tensors ("expected input tensor to be on GPU"): refuse up front.
+        raise RuntimeSetupError(f"model.sync_bn needs CUDA GPUs; SyncBatchNorm has no {device.type} path: "
+                                "set model.sync_bn=false (each rank then normalises over its own views)")
+
+
+def preflight(cfg: Config, resume: bool, load: bool = True) -> dict | None:
+    """New run or resume, decided before anything is built: a new run never replaces another run's
+    checkpoint; a resume needs a checkpoint whose config differs only in RESUMABLE_KEYS. Returns the
+    loaded checkpoint (weights_only) for a resume, None for a new run or when `load` is False (the
+    --nproc launcher: the ranks load it themselves)."""
+    path = RunDir(cfg.train.output_dir).checkpoint
+    if not resume:
+        if path.exists():
+            raise ConfigError(f"{path} already exists: add --resume to continue that run, or choose another "
+                              "--output-dir")
+        return None
+    if path.is_dir():
+        raise CheckpointError(f"{path} is a folder, not a checkpoint: give --output-dir a run directory")
+    if not path.is_file():
+        raise CheckpointError(f"nothing to resume: {path} does not exist (drop --resume to start a new run)")
+    if not load:
+        return None
+    ckpt = load_checkpoint(path)
+    if not isinstance(ckpt.get("config"), dict):
+        raise CheckpointError(f"{path} holds no config: give the checkpoint.pt that `simclr pretrain` wrote")
+    check_resume_config(ckpt["config"], cfg)
+    return ckpt
