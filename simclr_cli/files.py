@@ -121,7 +121,8 @@ def safe_load(path: str | Path) -> Any:
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
-        if "global" in str(err).lower():  # the file names a Python callable: loading it could run code
+        reason = str(err).lower()  # torch >= 2.4: "... global ...", before: "Unsupported class ..."
+        if "global" in reason or "unsupported class" in reason:  # the file names a Python callable: it could run code
             raise CheckpointError(
                 f"{path} holds pickled Python objects that could run code; refused (only tensors and plain "
                 "data are loaded). Re-save it as a plain state dict from a source you trust"

@@ -23,6 +23,7 @@ from typing import Callable
 
 import torch
 import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
 
 from simclr_cli.errors import RuntimeSetupError
 
@@ -193,6 +194,28 @@ def init_distributed(device_name: str = "auto", timeout_min: float | None = None
         if dist.get_backend() != "gloo":
             info.control = dist.new_group(backend="gloo", **timeout)
     return info, device
+
+
+def wrap_ddp(model: torch.nn.Module, device: torch.device) -> DistributedDataParallel:
+    """DDP without its own buffer broadcast: DDP broadcasts rank 0's buffers at every forward, and multi-crop runs
+    two forwards before one backward; up to torch 2.11 (what the GPU machine has) the second broadcast bumps
+    the version of the batch norm statistics the first forward's graph saved, and backward fails ("modified by
+    an inplace operation"). `broadcast_buffers` does the same broadcast once per step, before the forwards."""
+    return DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
+                                   broadcast_buffers=False)
+
+
+@torch.no_grad()
+def broadcast_buffers(model: torch.nn.Module) -> None:
+    """Every rank takes rank 0's buffers (batch norm's running statistics), one collective per dtype."""
+    by_dtype: dict[torch.dtype, list[torch.Tensor]] = {}
+    for buffer in model.buffers():
+        by_dtype.setdefault(buffer.dtype, []).append(buffer)
+    for buffers in by_dtype.values():
+        flat = torch.cat([b.reshape(-1) for b in buffers])
+        dist.broadcast(flat, src=0)
+        for b, part in zip(buffers, flat.split([b.numel() for b in buffers])):
+            b.copy_(part.view_as(b))
 
 
 def shutdown_distributed() -> None:

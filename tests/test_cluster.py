@@ -200,7 +200,7 @@ def test_sync_bn_converts_every_network_the_method_runs(tmp_path, monkeypatch, m
     """torch's SyncBatchNorm runs on GPUs only (DDP refuses it on the CPU), so the wrapping is watched with
     DDP stood in for: the target network of moco and byol must normalise over every rank's views too."""
     trainer = Trainer(tiny(tmp_path, f"method.name={method}", "model.sync_bn=true"))
-    monkeypatch.setattr(train, "DistributedDataParallel", lambda net, device_ids=None: net)
+    monkeypatch.setattr(train, "wrap_ddp", lambda net, device: net)
     trainer.ranks = DistInfo(0, 2)
     trainer.net = trainer._wrap()
     networks = [trainer.model, trainer.net] + ([trainer.method.target.net] if method != "simclr" else [])

@@ -11,13 +11,13 @@ from pathlib import Path
 import pytest
 import torch
 from ranks import run_ranks  # tests/ranks.py
-from torch.nn.parallel import DistributedDataParallel
 
 from simclr_cli.config import ConfigError, load_config
 from simclr_cli.methods import Views
 from simclr_cli.methods.simclr import SimCLRMethod, nt_xent
 from simclr_cli.train import Trainer, pretrain
 from simclr_cli.train.interrupt import StopRequested
+from simclr_cli.runtime import broadcast_buffers, wrap_ddp
 from simclr_cli.train.loop import start_panel
 from simclr_cli.train.state import load_checkpoint
 
@@ -92,7 +92,8 @@ def _tiny_method() -> SimCLRMethod:
 def _rank_worker(rank: int, state: dict, x1, x2, s1, out_dir: str) -> None:
     method = _tiny_method()
     method.model.load_state_dict(state)
-    net = DistributedDataParallel(method.model)
+    net = wrap_ddp(method.model, torch.device("cpu"))  # as the Trainer wraps it
+    broadcast_buffers(method.model)
     n = len(x1) // 2
     mine = slice(rank * n, (rank + 1) * n)
     loss = method.loss(net, Views(torch.cat([x1[mine], x2[mine]]), s1[mine]), torch.autocast("cpu", enabled=False))
@@ -143,3 +144,18 @@ def test_resume_mid_epoch_is_bit_exact_with_small_and_progressive_views(tmp_path
     (m1, w1), (m2, w2) = _run_state(tmp_path / "straight"), _run_state(tmp_path / "stopped")
     assert m1 == m2
     assert w1.keys() == w2.keys() and all(torch.equal(w1[k], w2[k]) for k in w1)
+
+
+def _train_rank(rank: int, out: str) -> None:
+    """A real run on two ranks, batch norm in training mode, two forwards (views, small views) per step."""
+    os.environ.update(RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank))
+    summary = pretrain(tiny(Path(out), "train.epochs=1"))
+    Path(out, f"rank{rank}.json").write_text(json.dumps(summary["steps"]))
+
+
+def test_two_ranks_train_with_small_views(tmp_path):
+    """DDP broadcast rank 0's buffers at each of the two forwards, and up to torch 2.11 backward then failed
+    ("modified by an inplace operation"); the Trainer broadcasts them once a step instead."""
+    run_ranks(_train_rank, (str(tmp_path),))
+    assert [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)] == [3, 3]
+    assert load_checkpoint(tmp_path / "checkpoint.pt")["world_size"] == 2

@@ -13,7 +13,6 @@ import time
 
 import torch
 import torch.distributed as dist
-from torch.nn.parallel import DistributedDataParallel
 
 from simclr_cli.augment import Augmenter, describe_views, view_size_at
 from simclr_cli.config import Config
@@ -22,8 +21,8 @@ from simclr_cli.data.batches import Batches
 from simclr_cli.methods import build_method
 from simclr_cli.models.encoder_file import encoder_meta, encoder_payload
 from simclr_cli.rundir import RunDir
-from simclr_cli.runtime import (Callback, autocast, configure_cuda, describe_device, init_distributed,
-                                resolve_precision, shutdown_distributed)
+from simclr_cli.runtime import (Callback, autocast, broadcast_buffers, configure_cuda, describe_device,
+                                init_distributed, resolve_precision, shutdown_distributed, wrap_ddp)
 from simclr_cli.train.interrupt import RankAgreedStop, StopFlag, StopRequested, stop_guard
 from simclr_cli.train.monitor import Monitor, load_monitor
 from simclr_cli.train.optim import build_optimizer, build_scheduler
@@ -81,9 +80,7 @@ class Trainer:
         """The model as the step runs it: DDP across ranks (after SyncBatchNorm when asked), then compiled."""
         if self.ranks.enabled and self.cfg.model.sync_bn:
             self.method.convert_sync_batchnorm()
-        net = self.model
-        if self.ranks.enabled:
-            net = DistributedDataParallel(net, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+        net = wrap_ddp(self.model, self.device) if self.ranks.enabled else self.model
         return torch.compile(net) if self.cfg.train.compile else net
 
     def parts(self) -> Parts:
@@ -98,6 +95,8 @@ class Trainer:
 
     def train_step(self, x: torch.Tensor) -> torch.Tensor:
         """One optimiser step on uint8 images (b, 3, H, W); returns the loss as a device tensor (no sync)."""
+        if self.ranks.enabled:
+            broadcast_buffers(self.model)  # rank 0's batch norm statistics, once a step (see wrap_ddp)
         views = self.method.views(self.augment, x, self.generator, self.view_size())
         loss = self.method.loss(self.net, views, autocast(self.device, self.precision))
         self.optimizer.zero_grad(set_to_none=True)
