@@ -66,7 +66,9 @@ def run_torchrun(nproc: int, module_args: list[str]) -> LaunchResult:
     for name, log in list(logging.Logger.manager.loggerDict.items()):
         if name.startswith("torch.distributed") and isinstance(log, logging.Logger):
             log.setLevel(logging.CRITICAL)
-    argv = ["--standalone", "--nproc_per_node", str(nproc), "-m", *module_args]
+    # The agent looks at its ranks every 0.1 s (torch 2.3's default was 5 s: a rank that saw its killed peer
+    # in the meantime and exited was then reported as the first failure, and the stop came seconds later).
+    argv = ["--standalone", "--monitor-interval", "0.1", "--nproc_per_node", str(nproc), "-m", *module_args]
     try:
         torchrun.main(argv)
     except ChildFailedError as err:
