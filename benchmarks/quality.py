@@ -13,6 +13,7 @@ original design and the untrained floors. One table, all measured here.
     python benchmarks/quality.py --data-root DIR --budget-min 3 # a quicker look
     python benchmarks/quality.py --data-root DIR --methods      # simclr, moco and byol on the CPU recipe
     python benchmarks/quality.py --data-root DIR --try t01=loss.temperature=0.1 --try b256=train.batch_size=256
+    python benchmarks/quality.py --data-root DIR --no-baseline --family vit=examples/cpu-vit.yaml   # other backbones
 
 With --methods, each method runs the CPU recipe with its own short-budget settings (METHOD_SETTINGS) for
 the same wall-clock: a momentum method's extra forward pass through its target network costs it steps.
@@ -127,7 +128,9 @@ def plan_rows(args) -> list[tuple[str, str, list[str]]]:
         return [(name, args.recipe, [*extra, *args.set]) for name, extra in METHOD_SETTINGS.items()]
     tries = [(f"cpu recipe + {t.split('=', 1)[0]}", args.recipe, [*args.set, *t.split("=", 1)[1].split(",")])
              for t in args.tries]
-    return [("cpu recipe", args.recipe, args.set), *tries, ("original design", args.baseline, [])]
+    families = [(f"{f.split('=', 1)[0]} recipe", f.split("=", 1)[1], []) for f in args.families]
+    baseline = [] if args.no_baseline else [("original design", args.baseline, [])]
+    return [("cpu recipe", args.recipe, args.set), *tries, *families, *baseline]
 
 
 def pct(value) -> str:
@@ -145,6 +148,9 @@ def main() -> None:
     p.add_argument("--try", dest="tries", action="append", default=[],
                    help="a variant of the CPU recipe, NAME=key=value[,key=value]; chosen on the validation split")
     p.add_argument("--methods", action="store_true", help="compare simclr, moco and byol on the CPU recipe instead")
+    p.add_argument("--family", dest="families", action="append", default=[],
+                   help="NAME=RECIPE.yaml: another backbone's recipe, a final row of its own (test scored once)")
+    p.add_argument("--no-baseline", action="store_true", help="leave out the original design's row")
     args = p.parse_args()
     out = Path(args.out)
     rows, report = {}, {"budget_min": args.budget_min, "runs": {}}
@@ -160,7 +166,8 @@ def main() -> None:
               flush=True)
     candidates = [n for n in rows if n.startswith("cpu recipe")] if not args.methods else list(rows)
     chosen = max(candidates, key=lambda n: rows[n]["val"]["knn_top1"])
-    finals = [chosen] + ([n for n in rows if n == "original design"] if not args.methods else
+    finals = [chosen] + ([n for n in rows if n == "original design" or n.endswith(" recipe") and n != "cpu recipe"]
+                         if not args.methods else
                          [n for n in rows if n != chosen])
     for name in finals:  # the test split, once per final row (and for the untrained floor of each architecture)
         rows[name]["test"] = probe_both(rows[name]["run"]["encoder"], args.data_dir, False, True)["test"]

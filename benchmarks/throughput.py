@@ -7,14 +7,18 @@ Rows (ResNet-18 by default, batch B images = 2B views per step):
   usual        torchvision per-image PIL transforms in a DataLoader (2 workers), fp32, contiguous, SGD
   original     the original design: the usual pipeline with its own weak views, ImageNet stem, Adam, fp32
 plus the augmentation's share of the simclr-cli step, and (--compare-precision) the same step in fp32 and bf16.
+With --families, one row per backbone family instead (FAMILIES: the built-in ResNet-18, torchvision's
+MobileNet v3, EfficientNet and ConvNeXt, a CIFAR-sized timm ViT): the ceiling and the real step, at 32 px.
 
     python benchmarks/throughput.py                      # CPU, batch 256
     python benchmarks/throughput.py --device cuda        # GPU, batch 512
+    python benchmarks/throughput.py --families --batch 64
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import time
 
 import torch
@@ -25,7 +29,7 @@ from simclr_cli.augment import Augmenter
 from simclr_cli.config import DataConfig, load_config
 from simclr_cli.data import load_dataset, normalization_for
 from simclr_cli.methods.simclr import nt_xent
-from simclr_cli.models import build_model
+from simclr_cli.models import build_model, is_convolutional
 from simclr_cli.runtime import autocast, pick_device, resolve_precision
 from simclr_cli.train.optim import build_optimizer
 
@@ -47,13 +51,21 @@ def timed(fn, steps: int, warmup: int, device: torch.device) -> float:
     return (time.perf_counter() - start) / steps
 
 
+# (row, model.arch, model.kwargs): one model per family, each at CIFAR size (32 px, the family's small-image stem)
+FAMILIES = [("built-in ResNet-18", "resnet18", {}),
+            ("MobileNet v3 small", "torchvision:mobilenet_v3_small", {}),
+            ("EfficientNet-B0", "torchvision:efficientnet_b0", {}),
+            ("ConvNeXt-T", "torchvision:convnext_tiny", {}),
+            ("ViT-Ti/4 (timm)", "timm:vit_tiny_patch16_224", {"img_size": 32, "patch_size": 4})]
+
+
 class StepRunner:
     """One model + optimiser; `step(views)` runs forward, NT-Xent, backward, optimiser step."""
 
     def __init__(self, cfg, device, precision: str, channels_last: bool):
         torch.manual_seed(0)
         self.model = build_model(cfg.model).to(device)
-        self.channels_last = channels_last
+        self.channels_last = channels_last and is_convolutional(self.model.encoder)  # not for a ViT
         if channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
         o = cfg.optim
@@ -136,6 +148,20 @@ def real_step_seconds(args, cfg, device, precision: str) -> float:
                      args.steps, args.warmup, device)
 
 
+def families(args):
+    """Yields (row, ceiling views/s, step views/s) per backbone family, as each is measured."""
+    device = pick_device(args.device)
+    precision = resolve_precision(args.precision, device)
+    base = [*args.set]
+    for row, arch, kwargs in FAMILIES:
+        args.arch, args.set = arch, [*base, f"model.kwargs={json.dumps(kwargs)}"]
+        cfg = load_config(args.config, [f"model.arch={arch}", *args.set])
+        runner, ready = StepRunner(cfg, device, precision, channels_last=True), torch.randn(2 * args.batch, 3, 32, 32,
+                                                                                         device=device)
+        ceiling = 2 * args.batch / timed(lambda: runner.step(ready), args.steps, args.warmup, device)
+        yield row, ceiling, 2 * args.batch / real_step_seconds(args, cfg, device, precision)
+
+
 def measure(args):
     """Yields (row, views/s, notes) as each row is measured."""
     device = pick_device(args.device)
@@ -193,9 +219,17 @@ def main() -> None:
     p.add_argument("--config", default=None, help="YAML whose model/optim sections to use")
     p.add_argument("--set", action="append", default=[], help="config override, e.g. model.width=32")
     p.add_argument("--no-loaders", action="store_true", help="skip the DataLoader rows (usual, original)")
+    p.add_argument("--families", action="store_true", help="one row per backbone family instead (FAMILIES)")
     args = p.parse_args()
     device = pick_device(args.device)
     args.batch = args.batch or (512 if device.type == "cuda" else 256)
+    if args.families:
+        print(f"device {device}, precision {resolve_precision(args.precision, device)}, torch {torch.__version__}, "
+              f"batch {args.batch} images ({2 * args.batch} views) at 32 px, {args.steps} timed steps per row")
+        print(f"{'family':<20}  {'ceiling':>9}  {'step':>9}  step/ceiling  (views/s)", flush=True)
+        for row, ceiling, step in families(args):
+            print(f"{row:<20}  {ceiling:9.1f}  {step:9.1f}  {step / ceiling:12.2f}", flush=True)
+        return
     print(f"device {device} ({torch.cuda.get_device_name(device) if device.type == 'cuda' else 'CPU'}), "
           f"precision {resolve_precision(args.precision, device)}, torch {torch.__version__}, batch {args.batch} "
           f"images ({2 * args.batch} views), {args.arch}, {args.steps} timed steps per row", flush=True)

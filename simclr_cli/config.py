@@ -55,9 +55,11 @@ class AugmentConfig:
 
 @dataclass
 class ModelConfig:
-    arch: str = "resnet18"  # a name of models.ENCODERS: resnet18 | resnet34 | resnet50
-    stem: str = "auto"  # auto (imagenet from data.image_size 64 up, else cifar) | cifar (3x3 stride-1 conv, no max-pool) | imagenet (7x7 stride-2 conv + max-pool)
-    width: int = 64  # channels of the first stage; 64 is torchvision's ResNet, smaller is faster on a CPU
+    arch: str = "resnet18"  # resnet18 | resnet34 | resnet50 (built in) | torchvision:NAME | timm:NAME (models.ENCODERS)
+    stem: str = "auto"  # auto (imagenet from data.image_size 64 up, else cifar) | cifar (small images: 3x3 stride-1 first conv, no max-pool; see README Backbones) | imagenet (as designed)
+    width: int = 64  # built-in ResNets: channels of the first stage; 64 is torchvision's, smaller is faster on a CPU
+    kwargs: dict[str, Any] = field(default_factory=dict)  # torchvision/timm: constructor keywords, e.g. {img_size: 32, patch_size: 4}
+    init: str | None = None  # warm start: a weights file (encoder file, checkpoint, torchvision/timm state dict) | pretrained (the library's own weights; needs the network) | null
     head_hidden: int | None = None  # projection head hidden units; None -> the encoder's feature dim
     head_out: int = 128  # projection z dimension
     head_layers: int = 2  # linear layers in the projection head: 2 = SimCLR v1, 3 = SimCLR v2

@@ -51,6 +51,10 @@ def _coerce(value: Any, hint: Any, key: str) -> Any:
         if not isinstance(value, list):
             raise ConfigError(f"'{key}' must be a list, got {_shown(value)}")
         return [_coerce(v, get_args(hint)[0], key) for v in value]
+    if origin is dict:  # keywords handed on as they are (a model's constructor checks them)
+        if not isinstance(value, dict) or not all(isinstance(k, str) for k in value):
+            raise ConfigError(f"'{key}' must be a mapping of names to values, got {_shown(value)}")
+        return dict(value)
     if hint is float and isinstance(value, str) and re.fullmatch(r"\s*[-+]?\d+(\.\d*)?[eE][-+]?\d+\s*", value):
         value = float(value)
     if hint is float and isinstance(value, (int, float)) and not isinstance(value, bool):

@@ -104,6 +104,15 @@ def test_linear_probe_separates_separable_features():
     assert result["weight_decay"] in (1e-1, 1e-2, 1e-3, 1e-4, 1e-5, 1e-6)
 
 
+@pytest.mark.parametrize("scale", [1e-9, 1e6])
+def test_linear_probe_does_not_depend_on_the_features_scale(scale):
+    """An untrained MobileNet's h is ~1e-9: an absolute floor on the std left it unscaled (10%, chance)."""
+    (xtr, ytr), (xte, yte) = blobs(1000, seed=1), blobs(500, seed=2)
+    xtr[:, 0], xte[:, 0] = 3.0, 3.0  # a dimension that never varies is only centred, at any scale
+    result = linear_probe(xtr * scale, ytr, xte * scale, yte, 10)
+    assert result["top1"] > 0.98 and result["top1"] == linear_probe(xtr, ytr, xte, yte, 10)["top1"]
+
+
 def test_linear_probe_on_random_labels_is_near_chance():
     g = torch.Generator().manual_seed(0)
     xtr, xte = torch.randn(2000, 64, generator=g), torch.randn(2000, 64, generator=g)

@@ -2,6 +2,7 @@
 in `color.py`), composed by named presets. A new preset is a method of `Augmenter` and a name in PRESETS."""
 
 from simclr_cli.augment.views import (PRESETS, Augmenter, describe_views, progressive_size, sample_crop_boxes,
-                                      view_size_at)
+                                      view_size_at, view_sizes)
 
-__all__ = ["PRESETS", "Augmenter", "describe_views", "progressive_size", "sample_crop_boxes", "view_size_at"]
+__all__ = ["PRESETS", "Augmenter", "describe_views", "progressive_size", "sample_crop_boxes", "view_size_at",
+           "view_sizes"]

@@ -123,6 +123,14 @@ def view_size_at(a: AugmentConfig, image_size: int, step: int, total_steps: int)
     return progressive_size(a.view_size_start, final, step / max(1, total_steps))
 
 
+def view_sizes(a: AugmentConfig, image_size: int) -> set[int]:
+    """Every size of view a run trains on: the one size, or the progressive ones; and multi-crop's."""
+    final = a.view_size or image_size
+    sizes = {final} if a.view_size_start is None else {progressive_size(a.view_size_start, final, k / 1000)
+                                                        for k in range(1001)}
+    return sizes | ({a.small_crop_size} if a.small_crops else set())
+
+
 def describe_views(a: AugmentConfig, image_size: int, now: int) -> str:
     """What a run trains on, for the start panel; `now`: the current view size."""
     text = f"2 x {now} px" if a.view_size_start is None else \

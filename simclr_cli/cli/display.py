@@ -124,7 +124,7 @@ class ProbeDisplay:
         e, ds = d["encoder"], d["dataset"]
         grid = Table.grid(padding=(0, 2))
         rows = {"encoder": f"{e['path']}: recognised as {e['kind']}",
-                "model": f"{e['arch']}, {e['stem']} stem, width {e['width']}, "
+                "model": f"{e['arch']}, {e['stem']} stem" + (f", width {e['width']}" if "width" in e else "") + ", "
                          + (f"h of {e['feature_dim']}" if not d["layer"] else f"head layer {d['layer']}"),
                 "input": f"{e['image_size']}px, mean {tuple(round(m, 4) for m in e['mean'])}, "
                          f"std {tuple(round(s, 4) for s in e['std'])}",
@@ -190,19 +190,14 @@ def pretrain_stopped_at_once(signal_name: str, output_dir: str, resume_hint: str
                   f"(if any) is intact. Resume with: {escape(resume_hint)}", highlight=False, soft_wrap=True)
 
 
-TORCHVISION_LOAD_HINT = ("m = torchvision.models.{arch}(){stem}; m.fc = torch.nn.Identity(); "
-                         "m.load_state_dict(torch.load('{path}', weights_only=True), strict=True)")
-
-
 def extracted(info: dict) -> None:
     p = info["provenance"]
-    line(f"wrote {info['path']} ({info['format']}): {info['arch']}, {info['stem']} stem, width {info['width']}, "
-         f"h of {info['feature_dim']}, {info['image_size']}px; from epoch {p.get('epoch')} step {p.get('step')} "
-         f"on {p.get('dataset')} (config {p.get('config_digest')})")
-    if info["format"] == "torchvision":
-        stem = "; m.conv1 = torch.nn.Conv2d(3, 64, 3, 1, 1, bias=False); m.maxpool = torch.nn.Identity()" \
-            if info["stem"] == "cifar" else ""
-        line("load it with: " + TORCHVISION_LOAD_HINT.format(arch=info["arch"], stem=stem, path=info["path"]))
+    model = f"{info['arch']}, {info['stem']} stem" + (f", width {info['width']}" if "width" in info else "")
+    line(f"wrote {info['path']} ({info['format']}): {model}, h of {info['feature_dim']}, "
+         f"{info['image_size']}px; from epoch {p.get('epoch')} step {p.get('step')} on {p.get('dataset')} "
+         f"(config {p.get('config_digest')})")
+    if info["load"]:
+        line(f"load it with: {info['load']}")
 
 
 class EmbedDisplay:

@@ -28,9 +28,11 @@ def holdout_split(labels: torch.Tensor, fraction: float = 0.1, seed: int = 0) ->
 
 
 def _standardiser(x: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
-    """Per-dimension (x - mean) / std from `x`; dimensions that never vary are only centred."""
+    """Per-dimension (x - mean) / std from `x`; dimensions that never vary are only centred. "Never varies"
+    is relative to the dimension's own size (float rounding of a constant), not an absolute floor: an
+    untrained MobileNet's h is ~1e-9 and every dimension varies at that scale."""
     mu, sd = x.mean(0), x.std(0)
-    sd = torch.where(sd > 1e-6, sd, torch.ones_like(sd))
+    sd = torch.where(sd > 1e-5 * x.abs().amax(0), sd, torch.ones_like(sd))
     return lambda t: (t - mu) / sd
 
 

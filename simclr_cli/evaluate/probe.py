@@ -68,7 +68,7 @@ def random_encoder(loaded: LoadedEncoder, seed: int) -> LoadedEncoder:
     h = loaded.head
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        encoder = encoder_from_spec(loaded.encoder.describe()).eval()
+        encoder = encoder_from_spec(loaded.encoder.describe(), loaded.image_size).eval()
         head = None
         if h is not None:
             hidden = h.blocks[0][0].out_features if h.layers > 1 else None

@@ -11,6 +11,7 @@ tests/test_methods.py's loss oracle, exact-resume and two-rank cases).
 from __future__ import annotations
 
 import difflib
+from dataclasses import replace
 
 from simclr_cli.config import Config
 from simclr_cli.errors import ConfigError
@@ -30,9 +31,12 @@ def check_method(name: str) -> None:
         raise ConfigError(f"'method.name' must be one of {', '.join(METHODS)}; got {name!r}{hint}")
 
 
-def build_method(cfg: Config) -> Method:
-    """The method `method.name` names, its networks built from `cfg.model` (call after torch.manual_seed)."""
+def build_method(cfg: Config, warm_start: bool = True) -> Method:
+    """The method `method.name` names, its networks built from `cfg.model` (call after torch.manual_seed);
+    without `warm_start` (a resumed run, whose weights come from its checkpoint) model.init is not read."""
     check_method(cfg.method.name)
+    if not warm_start and cfg.model.init:
+        cfg = replace(cfg, model=replace(cfg.model, init=None))
     return METHODS[cfg.method.name](cfg)
 
 

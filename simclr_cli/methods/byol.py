@@ -50,7 +50,7 @@ class Projected(nn.Module):
 class BYOLMethod(WithTarget):
     def __init__(self, cfg: Config) -> None:
         m = cfg.model
-        encoder = build_encoder(m)
+        encoder = build_encoder(m, cfg.data.image_size)
         hidden = m.head_hidden or encoder.feature_dim
         projector = mlp(encoder.feature_dim, hidden, m.head_out)
         self.target = EmaTarget(Projected(encoder, projector))  # encoder + projector, before the predictor

@@ -58,7 +58,7 @@ def gather_rows(x: torch.Tensor) -> torch.Tensor:
 
 class MoCoMethod(WithTarget):
     def __init__(self, cfg: Config) -> None:
-        self.model = build_model(cfg.model)  # online: encoder + projection head, the queries
+        self.model = build_model(cfg.model, cfg.data.image_size)  # online: encoder + projection head, the queries
         self.target = EmaTarget(self.model)  # keys
         self.queue = KeyQueue(cfg.method.queue_size, cfg.model.head_out)
         self.temperature = cfg.loss.temperature

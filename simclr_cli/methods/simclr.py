@@ -24,7 +24,7 @@ from simclr_cli.models import build_model
 
 class SimCLRMethod(Method):
     def __init__(self, cfg: Config) -> None:
-        self.model = build_model(cfg.model)  # encoder + 2- or 3-layer head (SimCLR v1 / v2)
+        self.model = build_model(cfg.model, cfg.data.image_size)  # encoder + 2- or 3-layer head (SimCLR v1 / v2)
         self.temperature = cfg.loss.temperature
         a = cfg.augment
         self.small_crops = (a.small_crops, a.small_crop_size, tuple(a.small_crop_scale))

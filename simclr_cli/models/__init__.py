@@ -1,11 +1,14 @@
 """The encoders, in one registry, and what is built on them: projection heads, the encoder file, features.
 
-ENCODERS maps `model.arch` to a class built as cls(arch, stem, width) that returns h (B, feature_dim) and
-says how to rebuild itself in `describe()` ({"arch", "stem", "width", "feature_dim"}): the encoder file
-records that description, so an encoder is rebuilt from the file alone (`encoder_from_spec`).
+`model.arch` names an encoder: a built-in ResNet (`resnet18`, `resnet34`, `resnet50`, with `model.width` and
+`model.stem`), or FAMILY:NAME for a family of ENCODERS (`torchvision:mobilenet_v3_small`,
+`timm:vit_tiny_patch16_224`), built with `model.kwargs`. Every encoder returns h (B, feature_dim) and says
+in `describe()` what rebuilds it; the encoder file records that, so an encoder is rebuilt from the file
+alone (`encoder_from_spec`). `model.init` warm-starts it (`models.warm`).
 
-A new backbone: a file here with its module, one line in ENCODERS, and its tests (copy tests/test_model.py's
-shape and state-dict cases and the tiny pretrain -> extract -> probe chain of tests/test_extract_probe.py).
+A new family: a file here with a class that has `prefix`, `names()` and `build(name, kwargs, stem,
+image_size, pretrained)`, one line in ENCODERS, and its tests (copy the family cases of
+tests/test_backbones.py). A new built-in architecture: a module in resnet.py's way, and a name in BUILT_IN.
 """
 
 from __future__ import annotations
@@ -17,38 +20,65 @@ from torch import nn
 from simclr_cli.config import ModelConfig
 from simclr_cli.errors import ConfigError
 from simclr_cli.models.heads import EncoderWithHead, ProjectionHead
+from simclr_cli.models.library import LibraryEncoder, Timm, Torchvision
 from simclr_cli.models.resnet import ResNetEncoder
+from simclr_cli.models.warm import PRETRAINED, built_in_pretrained, warm_start
 
-ENCODERS: dict[str, type[nn.Module]] = {"resnet18": ResNetEncoder, "resnet34": ResNetEncoder, "resnet50": ResNetEncoder}
-
-
-def check_encoder(name: str) -> None:
-    """An unknown `model.arch` is one line naming the closest encoder."""
-    if name not in ENCODERS:
-        close = difflib.get_close_matches(name, ENCODERS, n=1)
-        hint = f" (did you mean {close[0]!r}?)" if close else ""
-        raise ConfigError(f"'model.arch' must be one of {', '.join(ENCODERS)}; got {name!r}{hint}")
+BUILT_IN: dict[str, type[nn.Module]] = {"resnet18": ResNetEncoder, "resnet34": ResNetEncoder, "resnet50": ResNetEncoder}
+ENCODERS = {"torchvision": Torchvision(), "timm": Timm()}  # model.arch FAMILY:NAME -> the family that builds NAME
 
 
-def encoder_from_spec(spec: dict) -> nn.Module:
+def check_encoder(arch: str) -> None:
+    """An unknown `model.arch` is one line naming the closest encoders (a family's names are asked only when
+    its prefix is given; timm's need timm installed)."""
+    family, sep, name = arch.partition(":")
+    if sep and family in ENCODERS:
+        if name not in ENCODERS[family].names():
+            close = difflib.get_close_matches(name, ENCODERS[family].names(), n=3)
+            hint = f" (did you mean {', '.join(f'{family}:{c}' for c in close)}?)" if close else ""
+            raise ConfigError(f"'model.arch' {arch} is not a {family} model{hint}")
+        return
+    if sep or arch not in BUILT_IN:
+        close = difflib.get_close_matches(arch, [*BUILT_IN, *(f"{f}:" for f in ENCODERS)], n=2)
+        hint = f" (did you mean {' or '.join(repr(c) for c in close)}?)" if close else ""
+        raise ConfigError(f"'model.arch' must be one of {', '.join(BUILT_IN)} or FAMILY:NAME with FAMILY one of "
+                          f"{', '.join(ENCODERS)}; got {arch!r}{hint}")
+
+
+def encoder_from_spec(spec: dict, image_size: int = 32, pretrained: bool = False) -> nn.Module:
     """The encoder an encoder file describes (`describe()` of the one that was saved), untrained."""
     check_encoder(spec["arch"])
-    return ENCODERS[spec["arch"]](spec["arch"], spec["stem"], int(spec["width"]))
+    family, sep, name = spec["arch"].partition(":")
+    if sep:
+        return ENCODERS[family].build(name, dict(spec.get("kwargs") or {}), spec["stem"], image_size, pretrained)
+    return BUILT_IN[spec["arch"]](spec["arch"], spec["stem"], int(spec["width"]))
 
 
-def build_encoder(model_cfg: ModelConfig) -> nn.Module:
-    """`model.arch` at `model.stem` and `model.width`. A stem of "auto" is left only in a ModelConfig built
-    outside `load_config` (which knows the image size and resolves it): 32-pixel images, the CIFAR stem."""
+def build_encoder(model_cfg: ModelConfig, image_size: int = 32) -> nn.Module:
+    """`model.arch` at `model.stem` (and `model.width`, `model.kwargs`), warm-started as `model.init` says. A
+    stem of "auto" is left only in a ModelConfig built outside `load_config` (which knows the image size and
+    resolves it): small images, the CIFAR stem."""
     stem = "cifar" if model_cfg.stem == "auto" else model_cfg.stem
-    return encoder_from_spec({"arch": model_cfg.arch, "stem": stem, "width": model_cfg.width})
+    spec = {"arch": model_cfg.arch, "stem": stem, "width": model_cfg.width, "kwargs": model_cfg.kwargs}
+    encoder = encoder_from_spec(spec, image_size, pretrained=model_cfg.init == PRETRAINED)
+    if model_cfg.init == PRETRAINED and model_cfg.arch in BUILT_IN:
+        built_in_pretrained(encoder)
+    elif model_cfg.init and model_cfg.init != PRETRAINED:
+        warm_start(encoder, model_cfg.init)
+    return encoder
 
 
-def build_model(model_cfg: ModelConfig) -> EncoderWithHead:
+def build_model(model_cfg: ModelConfig, image_size: int = 32) -> EncoderWithHead:
     """ModelConfig -> encoder + projection head."""
-    encoder = build_encoder(model_cfg)
+    encoder = build_encoder(model_cfg, image_size)
     head = ProjectionHead(encoder.feature_dim, model_cfg.head_hidden, model_cfg.head_out, model_cfg.head_layers)
     return EncoderWithHead(encoder, head)
 
 
-__all__ = ["ENCODERS", "EncoderWithHead", "ProjectionHead", "ResNetEncoder", "build_encoder", "build_model",
-           "check_encoder", "encoder_from_spec"]
+def is_convolutional(encoder: nn.Module) -> bool:
+    """channels_last pays for convolutions only: not for a ViT, whose one convolution is its patch embedding."""
+    return getattr(encoder, "convolutional", True)
+
+
+__all__ = ["BUILT_IN", "ENCODERS", "EncoderWithHead", "LibraryEncoder", "ProjectionHead", "ResNetEncoder",
+           "build_encoder", "build_model", "check_encoder", "encoder_from_spec", "is_convolutional"]

@@ -54,7 +54,8 @@ def encoder_meta(encoder: nn.Module, cfg: Config, head: ProjectionHead | None, m
         "head": None if head is None else {"hidden": cfg.model.head_hidden, "out": cfg.model.head_out,
                                            "layers": cfg.model.head_layers},
         "provenance": {"simclr_cli": __version__, "method": cfg.method.name, "dataset": cfg.data.dataset,
-                       "seed": cfg.train.seed, "config_digest": config_digest(cfg), **provenance},
+                       "seed": cfg.train.seed, "config_digest": config_digest(cfg),
+                       **({"init": cfg.model.init} if cfg.model.init else {}), **provenance},
     }
 
 
@@ -134,7 +135,7 @@ def _load_strict(module: torch.nn.Module, state: Any, path: Path, what: str) -> 
 def _build(meta: dict, weights: dict, head_weights: dict | None, path: Path, kind: str, notes: list[str]) -> LoadedEncoder:
     """An encoder (and head) from a description and its weights, both checked."""
     try:
-        encoder = encoder_from_spec(meta)
+        encoder = encoder_from_spec(meta, int(meta["image_size"]))
         _load_strict(encoder, weights, path, "encoder")
         head, head_spec = None, meta.get("head")
         if head_spec and head_weights is not None:
@@ -176,7 +177,8 @@ def _checkpoint_meta(ckpt: dict) -> dict:
     except UserError:  # a rule tightened since: the digest is not worth refusing the file for
         digest = None
     head = {"hidden": model["head_hidden"], "out": model["head_out"], "layers": model["head_layers"]}
-    return {"arch": model["arch"], "stem": stem, "width": model["width"], "image_size": data.get("image_size", 32),
+    return {"arch": model["arch"], "stem": stem, "width": model["width"], "kwargs": model.get("kwargs") or {},
+            "image_size": data.get("image_size", 32),
             "mean": mean, "std": std, "head": head,
             "provenance": {"simclr_cli": ckpt.get("simclr_cli"), "method": raw.get("method", {}).get("name", "simclr"),
                            "dataset": dataset, "seed": raw.get("train", {}).get("seed", 0), "config_digest": digest}}

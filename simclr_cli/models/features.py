@@ -46,11 +46,13 @@ def check_layer(head: ProjectionHead | None, layer: int) -> None:
 
 
 def for_inference(encoder: torch.nn.Module, head: ProjectionHead | None, device: torch.device):
-    """A loaded (not live) encoder and head on `device`, in eval mode and channels_last, the fastest layout
-    for convolutions here; `extract_features` then feeds it channels_last batches. On a GPU, fp32 stays fp32
-    (no TF32; see `runtime.configure_cuda`)."""
+    """A loaded (not live) encoder and head on `device`, in eval mode and, when convolutional, channels_last, the
+    fastest layout for convolutions here; `extract_features` then feeds it batches in that layout. On a GPU,
+    fp32 stays fp32 (no TF32; see `runtime.configure_cuda`)."""
     configure_cuda(device, "fp32", training=False)
-    encoder = encoder.eval().to(device).to(memory_format=torch.channels_last)
+    encoder = encoder.eval().to(device)
+    if getattr(encoder, "convolutional", True):  # a ViT's one convolution is its patch embedding
+        encoder = encoder.to(memory_format=torch.channels_last)
     return encoder, head.eval().to(device) if head is not None else None
 
 

@@ -14,11 +14,13 @@ import time
 import torch
 import torch.distributed as dist
 
-from simclr_cli.augment import Augmenter, describe_views, view_size_at
+from simclr_cli.augment import Augmenter, describe_views, view_size_at, view_sizes
 from simclr_cli.config import Config
 from simclr_cli.data import load_train_set, normalization_for
 from simclr_cli.data.batches import Batches
-from simclr_cli.methods import build_method
+from simclr_cli.methods import Method, build_method
+from simclr_cli.models import LibraryEncoder, is_convolutional
+from simclr_cli.models.warm import describe as describe_encoder
 from simclr_cli.models.encoder_file import encoder_meta, encoder_payload
 from simclr_cli.rundir import RunDir
 from simclr_cli.runtime import (Callback, autocast, broadcast_buffers, configure_cuda, describe_device,
@@ -34,7 +36,7 @@ from simclr_cli.train.state import Parts, RunState, checkpoint, restore
 class Trainer:
     """One run's objects, built from the config; `run()` trains from the current state to `train.epochs`."""
 
-    def __init__(self, cfg: Config, callback: Callback | None = None):
+    def __init__(self, cfg: Config, callback: Callback | None = None, resuming: bool = False):
         self.cfg, self.emit = cfg, callback or (lambda event, data: None)
         check_names(cfg)  # before minutes of data loading
         self.ranks, self.device = init_distributed(cfg.train.device, cfg.train.dist_timeout_min)
@@ -47,14 +49,14 @@ class Trainer:
             self.rundir.remove_stale_temps()
         self.data = load_train_set(cfg, self.ranks, self.emit).to(self.device)  # a mapped folder stays on disk
         self.mean, self.std = normalization_for(cfg.data.dataset)
-        a, nhwc = cfg.augment, cfg.train.channels_last  # views may be smaller than the images (probes: image_size)
-        self.augment = Augmenter(a.preset, a.view_size or cfg.data.image_size, self.mean, self.std, a.crop_scale_min,
-                                 a.jitter_strength, torch.channels_last if nhwc else torch.contiguous_format)
-        self.generator = torch.Generator(device=self.device)
         # Seeded here, after the data: decoding a folder draws from the global generator (DataLoader seeds),
         # a mapped cache does not, and the initial weights must not depend on which happened.
         torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
-        self.method = build_method(cfg).to(self.device, torch.channels_last if nhwc else torch.preserve_format)
+        self.method, nhwc = networks(cfg, self.device, resuming)
+        a = cfg.augment  # views may be smaller than the images (probes: image_size)
+        self.augment = Augmenter(a.preset, a.view_size or cfg.data.image_size, self.mean, self.std, a.crop_scale_min,
+                                 a.jitter_strength, torch.channels_last if nhwc else torch.contiguous_format)
+        self.generator = torch.Generator(device=self.device)
         self.local_batch = cfg.train.batch_size // self.ranks.world_size
         self.steps_per_epoch = len(self.data) // cfg.train.batch_size
         self.batches = Batches(self.data.images, cfg.train.batch_size, self.ranks.rank, self.local_batch,
@@ -238,6 +240,17 @@ class Trainer:
             self.evaluate()  # every rank: each extracts its share
 
 
+def networks(cfg: Config, device: torch.device, resuming: bool) -> tuple[Method, bool]:
+    """(the method's networks on the device, whether they run channels_last: convolutional ones only). A model
+    built for one image size is refused here when the run's views take another."""
+    method = build_method(cfg, warm_start=not resuming)
+    encoder = method.model.encoder
+    if isinstance(encoder, LibraryEncoder):
+        encoder.check_sizes(view_sizes(cfg.augment, cfg.data.image_size) - {cfg.data.image_size}, "augment")
+    nhwc = cfg.train.channels_last and is_convolutional(encoder)
+    return method.to(device, torch.channels_last if nhwc else torch.preserve_format), nhwc
+
+
 def start_panel(t: Trainer) -> dict:
     """What the start panel shows about a run."""
     cfg, ranks = t.cfg, f"rank{'s' if t.ranks.enabled else ''}"
@@ -245,8 +258,9 @@ def start_panel(t: Trainer) -> dict:
     return {**describe_device(t.device, t.precision), **cuda,
             "dataset": f"{t.data.name}, {len(t.data)} images {tuple(t.data.images.shape[1:])}",
             "method": cfg.method.name,
-            "model": f"{cfg.model.arch} ({cfg.model.stem} stem, width {cfg.model.width}), "
-                     f"{sum(p.numel() for p in t.model.parameters()) / 1e6:.2f}M parameters",
+            "model": f"{describe_encoder(t.model.encoder)}, h of {t.model.encoder.feature_dim}, "
+                     f"{sum(p.numel() for p in t.model.parameters()) / 1e6:.2f}M parameters"
+                     + "".join(f"; {note}" for note in getattr(t.model.encoder, "notes", [])),
             "batch": f"{cfg.train.batch_size} global = {t.ranks.world_size} {ranks} x {t.local_batch}, "
                      f"{t.steps_per_epoch} steps/epoch",
             "views": describe_views(cfg.augment, cfg.data.image_size, t.view_size()),
@@ -267,7 +281,7 @@ def pretrain(cfg: Config, resume: bool = False, callback: Callback | None = None
         with stop_guard() as stop:
             try:
                 with stop.at_once():  # set-up has nothing to save: a signal ends it where it is
-                    trainer = Trainer(cfg, callback)
+                    trainer = Trainer(cfg, callback, resuming=ckpt is not None)
             except StopRequested as request:
                 if ckpt is None:
                     raise

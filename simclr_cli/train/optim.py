@@ -84,17 +84,29 @@ class LARS(torch.optim.Optimizer):
         p.sub_(v * momentum + step if group["nesterov"] else v)
 
 
-def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
-    """Split trainable parameters into [decayed weights, excluded biases and norm parameters].
+# Parameters that get no weight decay and no LARS adaptation, whatever their shape: a ViT's class token and
+# position embeddings (torchvision's names and timm's) are 3-D, yet decaying them pulls the model towards
+# forgetting where a patch is.
+UNDECAYED_NAMES = ("cls_token", "class_token", "dist_token", "reg_token", "pos_embed", "pos_embedding",
+                   "position_embeddings", "absolute_pos_embed", "relative_position_bias_table")
+NORM_LAYERS = (nn.modules.batchnorm._BatchNorm, nn.LayerNorm, nn.GroupNorm, nn.modules.instancenorm._InstanceNorm)
 
-    Tensors with ndim <= 1 (biases, BatchNorm/LayerNorm scales and shifts) get no weight decay and
-    no LARS adaptation, as in SimCLR: decaying a norm layer's scale only fights the normalisation,
-    and their tiny norms would make the trust ratio meaningless. Empty groups are dropped.
+
+def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    """Split trainable parameters into [decayed weights, excluded parameters].
+
+    Excluded, as in SimCLR: biases, every parameter of a norm layer (BatchNorm, LayerNorm, GroupNorm,
+    InstanceNorm, and any 1-D parameter), class tokens and position embeddings. Decaying a norm layer's scale
+    only fights the normalisation, and their tiny norms would make the trust ratio meaningless. Empty groups
+    are dropped.
     """
+    in_norm = {id(p) for m in model.modules() if isinstance(m, NORM_LAYERS) for p in m.parameters(recurse=False)}
     decayed, excluded = [], []
-    for p in model.parameters():
+    for name, p in model.named_parameters():
         if p.requires_grad:
-            (excluded if p.ndim <= 1 else decayed).append(p)
+            leaf = name.rsplit(".", 1)[-1]
+            skip = p.ndim <= 1 or id(p) in in_norm or leaf == "bias" or leaf in UNDECAYED_NAMES
+            (excluded if skip else decayed).append(p)
     groups = [
         {"params": decayed, "weight_decay": weight_decay, "lars_exclude": False},
         {"params": excluded, "weight_decay": 0.0, "lars_exclude": True},

@@ -1,0 +1,223 @@
+"""Encoders from the libraries people already use: any classification model of torchvision
+(`model.arch: torchvision:NAME`) or timm (`timm:NAME`, the optional extra `timm`), with its classifier
+removed, so it gives the pooled representation h, whose size is found by running it once.
+
+torchvision's model is built without weights (`torchvision.models.get_model(NAME, weights=None, **kwargs)`)
+and its last `nn.Linear`, the classifier, becomes an identity; a model with no such layer, or whose output
+is then not (batch, features), is refused in one line. timm's is built with `num_classes=0`, timm's own way
+to return the pooled features. `model.kwargs` are the constructor's keywords (a CIFAR-sized ViT:
+`timm:vit_tiny_patch16_224` with `{img_size: 32, patch_size: 4}`).
+
+Small images (`model.stem: cifar`, the choice under 64 px): a ResNet-like model (conv1 + maxpool) gets the
+CIFAR stem of the built-in ResNets (3x3 stride-1 conv1, no max-pool); another convolutional model its first
+convolution at stride 1 and its first max-pool removed; a ViT (one convolution, the patch embedding) takes
+its image and patch size from `model.kwargs`. What was done, and the size of the last feature map, is
+recorded in `notes`: the start panel says when a network would see a 1x1 map.
+"""
+
+from __future__ import annotations
+
+import difflib
+import importlib.util
+from typing import Any
+
+import torch
+from torch import nn
+
+from simclr_cli.errors import ConfigError, MissingExtraError
+
+
+def _set_module(root: nn.Module, path: str, module: nn.Module) -> None:
+    parent, _, name = path.rpartition(".")
+    setattr(root.get_submodule(parent) if parent else root, name, module)
+
+
+def _first(root: nn.Module, kind: type) -> tuple[str, nn.Module] | None:
+    return next(((name, m) for name, m in root.named_modules() if isinstance(m, kind)), None)
+
+
+def adapt_to_small_images(net: nn.Module) -> str:
+    """The family's known adaptation to 32-pixel images, applied in place; what was done, in words."""
+    convs = [(name, m) for name, m in net.named_modules() if isinstance(m, nn.Conv2d)]
+    if len(convs) <= 1:
+        return "no stem adaptation (a patch-embedding model: set its image and patch size in model.kwargs)"
+    if isinstance(getattr(net, "conv1", None), nn.Conv2d) and isinstance(getattr(net, "maxpool", None), nn.MaxPool2d):
+        out = net.conv1.out_channels  # ResNet-like: the built-in ResNets' CIFAR stem
+        net.conv1 = nn.Conv2d(3, out, 3, 1, 1, bias=False)
+        net.maxpool = nn.Identity()
+        return "CIFAR stem: 3x3 stride-1 conv1, no max-pool"
+    name, conv = convs[0]
+    done = []
+    if conv.stride != (1, 1):
+        conv.stride = (1, 1)
+        done.append(f"{name} at stride 1")
+    pool = _first(net, nn.MaxPool2d)
+    if pool is not None:
+        _set_module(net, pool[0], nn.Identity())
+        done.append(f"{pool[0]} (max-pool) removed")
+    return "small-image stem: " + (", ".join(done) if done else "none needed")
+
+
+def _drop_classifier(net: nn.Module, arch: str) -> str:
+    """Replace the last nn.Linear (torchvision's classifier) by an identity; its module path."""
+    linears = [name for name, m in net.named_modules() if isinstance(m, nn.Linear)]
+    if not linears:
+        raise ConfigError(f"{arch} has no nn.Linear classifier to remove (its output would not be (batch, "
+                          "features)): choose another model")
+    _set_module(net, linears[-1], nn.Identity())
+    return linears[-1]
+
+
+class LibraryEncoder(nn.Module):
+    """A torchvision or timm model without its classifier: image (B, 3, H, W) -> h (B, feature_dim)."""
+
+    def __init__(self, arch: str, net: nn.Module, kwargs: dict, stem: str, removed: str | None, notes: list[str],
+                 image_size: int) -> None:
+        super().__init__()
+        self.arch, self.net, self.kwargs, self.stem, self.removed = arch, net, dict(kwargs), stem, removed
+        self.notes = list(notes)
+        self.feature_dim, final_map = self._probe(image_size)
+        if final_map is not None:
+            self.notes.append(f"last feature map {final_map[0]}x{final_map[1]} at {image_size} px"
+                              + (": the network sees one pixel of features; no small-image adaptation is known for "
+                                 f"{arch} (try model.kwargs, or data.image_size 64 and up)" if max(final_map) <= 1 else ""))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)  # (B, feature_dim)
+
+    def describe(self) -> dict:
+        """What rebuilds it (`models.encoder_from_spec`), and the size of h."""
+        return {"arch": self.arch, "kwargs": self.kwargs, "stem": self.stem, "feature_dim": self.feature_dim}
+
+    @torch.no_grad()
+    def check_sizes(self, sizes: set[int], why: str) -> None:
+        """A model built for one image size (a torchvision ViT) refuses others: one line before training."""
+        was_training = self.net.training
+        refused = []
+        for size in sorted(sizes):
+            try:
+                self.net.eval()(torch.zeros(1, 3, size, size))
+            except Exception:
+                refused.append(size)
+        self.net.train(was_training)
+        if refused:
+            raise ConfigError(f"{self.arch} does not take {', '.join(map(str, refused))}-pixel images, which {why} "
+                              "asks for: train on its own image size (augment.view_size, view_size_start, small_crops), "
+                              "or give it keywords that take any size (timm: dynamic_img_size=True)")
+
+    @property
+    def convolutional(self) -> bool:
+        return sum(isinstance(m, nn.Conv2d) for m in self.net.modules()) > 1
+
+    @torch.no_grad()
+    def _probe(self, size: int) -> tuple[int, tuple[int, int] | None]:
+        """(feature_dim, the map the last convolution gave: what the pooling sees) from one image run through
+        the network; no map for a patch-embedding model, whose later layers are no convolutions."""
+        maps: list[tuple[int, int]] = []
+        hooks = [m.register_forward_hook(lambda m, i, o: maps.append(tuple(o.shape[-2:])) if
+                                         isinstance(o, torch.Tensor) and o.ndim == 4 else None)
+                 for m in self.net.modules() if isinstance(m, nn.Conv2d)] if self.convolutional else []
+        x = torch.zeros(2, 3, size, size)
+        try:
+            outs = [self.net.eval()(x)]
+            for h in hooks:
+                h.remove()
+            saved = {k: v.clone() for k, v in self.net.state_dict().items()}
+            with torch.random.fork_rng(devices=[]):  # dropout draws: the caller's stream stays as it was
+                outs.append(self.net.train()(x))  # what training gets (inception's aux logits, say)
+            self.net.load_state_dict(saved)  # batch norm's running statistics as built
+        except Exception as err:  # the constructor's own check of what it accepts
+            raise ConfigError(f"{self.arch} does not run on {size}-pixel images ({type(err).__name__}: "
+                              f"{str(err).strip().splitlines()[0][:160]}): set model.kwargs or data.image_size") from None
+        finally:
+            for h in hooks:
+                h.remove()
+        for out in outs:
+            if not isinstance(out, torch.Tensor) or out.ndim != 2:
+                shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+                raise ConfigError(f"{self.arch} without its classifier gives {shape}, not (batch, features): choose "
+                                  "another model, or keywords that make it pool (e.g. aux_logits=False)")
+        return int(outs[0].shape[1]), (maps[-1] if maps else None)
+
+
+def _unknown(family: str, name: str, names: list[str]) -> ConfigError:
+    close = difflib.get_close_matches(name, names, n=3)
+    hint = f": did you mean {', '.join(f'{family}:{c}' for c in close)}?" if close else ""
+    return ConfigError(f"'model.arch' {family}:{name} is not a {family} model{hint}")
+
+
+def _constructed(arch: str, build, kwargs: dict) -> nn.Module:
+    try:
+        return build()
+    except TypeError as err:  # a keyword the constructor refuses
+        raise ConfigError(f"{arch} refuses model.kwargs {kwargs} ({str(err).strip().splitlines()[0]}): give "
+                          "keywords its constructor takes") from None
+
+
+def _fetch_failed(arch: str, err: Exception) -> ConfigError:
+    reason = str(err).strip().splitlines()[0][:160] if str(err).strip() else type(err).__name__
+    return ConfigError(f"could not fetch the pretrained weights of {arch} ({type(err).__name__}: {reason}): with no "
+                       "network, give model.init a weights file instead")
+
+
+class Torchvision:
+    """`torchvision:NAME`: the classification models of torchvision.models."""
+
+    prefix = "torchvision"
+
+    @staticmethod
+    def names() -> list[str]:
+        import torchvision
+
+        return torchvision.models.list_models(module=torchvision.models)
+
+    def build(self, name: str, kwargs: dict, stem: str, image_size: int, pretrained: bool = False) -> LibraryEncoder:
+        import torchvision
+
+        arch = f"{self.prefix}:{name}"
+        if name not in self.names():
+            raise _unknown(self.prefix, name, self.names())
+        weights = "DEFAULT" if pretrained else None
+        try:
+            net = _constructed(arch, lambda: torchvision.models.get_model(name, weights=weights, **kwargs), kwargs)
+        except (OSError, RuntimeError) as err:  # a download that could not happen (URLError is an OSError)
+            raise _fetch_failed(arch, err) from None
+        notes = [adapt_to_small_images(net)] if stem == "cifar" else []
+        removed = _drop_classifier(net, arch)
+        return LibraryEncoder(arch, net, kwargs, stem, removed, notes, image_size)
+
+
+class Timm:
+    """`timm:NAME`: any timm model, built with num_classes=0 (the extra `timm`)."""
+
+    prefix = "timm"
+
+    @staticmethod
+    def _timm():
+        if importlib.util.find_spec("timm") is None:
+            raise MissingExtraError("timm models need the timm package: pip install 'simclr-cli[timm]'")
+        import timm
+
+        return timm
+
+    def names(self) -> list[str]:
+        return self._timm().list_models()
+
+    def build(self, name: str, kwargs: dict, stem: str, image_size: int, pretrained: bool = False) -> LibraryEncoder:
+        timm = self._timm()
+        arch = f"{self.prefix}:{name}"
+        if not timm.is_model(name):
+            raise _unknown(self.prefix, name, self.names())
+        try:
+            net = _constructed(arch, lambda: timm.create_model(name, pretrained=pretrained, num_classes=0, **kwargs),
+                               kwargs)
+        except (OSError, RuntimeError) as err:
+            raise _fetch_failed(arch, err) from None
+        notes = [adapt_to_small_images(net)] if stem == "cifar" else []
+        return LibraryEncoder(arch, net, kwargs, stem, None, notes, image_size)
+
+
+def library_state_dict(encoder: LibraryEncoder) -> dict[str, Any]:
+    """The library's own state dict of the model (classifier removed): what its constructor, with the same
+    keywords, the same stem change and the classifier set to nn.Identity(), loads with strict=True."""
+    return {k: v.detach().cpu() for k, v in encoder.net.state_dict().items()}

@@ -1,0 +1,95 @@
+"""Warm start (`model.init`): an encoder begins from weights instead of a random initialisation.
+
+`model.init: PATH` loads, strictly, the encoder weights of any of: this project's encoder file, a run's
+checkpoint, a torchvision or timm state dict of the same model (its classifier's keys are left out, as the
+classifier is), or a built-in ResNet's torchvision state dict. A key missing, unexpected or of another
+shape is one line listing them. `model.init: pretrained` takes the library's own weights (torchvision's
+`weights="DEFAULT"`, timm's `pretrained=True`; for a built-in ResNet, torchvision's of the same name),
+which needs the network: offline, one line says what could not be fetched.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from simclr_cli.errors import CheckpointError, ConfigError
+from simclr_cli.files import CHECKPOINT_FORMAT, ENCODER_FORMAT, safe_load
+from simclr_cli.models.heads import EncoderWithHead
+from simclr_cli.models.library import LibraryEncoder
+from simclr_cli.models.resnet import sequential_to_torchvision
+
+PRETRAINED = "pretrained"
+
+
+def _encoder_state(obj: object, path: Path, encoder: nn.Module) -> dict:
+    """The weights in a file, keyed as `encoder.state_dict()` keys them."""
+    if not isinstance(obj, dict) or not obj:
+        raise CheckpointError(f"model.init {path} holds no weights: give an encoder file, a checkpoint or a state dict")
+    if obj.get("format") == ENCODER_FORMAT:
+        return obj["state_dict"]
+    if obj.get("format") == CHECKPOINT_FORMAT:
+        return EncoderWithHead.split_state(obj["model"])[0]
+    if not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in obj.items()):
+        raise CheckpointError(f"model.init {path} is not a state dict of tensors")
+    if isinstance(encoder, LibraryEncoder):  # the library's own keys: its model is our `net`
+        expected = set(encoder.state_dict())
+        state = {k if k.startswith("net.") else f"net.{k}": v for k, v in obj.items()}
+        return {k: v for k, v in state.items() if k in expected or not _is_classifier(k, encoder)}
+    if all(k.split(".", 1)[0].isdigit() for k in obj):  # the original design's nn.Sequential of resnet children
+        obj = sequential_to_torchvision(obj, path)
+    return {k: v for k, v in obj.items() if not k.startswith("fc.")}  # torchvision's ResNet: its classifier
+
+
+def _is_classifier(key: str, encoder: LibraryEncoder) -> bool:
+    """A weight of the classifier this encoder removed (torchvision), or of a timm model's head."""
+    removed = f"net.{encoder.removed}." if encoder.removed else None
+    return (removed is not None and key.startswith(removed)) or key.startswith(("net.head.", "net.fc.", "net.classifier."))
+
+
+def load_strict(encoder: nn.Module, state: dict, source: str) -> None:
+    """load_state_dict(strict=True), with one line listing what does not fit (BN counters may be absent)."""
+    expected = encoder.state_dict()
+    state = {**{k: v for k, v in expected.items() if k.endswith("num_batches_tracked")}, **state}
+    missing = [k for k in expected if k not in state]
+    unexpected = [k for k in state if k not in expected]
+    wrong = [f"{k} {tuple(state[k].shape)} (expected {tuple(expected[k].shape)})" for k in expected
+             if k in state and isinstance(state[k], torch.Tensor) and state[k].shape != expected[k].shape]
+    if missing or unexpected or wrong:
+        def few(keys: list[str]) -> str:
+            return ", ".join(keys[:3]) + (f" and {len(keys) - 3} more" if len(keys) > 3 else "")
+        parts = [f"missing {few(missing)}" if missing else "", f"unexpected {few(unexpected)}" if unexpected else "",
+                 f"another shape: {few(wrong)}" if wrong else ""]
+        raise CheckpointError(f"{source} does not fit {describe(encoder)} ({'; '.join(p for p in parts if p)}): give "
+                              "weights of the same model (a built-in ResNet from ImageNet weights needs model.stem "
+                              "imagenet and width 64)")
+    encoder.load_state_dict(state, strict=True)
+
+
+def describe(encoder: nn.Module) -> str:
+    d = encoder.describe()
+    return f"{d['arch']} ({d['stem']} stem" + (f", width {d['width']})" if "width" in d else ")")
+
+
+def warm_start(encoder: nn.Module, path: str | Path) -> None:
+    """`model.init: PATH`: the encoder's weights from a file, loaded strictly."""
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise ConfigError(f"model.init {path} is not a file: give a weights file, 'pretrained', or null")
+    load_strict(encoder, _encoder_state(safe_load(path), path, encoder), f"model.init {path}")
+
+
+def built_in_pretrained(encoder: nn.Module) -> None:
+    """`model.init: pretrained` for a built-in ResNet: torchvision's ImageNet weights of the same name."""
+    import torchvision
+
+    arch = encoder.describe()["arch"]
+    try:
+        state = torchvision.models.get_model_weights(arch).DEFAULT.get_state_dict(progress=False)
+    except (OSError, RuntimeError) as err:  # no network: URLError is an OSError
+        reason = str(err).strip().splitlines()[0][:160] if str(err).strip() else type(err).__name__
+        raise ConfigError(f"could not fetch torchvision's pretrained weights of {arch} ({type(err).__name__}: "
+                          f"{reason}): with no network, give model.init a weights file instead") from None
+    load_strict(encoder, {k: v for k, v in state.items() if not k.startswith("fc.")}, f"torchvision's {arch} weights")
