@@ -41,11 +41,8 @@ def check_output_path(path: str | Path, example: str | None = None) -> None:
         raise OutputError(f"{path} is a folder: give a file name{hint}")
 
 
-@contextlib.contextmanager
-def atomic_file(path: str | Path) -> Iterator[BinaryIO]:
-    """A temporary file beside `path`, fsync'ed and renamed over it on success, removed on any failure."""
-    path = Path(path)
-    check_output_path(path)
+def _temporary(path: Path) -> tuple[int, Path]:
+    """(fd, path) of a new temporary file beside `path`, as readable as `>` would make the file."""
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
@@ -53,21 +50,44 @@ def atomic_file(path: str | Path) -> Iterator[BinaryIO]:
         raise OutputError(f"cannot write {path} ({err.strerror}): choose another output path") from None
     umask = os.umask(0)
     os.umask(umask)
-    try:
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; the result should be as readable as `>` makes it
-        with os.fdopen(fd, "wb") as f:
-            yield f
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    dir_fd = os.open(path.parent, os.O_RDONLY)  # make the rename itself durable
+    os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600
+    return fd, Path(tmp)
+
+
+def _sync_folder(folder: Path) -> None:
+    """Make a rename in `folder` durable."""
+    dir_fd = os.open(folder, os.O_RDONLY)
     try:
         os.fsync(dir_fd)
     finally:
         os.close(dir_fd)
+
+
+@contextlib.contextmanager
+def atomic_file(path: str | Path) -> Iterator[BinaryIO]:
+    """A temporary file beside `path`, fsync'ed and renamed over it on success, removed on any failure."""
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        yield f
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | Path) -> Iterator[Path]:
+    """The path of a temporary file beside `path`, for a writer that wants a path (an exporter): fsync'ed and
+    renamed over `path` if the block ends normally (a caller checks what was written inside it), removed
+    otherwise."""
+    path = Path(path)
+    check_output_path(path)
+    fd, tmp = _temporary(path)
+    os.close(fd)
+    try:
+        yield tmp
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    _sync_folder(path.parent)
 
 
 def _atomic_write(path: str | Path, write) -> Path:

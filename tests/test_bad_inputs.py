@@ -160,7 +160,7 @@ ROWS = [
     ("extract-checkpoint-random-bytes", extract("random.pth")),
     ("extract-checkpoint-hello", extract("x.pth")),
     ("extract-checkpoint-truncated", extract("half.pt")),
-    ("extract-format-onnx", extract("checkpoint.pt", "--format", "onnx")),
+    ("extract-format-unknown", extract("checkpoint.pt", "--format", "coreml")),
     ("extract-output-is-dir", extract("checkpoint.pt", "-o", "adir")),
     # probe
     ("probe-encoder-missing", probe("missing.pth")),

@@ -210,7 +210,7 @@ def test_extract_refuses_encoder_files_state_dicts_and_overwriting(run, tmp_path
     with pytest.raises(CheckpointError, match="needs width 64"):
         extract_encoder(folder / "checkpoint.pt", tmp_path / "tv8.pth", fmt="torchvision")
     with pytest.raises(CheckpointError, match="unknown encoder format"):
-        extract_encoder(folder / "checkpoint.pt", tmp_path / "x.pth", fmt="onnx")
+        extract_encoder(folder / "checkpoint.pt", tmp_path / "x.pth", fmt="coreml")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["encoder.pth", "tv.pth"]  # no temporary files left
 
 

@@ -195,7 +195,10 @@ def extracted(info: dict) -> None:
     model = f"{info['arch']}, {info['stem']} stem" + (f", width {info['width']}" if "width" in info else "")
     line(f"wrote {info['path']} ({info['format']}): {model}, h of {info['feature_dim']}, "
          f"{info['image_size']}px; from epoch {p.get('epoch')} step {p.get('step')} on {p.get('dataset')} "
-         f"(config {p.get('config_digest')})")
+         f"(config {p.get('config_digest')}); {info['bytes'] / 2**20:.1f} MiB")
+    if "parity" in info:
+        line(f"checked against the PyTorch encoder: largest |difference| {info['parity']:.2g}"
+             + (f"; dynamic axes: {', '.join(info['dynamic'])}" if "dynamic" in info else ""))
     if info["load"]:
         line(f"load it with: {info['load']}")
 

@@ -14,7 +14,7 @@ import typer
 from simclr_cli.cli import display
 from simclr_cli.cli.options import DeviceOption, NumWorkersOption, PrecisionOption, handle_errors, quiet_on_broken_pipe
 
-EXTRACT_EXAMPLE = 'Example: simclr extract runs/simclr/checkpoint.pt -o encoder.pth  (or --format torchvision -o resnet18.pth)'
+EXTRACT_EXAMPLE = 'Example: simclr extract runs/simclr/checkpoint.pt -o encoder.pth  (or --format onnx -o encoder.onnx)'
 PROBE_EXAMPLE = 'Example: simclr probe runs/simclr/encoder.pth --dataset cifar10 --baseline --json probe.json'
 EMBED_EXAMPLE = 'Example: simclr embed photos/ --encoder runs/simclr/encoder.pth --paths paths.txt > vectors.npy  (or --format csv > embeddings.csv)'
 REPORT_EXAMPLE = "Example: simclr report runs/quickstart  (then open runs/quickstart/report/index.html)"
@@ -24,13 +24,14 @@ NEIGHBORS_EXAMPLE = "Example: simclr neighbors query.jpg --index vectors.npy --p
 def extract(
     checkpoint: Annotated[Path, typer.Argument(help="A checkpoint.pt that `simclr pretrain` wrote (final or mid-run).", show_default=False)],
     output: Annotated[Path, typer.Option("--output", "-o", help="Where to write the encoder (atomically).")] = Path("encoder.pth"),
-    fmt: Annotated[str, typer.Option("--format", help="native: self-describing encoder file with head and provenance | torchvision: plain state dict for torchvision's ResNet (width 64 only).")] = "native",
+    fmt: Annotated[str, typer.Option("--format", help="native: self-describing encoder file with head and provenance | torchvision / timm: the library's own state dict (a built-in ResNet: width 64) | onnx (extra onnx), torchscript, safetensors: for other runtimes, with the preprocessing inside, checked against PyTorch before they are kept.")] = "native",
+    opset: Annotated[int, typer.Option("--opset", help="ONNX opset version to write (--format onnx).")] = 18,
 ) -> None:
-    """Write the encoder of a pretraining checkpoint alone, for probe, embed or torchvision."""
+    """Write the encoder of a pretraining checkpoint alone, for probe, embed, torchvision, timm or other runtimes."""
     from simclr_cli.evaluate.export import extract_encoder
 
     with handle_errors():
-        info = extract_encoder(checkpoint, output, fmt)
+        info = extract_encoder(checkpoint, output, fmt, opset=opset)
     display.extracted(info)
 
 

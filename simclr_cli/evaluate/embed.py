@@ -149,7 +149,7 @@ def embed_paths(loaded: LoadedEncoder, paths: Sequence[Path], fp: BinaryIO, seek
     reported; then BadImagesError is raised and nothing is committed.
     """
     callback = callback or (lambda event, data: None)
-    writer = WRITERS[fmt](fp, len(paths), loaded.encoder.feature_dim, seekable)
+    writer = WRITERS[fmt](fp, len(paths), loaded.feature_dim, seekable)
     kept: list[int] = []
     failures: list[tuple[Path, str]] = []
     done = 0
@@ -194,7 +194,7 @@ def embed_images(images: str | Path, encoder: str | Path | None = None, output: 
     paths = resolve_paths(images)
     loaded = run.load(resolve_encoder(encoder))
     callback = callback or (lambda event, data: None)
-    callback("start", {"images": len(paths), "dim": loaded.encoder.feature_dim, "image_size": loaded.image_size,
+    callback("start", {"images": len(paths), "dim": loaded.feature_dim, "image_size": loaded.image_size,
                        "kind": loaded.kind, "notes": loaded.notes, "device": str(run.device),
                        "precision": run.precision})
     t0 = time.perf_counter()
@@ -208,5 +208,5 @@ def embed_images(images: str | Path, encoder: str | Path | None = None, output: 
         if paths_out is not None:  # inside the stack: a failed --paths write leaves no array either
             with atomic_file(Path(paths_out).expanduser()) as f:
                 f.write("".join(f"{p}\n" for p in kept).encode("utf-8", "surrogateescape"))
-    return EmbedResult(len(kept), loaded.encoder.feature_dim, time.perf_counter() - t0,
+    return EmbedResult(len(kept), loaded.feature_dim, time.perf_counter() - t0,
                        str(output) if output is not None else "stdout", kept, failures)

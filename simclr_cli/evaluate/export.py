@@ -3,10 +3,13 @@
 native: the self-describing encoder file (description, input, weights, projection head, provenance).
 torchvision: the plain state dict that torchvision's model loads with strict=True, its classifier set to
 nn.Identity() (and a built-in ResNet's stem as trained). timm: the state dict of a timm model, which
-`timm.create_model(NAME, num_classes=0, **kwargs)` loads with strict=True. Every file is written atomically and loads with `torch.load(path, weights_only=True)`.
+`timm.create_model(NAME, num_classes=0, **kwargs)` loads with strict=True. These load with
+`torch.load(path, weights_only=True)`. onnx, torchscript, safetensors: for other runtimes, each written with
+the preprocessing it needs and checked against the PyTorch encoder before it is kept (`portable.py`,
+`export_onnx.py`, `export_portable.py`). Every file is written atomically.
 
-A new format: a function (LoadedEncoder) -> what torch.save writes, here, one line in EXPORTS, and its tests
-(copy tests/test_extract_probe.py's round trip).
+A new format: a function (LoadedEncoder, path, options) -> {facts} that writes the file atomically, in a file here,
+one line in EXPORTS, and its tests (copy tests/test_exports.py's round trip).
 """
 
 from __future__ import annotations
@@ -15,7 +18,9 @@ from pathlib import Path
 from typing import Callable
 
 from simclr_cli.errors import CheckpointError
-from simclr_cli.files import CHECKPOINT_FORMAT, ENCODER_FORMAT, atomic_save, safe_load
+from simclr_cli.evaluate import export_onnx
+from simclr_cli.evaluate.export_portable import write_safetensors, write_torchscript
+from simclr_cli.files import CHECKPOINT_FORMAT, ENCODER_FORMAT, atomic_save, check_output_path, safe_load
 from simclr_cli.models import LibraryEncoder
 from simclr_cli.models.encoder_file import LoadedEncoder, read_encoder
 from simclr_cli.models.library import library_state_dict
@@ -49,26 +54,50 @@ def timm(loaded: LoadedEncoder) -> dict:
     return library_state_dict(loaded.encoder)
 
 
-EXPORTS: dict[str, Callable[[LoadedEncoder], dict]] = {"native": native, "torchvision": torchvision, "timm": timm}
+def saved(state: Callable[[LoadedEncoder], dict]) -> Callable[[LoadedEncoder, Path, dict], dict]:
+    """A format that is what torch.save writes."""
+    def write(loaded: LoadedEncoder, path: Path, options: dict) -> dict:
+        atomic_save(state(loaded), path)
+        return {}
+    return write
 
 
-def extract_encoder(checkpoint_path: str | Path, out_path: str | Path, fmt: str = "native") -> dict:
-    """Write the encoder of a pretraining checkpoint alone, atomically, in format `fmt`. Returns a summary."""
-    path, out = Path(checkpoint_path), Path(out_path)
+# format -> write(loaded, path, options) -> facts; options: {"opset": N} (ONNX's)
+EXPORTS: dict[str, Callable[[LoadedEncoder, Path, dict], dict]] = {
+    "native": saved(native), "torchvision": saved(torchvision), "timm": saved(timm),
+    "onnx": export_onnx.write, "torchscript": write_torchscript, "safetensors": write_safetensors,
+}
+
+
+def extract_encoder(checkpoint_path: str | Path, out_path: str | Path, fmt: str = "native",
+                    opset: int = export_onnx.OPSET) -> dict:
+    """Write the encoder of a pretraining checkpoint alone, atomically, in format `fmt` (`opset`: ONNX's);
+    the portable formats also take a native encoder file. Returns a summary."""
+    path, out = Path(checkpoint_path), Path(out_path).expanduser()
     if fmt not in EXPORTS:
-        raise CheckpointError(f"unknown encoder format {fmt!r}: use {' or '.join(EXPORTS)}")
+        raise CheckpointError(f"unknown encoder format {fmt!r}: use {', '.join(EXPORTS)}")
+    check_output_path(out, f"encoder.{SUFFIX.get(fmt, 'pth')}")
+    if fmt == "onnx":
+        export_onnx.require(*export_onnx.NEEDS)  # one line naming the extra, before the checkpoint is read
     obj = safe_load(path)
-    if isinstance(obj, dict) and obj.get("format") == ENCODER_FORMAT:
-        raise CheckpointError(f"{path} is already an encoder file; use it directly (probe and embed take it)")
-    if not isinstance(obj, dict) or obj.get("format") != CHECKPOINT_FORMAT:
-        raise CheckpointError(f"{path} is not a checkpoint that `simclr pretrain` wrote: give a run's checkpoint.pt")
+    kind = obj.get("format") if isinstance(obj, dict) else None
+    if kind == ENCODER_FORMAT and fmt in ("native", "torchvision", "timm"):
+        raise CheckpointError(f"{path} is already an encoder file; use it directly (probe and embed take it), or "
+                              "export it with --format onnx, torchscript or safetensors")
+    if kind not in (CHECKPOINT_FORMAT, ENCODER_FORMAT):
+        raise CheckpointError(f"{path} is not a checkpoint that `simclr pretrain` wrote: give a run's checkpoint.pt"
+                              " (or, for onnx, torchscript and safetensors, its encoder.pth)")
     if out.resolve() == path.resolve():
         raise CheckpointError(f"-o {out} would overwrite the checkpoint itself: choose another output path")
     loaded = read_encoder(obj, path)  # the weights fit the architecture, or one line
-    atomic_save(EXPORTS[fmt](loaded), out)
-    return {"path": str(out), "format": fmt, "has_head": fmt == "native" and loaded.head is not None,
+    facts = EXPORTS[fmt](loaded, out, {"opset": opset})
+    return {**facts, "path": str(out), "format": fmt, "has_head": fmt == "native" and loaded.head is not None,
+            "bytes": out.stat().st_size,
             **loaded.encoder.describe(), "image_size": loaded.image_size, "mean": list(loaded.mean),
             "std": list(loaded.std), "provenance": loaded.provenance, "load": load_hint(loaded.encoder, fmt, out)}
+
+
+SUFFIX = {"onnx": "onnx", "torchscript": "pt", "safetensors": "safetensors"}  # for the hint of a folder given as -o
 
 
 def load_hint(encoder, fmt: str, path: Path) -> str | None:
@@ -86,4 +115,11 @@ def load_hint(encoder, fmt: str, path: Path) -> str | None:
                 f"m.{load}{stem}")
     if fmt == "timm":
         return f"m = timm.create_model({name!r}, num_classes=0{kwargs}); m.{load}{stem}"
+    if fmt == "onnx":
+        return (f"onnxruntime.InferenceSession('{path}').run(None, {{'images': x}})[0], x float32 (N, 3, H, W) "
+                "preprocessed as the file's 'simclr-cli' metadata says (README: Using the encoder elsewhere)")
+    if fmt == "torchscript":
+        return f"m = torch.jit.load('{path}'); h = m(x)  (torch alone; the metadata: _extra_files={{'simclr-cli.json': ''}})"
+    if fmt == "safetensors":
+        return f"safetensors.torch.load_file('{path}'), the model's own keys; `simclr embed --encoder {path}` reads it too"
     return None

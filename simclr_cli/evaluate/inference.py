@@ -2,7 +2,8 @@
 
 `Inference(device, precision)` resolves the device and the precision (`auto` inside the inference
 precisions: no fp16) before anything is read, so a wrong option fails at once; `load(path)` reads any
-accepted encoder file and readies it on the device (eval mode, channels_last, strict fp32 on a GPU);
+accepted encoder file and readies it on the device (eval mode, channels_last, strict fp32 on a GPU), or
+opens an .onnx file for onnxruntime (`export_onnx.OnnxEncoder`);
 `features(...)` extracts through `models.features.extract_features`, the path the kNN monitor takes too, so
 their rows agree.
 """
@@ -15,8 +16,9 @@ from typing import Callable
 
 import torch
 
+from simclr_cli.evaluate.export_onnx import OnnxEncoder
 from simclr_cli.models.encoder_file import LoadedEncoder, load_encoder
-from simclr_cli.models.features import extract_features, for_inference
+from simclr_cli.models.features import check_layer, extract_features, for_inference
 from simclr_cli.runtime import INFERENCE_PRECISIONS, pick_device, resolve_precision
 
 
@@ -25,7 +27,9 @@ class Inference:
         self.device = pick_device(device)
         self.precision = resolve_precision(precision, self.device, INFERENCE_PRECISIONS)
 
-    def load(self, path: str | Path) -> LoadedEncoder:
+    def load(self, path: str | Path) -> LoadedEncoder | OnnxEncoder:
+        if Path(path).suffix.lower() == ".onnx":
+            return OnnxEncoder(path)
         return self.ready(load_encoder(path))
 
     def ready(self, loaded: LoadedEncoder) -> LoadedEncoder:
@@ -33,9 +37,17 @@ class Inference:
         encoder, head = for_inference(loaded.encoder, loaded.head, self.device)
         return dataclasses.replace(loaded, encoder=encoder, head=head)
 
-    def features(self, loaded: LoadedEncoder, images_u8: torch.Tensor, batch_size: int = 512, layer: int = 0,
-                 callback: Callable[[int, int], None] | None = None) -> torch.Tensor:
+    def features(self, loaded: LoadedEncoder | OnnxEncoder, images_u8: torch.Tensor, batch_size: int = 512,
+                 layer: int = 0, callback: Callable[[int, int], None] | None = None) -> torch.Tensor:
         """float32 (N, D) on the CPU: h, or the output of the head's first `layer` blocks."""
+        if isinstance(loaded, OnnxEncoder):
+            check_layer(None, layer)  # an ONNX file holds the encoder alone
+            parts = []
+            for i in range(0, len(images_u8), batch_size):
+                parts.append(loaded.features(images_u8[i:i + batch_size]))
+                if callback is not None:
+                    callback(min(i + batch_size, len(images_u8)), len(images_u8))
+            return torch.cat(parts) if parts else torch.empty((0, loaded.feature_dim))
         return extract_features(loaded.encoder, images_u8, loaded.mean, loaded.std, loaded.image_size, self.device,
                                 self.precision, batch_size, loaded.head if layer else None, layer, callback)
 

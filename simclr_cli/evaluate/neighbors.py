@@ -86,11 +86,11 @@ def find_neighbors(queries: str | Path, index: str | Path, *, encoder: str | Pat
     query_paths = resolve_paths(queries)
     run = Inference(device, precision)
     loaded = run.load(resolve_encoder(encoder))
-    if stored is not None and stored.vectors.shape[1] != loaded.encoder.feature_dim:
+    if stored is not None and stored.vectors.shape[1] != loaded.feature_dim:
         raise DatasetError(f"{index} has {stored.vectors.shape[1]} values per row but the encoder gives "
-                           f"{loaded.encoder.feature_dim}: pass the encoder that made the index, or embed with the same encoder")
+                           f"{loaded.feature_dim}: pass the encoder that made the index, or embed with the same encoder")
     opts = {"run": run, "batch_size": batch_size, "num_workers": num_workers, "skip_bad": skip_bad}
-    callback("start", {"queries": len(query_paths), "index": str(index), "dim": loaded.encoder.feature_dim,
+    callback("start", {"queries": len(query_paths), "index": str(index), "dim": loaded.feature_dim,
                        "device": str(run.device), "precision": run.precision, "notes": loaded.notes})
     with contextlib.ExitStack() as stack:
         if stored is None:

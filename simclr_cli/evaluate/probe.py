@@ -22,6 +22,7 @@ from simclr_cli.data import (CIFAR_FOLDERS, SOURCES, ImageSet, default_data_root
                              split_validation)
 from simclr_cli.errors import DatasetError, OptionError
 from simclr_cli.evaluate import EVALUATIONS, Features
+from simclr_cli.evaluate.export_onnx import OnnxEncoder
 from simclr_cli.evaluate.inference import Inference
 from simclr_cli.evaluate.knn import KNN_K, KNN_TEMPERATURE
 from simclr_cli.models import encoder_from_spec
@@ -131,6 +132,9 @@ def run_probe(encoder_path: str | Path, dataset: str = "cifar10", root: str | Pa
     run = Inference(device, precision)
     loaded = run.load(encoder_path)
     check_layer(loaded.head, layer)
+    if isinstance(loaded, OnnxEncoder) and (random_init or baseline):
+        raise OptionError("an ONNX file holds no architecture to rebuild untrained: probe it without --random-init "
+                          "and --baseline, or give the encoder.pth it came from")
     models = (["trained"] if not random_init or baseline else []) + (["random_init"] if random_init or baseline else [])
     init_seed = int(loaded.provenance.get("seed") or 0)
     seed, notes = split_seed(loaded, dataset, root, seed)

@@ -11,6 +11,8 @@ state dict. Every file loads with `torch.load(path, weights_only=True)`.
 
 from __future__ import annotations
 
+import json
+import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -91,6 +93,9 @@ class LoadedEncoder:
                 "head_layers": self.head.layers if self.head is not None else None,
                 "provenance": self.provenance, "notes": self.notes}
 
+    @property
+    def feature_dim(self) -> int:
+        return self.encoder.feature_dim
 
     def payload(self) -> dict:
         """This encoder as a native encoder file (what `simclr extract` writes)."""
@@ -220,12 +225,63 @@ def _from_state_dict(state: dict, path: Path) -> LoadedEncoder:
     return _build(meta, state, None, path, kind, notes)
 
 
+PORTABLE_KEY = "simclr-cli"  # where an exported file keeps its description (evaluate.portable writes it)
+
+
+def _is_safetensors(path: Path) -> bool:
+    """A safetensors file, whatever its name: an 8-byte little-endian header length, then the JSON header."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(9)
+            size = f.seek(0, 2)
+    except OSError:
+        return False
+    return len(head) == 9 and head[8:] == b"{" and 8 + int.from_bytes(head[:8], "little") <= size
+
+
+def _is_torchscript(path: Path) -> bool:
+    """A TorchScript archive: a zip holding compiled code (torch.save's zips hold data.pkl and data/ only)."""
+    try:
+        with zipfile.ZipFile(path) as z:
+            return any(n.split("/", 1)[-1].startswith("code/") for n in z.namelist())
+    except (OSError, zipfile.BadZipFile):
+        return False
+
+
+def _from_safetensors(path: Path) -> LoadedEncoder:
+    """A safetensors file `simclr extract --format safetensors` wrote: the model's own keys and, under
+    PORTABLE_KEY, its description."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), "pt") as f:
+            meta = json.loads((f.metadata() or {}).get(PORTABLE_KEY) or "null")
+            weights = {k: f.get_tensor(k) for k in f.keys()}
+    except (OSError, ValueError, RuntimeError, json.JSONDecodeError) as err:
+        raise CheckpointError(f"{path} is not a readable safetensors file ({_first_line(err)})") from None
+    if not isinstance(meta, dict) or "model" not in meta:
+        raise CheckpointError(f"{path} carries no simclr-cli description: export it with `simclr extract --format "
+                              "safetensors`")
+    spec = dict(meta["model"])
+    if ":" in spec["arch"]:  # a library model: its keys are the library's, ours wrap it as `net`
+        weights = {f"net.{k}": v for k, v in weights.items()}
+    desc = {**spec, "image_size": meta["image_size"], "mean": meta["mean"], "std": meta["std"], "head": None,
+            "provenance": meta.get("provenance")}
+    return _build(desc, weights, None, path, "safetensors file", [])
+
+
 def load_encoder(path: str | Path) -> LoadedEncoder:
     """Any accepted encoder file -> LoadedEncoder: a native encoder file, a pretraining checkpoint, a
-    torchvision-style ResNet state dict (fc.* ignored), or the original design's state dict of
+    safetensors file `simclr extract` wrote (recognised by its content, not its name), a torchvision-style
+    ResNet state dict (fc.* ignored), or the original design's state dict of
     nn.Sequential(*list(resnet18.children())[:-1]). What to build comes from the file (the last two: from
     the weights' shapes)."""
     path = Path(path)
+    if path.is_file() and _is_safetensors(path):
+        return _from_safetensors(path)
+    if path.is_file() and _is_torchscript(path):
+        raise CheckpointError(f"{path} is a TorchScript file, for torch.jit.load without simclr-cli: give simclr the "
+                              "encoder.pth it came from, or an .onnx or .safetensors export")
     return read_encoder(safe_load(path), path)
 
 
