@@ -17,6 +17,7 @@ import os
 import pickle
 import shutil
 import tempfile
+import zipfile
 from pathlib import Path
 from typing import Any, BinaryIO, Iterable, Iterator
 
@@ -26,6 +27,7 @@ from simclr_cli.errors import CheckpointError, OutputError
 
 CHECKPOINT_FORMAT = "simclr-cli/checkpoint"
 ENCODER_FORMAT = "simclr-cli/encoder"
+CLASSIFIER_FORMAT = "simclr-cli/classifier"
 
 
 def temp_glob(name: str) -> str:
@@ -157,3 +159,23 @@ def safe_load(path: str | Path) -> Any:
         reason = str(err).strip().splitlines()[0].split(". ")[0][:160] if str(err).strip() else "no message"
         raise CheckpointError(f"{path} is truncated or not a PyTorch file ({type(err).__name__}: {reason}): "
                               "give a file that torch.save wrote (an encoder.pth or checkpoint.pt)") from None
+
+
+def is_safetensors(path: Path) -> bool:
+    """A safetensors file, whatever its name: an 8-byte little-endian header length, then the JSON header."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(9)
+            size = f.seek(0, 2)
+    except OSError:
+        return False
+    return len(head) == 9 and head[8:] == b"{" and 8 + int.from_bytes(head[:8], "little") <= size
+
+
+def is_torchscript(path: Path) -> bool:
+    """A TorchScript archive: a zip holding compiled code (torch.save's zips hold data.pkl and data/ only)."""
+    try:
+        with zipfile.ZipFile(path) as z:
+            return any(n.split("/", 1)[-1].startswith("code/") for n in z.namelist())
+    except (OSError, zipfile.BadZipFile):
+        return False

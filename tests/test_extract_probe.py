@@ -233,7 +233,9 @@ def test_cli_pretrain_extract_probe_json(tmp_path):
     report = json.loads(report_path.read_text())
     assert report["encoder"]["provenance"]["epoch"] == 1 and report["encoder"]["kind"] == "native encoder file"
     assert report["dataset"] == {"name": "synthetic", "root": None, "train_size": 100, "test_size": 100,
-                                 "num_classes": 10, "split_seed": 0, "evaluated_on": "test"}
+                                 "num_classes": 10, "split_seed": 0, "evaluated_on": "test",
+                                 "labels": {"labels": "all", "seed": 0, "images": 100,
+                                            "digest": report["dataset"]["labels"]["digest"]}}
     assert set(report["results"]) == {"trained", "random_init"}
     for res in report["results"].values():
         assert 0 <= res["linear_top1"] <= 1 and 0 <= res["knn_top1"] <= 1 and res["images_per_s"] > 0

@@ -15,7 +15,7 @@ import typer
 import typer.core
 
 from simclr_cli import __version__
-from simclr_cli.cli import display, evaluate, train
+from simclr_cli.cli import display, evaluate, finetune, predict, train
 
 # The click that typer runs on: vendored as typer._click since typer 0.23, the click package before.
 _click = getattr(typer.core, "_click", None) or __import__("click")
@@ -46,8 +46,8 @@ class OneLineErrors(typer.core.TyperGroup):
 app = typer.Typer(
     name="simclr",
     cls=OneLineErrors,
-    help="SimCLR self-supervised learning of image representations: pretrain, extract, probe, embed, report, "
-         "neighbors.\n\n"
+    help="SimCLR self-supervised learning of image representations: pretrain, extract, probe, finetune, predict, "
+         "embed, report, neighbors.\n\n"
          "Example: simclr pretrain --config examples/quickstart.yaml",
     no_args_is_help=True,
     add_completion=False,
@@ -61,6 +61,8 @@ app.command("pretrain", epilog=train.PRETRAIN_EXAMPLE)(train.pretrain)
 app.command("embed", epilog=evaluate.EMBED_EXAMPLE)(evaluate.embed)
 app.command("extract", epilog=evaluate.EXTRACT_EXAMPLE)(evaluate.extract)
 app.command("probe", epilog=evaluate.PROBE_EXAMPLE)(evaluate.probe)
+app.command("finetune", epilog=finetune.FINETUNE_EXAMPLE)(finetune.finetune)
+app.command("predict", epilog=predict.PREDICT_EXAMPLE)(predict.predict)
 app.command("report", epilog=evaluate.REPORT_EXAMPLE)(evaluate.report)
 app.command("neighbors", epilog=evaluate.NEIGHBORS_EXAMPLE)(evaluate.neighbors)
 

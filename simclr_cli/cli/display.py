@@ -128,7 +128,9 @@ class ProbeDisplay:
                          + (f"h of {e['feature_dim']}" if not d["layer"] else f"head layer {d['layer']}"),
                 "input": f"{e['image_size']}px, mean {tuple(round(m, 4) for m in e['mean'])}, "
                          f"std {tuple(round(s, 4) for s in e['std'])}",
-                "dataset": f"{ds['name']}: {ds['train_size']} train, {ds['test_size']} test, {ds['num_classes']} classes",
+                "dataset": f"{ds['name']}: {ds['train_size']} train, {ds['test_size']} test, {ds['num_classes']} classes"
+                           + (f" (labels {ds['labels']['labels']}, seed {ds['labels']['seed']})"
+                              if ds.get("labels", {}).get("labels", "all") != "all" else ""),
                 "device": f"{d['device']}, {d['precision']}"}
         if e["provenance"]:
             p = e["provenance"]
@@ -193,7 +195,8 @@ def pretrain_stopped_at_once(signal_name: str, output_dir: str, resume_hint: str
 def extracted(info: dict) -> None:
     p = info["provenance"]
     model = f"{info['arch']}, {info['stem']} stem" + (f", width {info['width']}" if "width" in info else "")
-    line(f"wrote {info['path']} ({info['format']}): {model}, h of {info['feature_dim']}, "
+    gives = f"{len(info['classes'])} classes" if info.get("classes") else f"h of {info['feature_dim']}"
+    line(f"wrote {info['path']} ({info['format']}): {model}, {gives}, "
          f"{info['image_size']}px; from epoch {p.get('epoch')} step {p.get('step')} on {p.get('dataset')} "
          f"(config {p.get('config_digest')}); {info['bytes'] / 2**20:.1f} MiB")
     if "parity" in info:
@@ -207,18 +210,21 @@ class EmbedDisplay:
     """A line saying what is embedded, a transient progress bar (on a terminal only: in a log it would
     leave blank lines), a line per bad image, and the closing line."""
 
-    def __init__(self) -> None:
-        self.progress = Progress(TextColumn("embed"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+    def __init__(self, label: str = "embed") -> None:  # `simclr predict` shows its files the same way
+        self.progress = Progress(TextColumn(label), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                                  TextColumn("ETA"), TimeRemainingColumn(), console=console, transient=True,
                                  disable=not console.is_terminal)
-        self.task = self.progress.add_task("embed", total=None)
+        self.task = self.progress.add_task(label, total=None)
+
+    def on_start(self, d: dict) -> None:
+        line(f"embedding {d['images']} images at {d['image_size']} px into h of {d['dim']} ({d['kind']}; "
+             f"{d['device']}, {d['precision']})")
+        for message in d["notes"]:
+            note(message)
 
     def __call__(self, event: str, d: dict) -> None:
         if event == "start":
-            line(f"embedding {d['images']} images at {d['image_size']} px into h of {d['dim']} ({d['kind']}; "
-                 f"{d['device']}, {d['precision']})")
-            for message in d["notes"]:
-                note(message)
+            self.on_start(d)
             self.progress.update(self.task, total=d["images"])
             self.progress.start()
         elif event == "bad":

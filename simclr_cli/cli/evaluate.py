@@ -22,7 +22,7 @@ NEIGHBORS_EXAMPLE = "Example: simclr neighbors query.jpg --index vectors.npy --p
 
 
 def extract(
-    checkpoint: Annotated[Path, typer.Argument(help="A checkpoint.pt that `simclr pretrain` wrote (final or mid-run).", show_default=False)],
+    checkpoint: Annotated[Path, typer.Argument(help="A checkpoint.pt that `simclr pretrain` wrote (final or mid-run); for onnx, torchscript and safetensors also an encoder.pth, and for onnx and torchscript a classifier.pth from `simclr finetune`.", show_default=False)],
     output: Annotated[Path, typer.Option("--output", "-o", help="Where to write the encoder (atomically).")] = Path("encoder.pth"),
     fmt: Annotated[str, typer.Option("--format", help="native: self-describing encoder file with head and provenance | torchvision / timm: the library's own state dict (a built-in ResNet: width 64) | onnx (extra onnx), torchscript, safetensors: for other runtimes, with the preprocessing inside, checked against PyTorch before they are kept.")] = "native",
     opset: Annotated[int, typer.Option("--opset", help="ONNX opset version to write (--format onnx).")] = 18,
@@ -49,6 +49,8 @@ def probe(
     seed: Annotated[Optional[int], typer.Option("--seed", min=0, help="Seed of a flat folder's 80/20 split and of the held-out 10% that picks the L2 strength. Default: the encoder's pretraining train.seed, so the test images are the ones pretraining held out.", show_default=False)] = None,
     batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="Images per forward pass during extraction.")] = 512,
     split: Annotated[str, typer.Option("--split", help="test: fit on the train split, report on the test split | val: fit on the train split less a fixed 5,000-image validation split and report on that (for choosing recipes; keep test for the final number).")] = "test",
+    labels: Annotated[str, typer.Option("--labels", help="Fit on a class-balanced share of the training labels: 1%, 10%, a count per class, or all (the subsets simclr finetune takes).")] = "all",
+    labels_seed: Annotated[int, typer.Option("--labels-seed", min=0, help="Seed of the --labels subset (simclr finetune's --seed picks the same one).")] = 0,
     synthetic_size: Annotated[int, typer.Option("--synthetic-size", min=2, hidden=True, help="Images per split of the synthetic dataset (tests, demos).")] = 2000,
 ) -> None:
     """Linear probe and kNN on frozen features: fit on the train split, report on the test split."""
@@ -65,7 +67,7 @@ def probe(
             report = run_probe(encoder, dataset, data_root, device=device or "auto", precision=precision or "auto",
                                batch_size=batch_size, layer=layer, seed=seed, random_init=random_init,
                                baseline=baseline, download=download, synthetic_size=synthetic_size, split=split,
-                               callback=shown)
+                               labels=labels, labels_seed=labels_seed, callback=shown)
         finally:
             shown.stop()
         if json_path is not None:

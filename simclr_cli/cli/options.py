@@ -16,7 +16,7 @@ from simclr_cli.errors import USER_ERROR_EXIT, UserError
 # Shared options, defined once. A flag for a config key has that key's name (data.root: --data-root).
 SetOption = Annotated[list[str], typer.Option("--set", help="Override a config key, e.g. --set optim.lr=0.5 (repeatable).")]
 DeviceOption = Annotated[Optional[str], typer.Option("--device", help="auto (cuda > mps > cpu) | cpu | cuda | cuda:N | mps. Default: auto (pretrain: the config's train.device).", show_default=False)]
-PrecisionOption = Annotated[Optional[str], typer.Option("--precision", help="auto (bf16 where the hardware runs it fast, else fp32) | fp32 | bf16 (pretrain also fp16). Default: fp32 for embed (the same vectors on any machine), auto for probe (speed), the config's train.precision for pretrain.", show_default=False)]
+PrecisionOption = Annotated[Optional[str], typer.Option("--precision", help="auto (bf16 where the hardware runs it fast, else fp32) | fp32 | bf16 (pretrain also fp16). Default: fp32 for embed and predict (the same answer on any machine), auto for probe and finetune (speed), the config's train.precision for pretrain.", show_default=False)]
 NumWorkersOption = Annotated[int, typer.Option("--num-workers", "--workers", min=0, help="Image-decoding worker processes (0: decode in this process), as data.num_workers.")]
 
 

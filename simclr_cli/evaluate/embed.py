@@ -17,8 +17,9 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import BinaryIO, Iterator, Sequence
+from typing import BinaryIO, Callable, Iterator, Sequence
 
+import torch
 import torch.nn.functional as F
 
 from simclr_cli.data.images import IMAGE_EXTENSIONS, iter_decoded, list_images
@@ -139,28 +140,23 @@ def stdout_target(stdout: BinaryIO, rows_may_shrink: bool) -> Iterator[tuple[Bin
 
 # --- the loop --------------------------------------------------------------------------------------------
 
-def embed_paths(loaded: LoadedEncoder, paths: Sequence[Path], fp: BinaryIO, seekable: bool, *, run: Inference,
-                normalize: bool = False, batch_size: int = 256, num_workers: int = 2, skip_bad: bool = False,
-                fmt: str = "npy", callback: Callback | None = None) -> tuple[list[Path], list]:
-    """Decode `paths` in workers, encode each batch, stream rows to `fp` as a .npy or .csv (`fmt`). Returns
-    (kept paths, failures).
-
-    Without `skip_bad` the first bad file stops the encoding, but decoding goes on so every bad file is
-    reported; then BadImagesError is raised and nothing is committed.
-    """
+def each_decoded(paths: Sequence[Path], size: int, handle: Callable[[list[Path], torch.Tensor], None], *,
+                 batch_size: int = 256, num_workers: int = 2, skip_bad: bool = False,
+                 callback: Callback | None = None) -> tuple[list[Path], list[tuple[Path, str]]]:
+    """Decode `paths` in workers and hand each batch's good images to `handle(paths, images_u8)`, in order.
+    Returns (kept paths, failures). What embed and predict share: without `skip_bad` the first bad file stops
+    the handling, but decoding goes on so every bad file is reported; then BadImagesError is raised and the
+    caller commits nothing."""
     callback = callback or (lambda event, data: None)
-    writer = WRITERS[fmt](fp, len(paths), loaded.feature_dim, seekable)
     kept: list[int] = []
     failures: list[tuple[Path, str]] = []
     done = 0
-    for batch in iter_decoded(paths, loaded.image_size, batch_size=batch_size, num_workers=num_workers):
+    for batch in iter_decoded(paths, size, batch_size=batch_size, num_workers=num_workers):
         for i, why in batch.failures:
             failures.append((paths[i], why))
             callback("bad", {"path": paths[i], "reason": why})
         if len(batch.indices) and (skip_bad or not failures):
-            # probe's own extraction on this one batch, so the rows equal what `probe` computes
-            h = run.features(loaded, batch.images, batch_size=len(batch.images))  # (B, D) float32
-            writer.write(F.normalize(h, dim=1) if normalize else h, [paths[i] for i in batch.indices.tolist()])
+            handle([paths[i] for i in batch.indices.tolist()], batch.images)
             kept += batch.indices.tolist()
         done += len(batch.indices) + len(batch.failures)
         callback("progress", {"done": done, "total": len(paths), "bad": len(failures)})
@@ -168,8 +164,25 @@ def embed_paths(loaded: LoadedEncoder, paths: Sequence[Path], fp: BinaryIO, seek
         raise BadImagesError(failures, len(paths))
     if not kept:
         raise DatasetError(f"none of the {len(paths)} images could be decoded: check the files")
-    writer.finish()
     return [paths[i] for i in kept], failures
+
+
+def embed_paths(loaded: LoadedEncoder, paths: Sequence[Path], fp: BinaryIO, seekable: bool, *, run: Inference,
+                normalize: bool = False, batch_size: int = 256, num_workers: int = 2, skip_bad: bool = False,
+                fmt: str = "npy", callback: Callback | None = None) -> tuple[list[Path], list]:
+    """Decode `paths` in workers, encode each batch, stream rows to `fp` as a .npy or .csv (`fmt`). Returns
+    (kept paths, failures); bad files as `each_decoded` says."""
+    writer = WRITERS[fmt](fp, len(paths), loaded.feature_dim, seekable)
+
+    def encode(batch_paths: list[Path], images: torch.Tensor) -> None:
+        # probe's own extraction on this one batch, so the rows equal what `probe` computes
+        h = run.features(loaded, images, batch_size=len(images))  # (B, D) float32
+        writer.write(F.normalize(h, dim=1) if normalize else h, batch_paths)
+
+    kept, failures = each_decoded(paths, loaded.image_size, encode, batch_size=batch_size, num_workers=num_workers,
+                                  skip_bad=skip_bad, callback=callback)
+    writer.finish()
+    return kept, failures
 
 
 def embed_images(images: str | Path, encoder: str | Path | None = None, output: str | Path | None = None,

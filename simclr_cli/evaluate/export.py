@@ -20,8 +20,10 @@ from typing import Callable
 from simclr_cli.errors import CheckpointError
 from simclr_cli.evaluate import export_onnx
 from simclr_cli.evaluate.export_portable import write_safetensors, write_torchscript
-from simclr_cli.files import CHECKPOINT_FORMAT, ENCODER_FORMAT, atomic_save, check_output_path, safe_load
+from simclr_cli.files import (CHECKPOINT_FORMAT, CLASSIFIER_FORMAT, ENCODER_FORMAT, atomic_save, check_output_path,
+                              safe_load)
 from simclr_cli.models import LibraryEncoder
+from simclr_cli.models.classifier import as_encoder, load_classifier
 from simclr_cli.models.encoder_file import LoadedEncoder, read_encoder
 from simclr_cli.models.library import library_state_dict
 
@@ -84,12 +86,16 @@ def extract_encoder(checkpoint_path: str | Path, out_path: str | Path, fmt: str 
     if kind == ENCODER_FORMAT and fmt in ("native", "torchvision", "timm"):
         raise CheckpointError(f"{path} is already an encoder file; use it directly (probe and embed take it), or "
                               "export it with --format onnx, torchscript or safetensors")
-    if kind not in (CHECKPOINT_FORMAT, ENCODER_FORMAT):
+    if kind == CLASSIFIER_FORMAT and fmt not in ("onnx", "torchscript"):
+        raise CheckpointError(f"{path} is a classifier file (simclr finetune): it exports with --format onnx or "
+                              "torchscript; the .pth itself is what simclr predict reads")
+    if kind not in (CHECKPOINT_FORMAT, ENCODER_FORMAT, CLASSIFIER_FORMAT):
         raise CheckpointError(f"{path} is not a checkpoint that `simclr pretrain` wrote: give a run's checkpoint.pt"
                               " (or, for onnx, torchscript and safetensors, its encoder.pth)")
     if out.resolve() == path.resolve():
         raise CheckpointError(f"-o {out} would overwrite the checkpoint itself: choose another output path")
-    loaded = read_encoder(obj, path)  # the weights fit the architecture, or one line
+    # the weights fit the architecture, or one line
+    loaded = as_encoder(load_classifier(path)) if kind == CLASSIFIER_FORMAT else read_encoder(obj, path)
     facts = EXPORTS[fmt](loaded, out, {"opset": opset})
     return {**facts, "path": str(out), "format": fmt, "has_head": fmt == "native" and loaded.head is not None,
             "bytes": out.stat().st_size,

@@ -38,8 +38,9 @@ def require(*modules: str) -> None:
         raise MissingExtraError(f"the ONNX format needs {', '.join(missing)}: pip install 'simclr-cli[onnx]'")
 
 
-def _export(encoder: torch.nn.Module, x: torch.Tensor, path: Path, opset: int, dynamic_size: bool) -> None:
-    names = {"input_names": ["images"], "output_names": ["h"], "opset_version": opset, "verbose": False}
+def _export(encoder: torch.nn.Module, x: torch.Tensor, path: Path, opset: int, dynamic_size: bool,
+            output: str) -> None:
+    names = {"input_names": ["images"], "output_names": [output], "opset_version": opset, "verbose": False}
     if "dynamo" in inspect.signature(torch.onnx.export).parameters:  # torch 2.5 and later
         dims = {0: torch.export.Dim("batch", min=1, max=65536)}
         if dynamic_size:
@@ -47,7 +48,7 @@ def _export(encoder: torch.nn.Module, x: torch.Tensor, path: Path, opset: int, d
         one_file = {"external_data": False} if "external_data" in inspect.signature(torch.onnx.export).parameters else {}
         torch.onnx.export(encoder, (x,), str(path), dynamo=True, dynamic_shapes=(dims,), **one_file, **names)
     else:
-        axes = {"images": {0: "batch", **({2: "height", 3: "width"} if dynamic_size else {})}, "h": {0: "batch"}}
+        axes = {"images": {0: "batch", **({2: "height", 3: "width"} if dynamic_size else {})}, output: {0: "batch"}}
         torch.onnx.export(encoder, (x,), str(path), dynamic_axes=axes, **names)
 
 
@@ -71,7 +72,7 @@ def write(loaded: LoadedEncoder, path: Path, options: dict | None = None) -> dic
     dynamic_size = is_convolutional(encoder)  # a ViT's position embeddings fix its image size
     with atomic_path(path) as tmp:
         try:
-            _export(encoder, x, tmp, opset, dynamic_size)
+            _export(encoder, x, tmp, opset, dynamic_size, portable.output_of(loaded))
         except Exception as err:  # the exporter names the operator or module it could not convert
             raise CheckpointError(f"{encoder.describe()['arch']} could not be exported to ONNX opset {opset} "
                                   f"({type(err).__name__}: {_first_line(err)}): nothing was written") from None
@@ -79,7 +80,7 @@ def write(loaded: LoadedEncoder, path: Path, options: dict | None = None) -> dic
         entry = model.metadata_props.add()
         entry.key, entry.value = portable.KEY, portable.dumps(loaded)
         onnx.save(model, str(tmp))
-        runner = OnnxEncoder(tmp)
+        runner = OnnxEncoder(tmp, expect=None)
         diff = portable.check(reference, runner.run(x.numpy()), "the ONNX file")
         portable.check(reference[:1], runner.run(x[:1].numpy()), "the ONNX file with a batch of one")
     return {"parity": diff, "opset": opset, "dynamic": ["batch", "height", "width"] if dynamic_size else ["batch"]}
@@ -91,7 +92,8 @@ class OnnxEncoder:
     kind = "ONNX file (onnxruntime)"
     head = None
 
-    def __init__(self, path: str | Path) -> None:
+    def __init__(self, path: str | Path, expect: str | None = "h") -> None:
+        """expect: the output the caller needs ("h" for embed, neighbors and probe; None: whatever it gives)."""
         require("onnxruntime")
         import onnxruntime
 
@@ -111,6 +113,9 @@ class OnnxEncoder:
             raise CheckpointError(f"{self.path} carries no simclr-cli metadata (image size, normalisation): export the "
                                   "encoder with `simclr extract --format onnx`")
         info = json.loads(meta)
+        if expect is not None and info.get("output", "h") != expect:
+            raise CheckpointError(f"{self.path} is an exported classifier (it gives {info['output']}, not h): give the "
+                                  "encoder's .onnx, or use the classifier.pth with simclr predict")
         self.input = inputs[0].name
         self.image_size, self.feature_dim = int(info["image_size"]), int(info["output_dim"])
         self.mean, self.std = tuple(info["mean"]), tuple(info["std"])

@@ -33,9 +33,14 @@ def metadata(loaded: LoadedEncoder) -> dict:
     """The file's description: input, output, model, provenance (JSON-able)."""
     return {"format": "simclr-cli/portable-encoder", "format_version": 1, "input": "images",
             "input_layout": "NCHW float32 RGB", "image_size": loaded.image_size, "mean": list(loaded.mean),
-            "std": list(loaded.std), "preprocessing": PREPROCESSING, "output": "h",
+            "std": list(loaded.std), "preprocessing": PREPROCESSING, "output": output_of(loaded),
             "output_dim": loaded.encoder.feature_dim, "model": loaded.encoder.describe(),
             "provenance": dict(loaded.provenance)}
+
+
+def output_of(loaded: LoadedEncoder) -> str:
+    """"h" for an encoder; "logits" for a classifier (its class names in the metadata's model.classes)."""
+    return getattr(loaded.encoder, "output", "h")
 
 
 def dumps(loaded: LoadedEncoder) -> str:

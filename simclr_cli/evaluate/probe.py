@@ -25,6 +25,7 @@ from simclr_cli.evaluate import EVALUATIONS, Features
 from simclr_cli.evaluate.export_onnx import OnnxEncoder
 from simclr_cli.evaluate.inference import Inference
 from simclr_cli.evaluate.knn import KNN_K, KNN_TEMPERATURE
+from simclr_cli.evaluate.labels import label_subset, parse_labels
 from simclr_cli.models import encoder_from_spec
 from simclr_cli.models.encoder_file import LoadedEncoder
 from simclr_cli.models.features import check_layer
@@ -55,7 +56,7 @@ def load_splits(data: DataConfig, image_size: int, *, seed: int = 0, split: str 
         splits = list(split_validation(splits[0], val_size))
     for s in splits:
         if s.labels is None or not s.classes:
-            raise DatasetError(f"{s.name} has no labels: the probe needs class subfolders (DIR/<class>/*)")
+            raise DatasetError(f"{s.name} has no labels: probe and finetune need class subfolders (DIR/<class>/*)")
     if splits[0].classes != splits[1].classes:
         only = sorted(set(splits[0].classes) ^ set(splits[1].classes))[:3]
         raise DatasetError(f"the train and test splits have different classes (e.g. {', '.join(only) or 'order'}): "
@@ -115,15 +116,26 @@ def split_seed(loaded: LoadedEncoder, dataset: str, root: str | Path | None, see
     return chosen, notes
 
 
+def _models(loaded, random_init: bool, baseline: bool) -> list[str]:
+    """The rows to probe: the encoder ("trained"), its untrained twin ("random_init"), or both."""
+    if isinstance(loaded, OnnxEncoder) and (random_init or baseline):
+        raise OptionError("an ONNX file holds no architecture to rebuild untrained: probe it without --random-init "
+                          "and --baseline, or give the encoder.pth it came from")
+    return (["trained"] if not random_init or baseline else []) + (["random_init"] if random_init or baseline else [])
+
+
 def run_probe(encoder_path: str | Path, dataset: str = "cifar10", root: str | Path | None = None, *,
               device: str = "auto", precision: str = "auto", batch_size: int = 512, layer: int = 0,
               random_init: bool = False, baseline: bool = False, knn_k: int = KNN_K,
               knn_temperature: float = KNN_TEMPERATURE,
               download: bool = False, num_workers: int = 2, synthetic_size: int = 2000, seed: int | None = None,
-              split: str = "test", callback: Callback | None = None) -> dict:
+              split: str = "test", labels: str = "all", labels_seed: int = 0, callback: Callback | None = None) -> dict:
     """The probe protocol on one encoder file. random_init: probe an untrained encoder of the same
     architecture instead (seeded by the file's pretraining seed, else 0); baseline: probe both. seed: of a
-    flat folder's split and the held-out 10% (None: the encoder's pretraining seed, see `split_seed`)."""
+    flat folder's split and the held-out 10% (None: the encoder's pretraining seed, see `split_seed`). labels:
+    fit on a class-balanced subset of the training labels ("1%", "10%", a count per class; `evaluate.labels`,
+    chosen from `labels_seed`, the subset `simclr finetune --labels` takes with the same seed)."""
+    spec = parse_labels(labels)
     emit = callback or (lambda event, data: None)
     if batch_size < 1 or layer < 0 or knn_k < 1 or knn_temperature <= 0:
         raise OptionError(f"need batch size >= 1, layer >= 0, knn_k >= 1, knn_temperature > 0; got {batch_size}, "
@@ -132,22 +144,22 @@ def run_probe(encoder_path: str | Path, dataset: str = "cifar10", root: str | Pa
     run = Inference(device, precision)
     loaded = run.load(encoder_path)
     check_layer(loaded.head, layer)
-    if isinstance(loaded, OnnxEncoder) and (random_init or baseline):
-        raise OptionError("an ONNX file holds no architecture to rebuild untrained: probe it without --random-init "
-                          "and --baseline, or give the encoder.pth it came from")
-    models = (["trained"] if not random_init or baseline else []) + (["random_init"] if random_init or baseline else [])
+    models = _models(loaded, random_init, baseline)
     init_seed = int(loaded.provenance.get("seed") or 0)
     seed, notes = split_seed(loaded, dataset, root, seed)
     data = DataConfig(dataset=dataset, root=None if root is None else str(root), download=download,
                       num_workers=num_workers, synthetic_size=synthetic_size)
     train, test = load_splits(data, loaded.image_size, seed=seed, split=split,
                               progress=lambda done, total, bad: emit("cache", {"done": done, "total": total, "bad": bad}))
+    subset = label_subset(train.labels, spec, labels_seed, train.classes)
+    if not spec.everything:
+        train = train.take(subset.indices, f"{train.name}[{spec.text}]")
     load_s = time.perf_counter() - t0
     root = str(root or default_data_root()) if dataset != "synthetic" else None
     info = {"encoder": {"path": str(encoder_path), **loaded.describe()},
             "dataset": {"name": dataset, "root": root, "train_size": len(train),
                         "test_size": len(test), "num_classes": len(train.classes), "split_seed": seed,
-                        "evaluated_on": split},
+                        "evaluated_on": split, "labels": subset.describe()},
             "device": str(run.device), "precision": run.precision, "layer": layer, "models": models,
             "knn": {"k": knn_k, "temperature": knn_temperature}, "random_init_seed": init_seed, "notes": notes}
     emit("start", info)

@@ -12,7 +12,6 @@ state dict. Every file loads with `torch.load(path, weights_only=True)`.
 from __future__ import annotations
 
 import json
-import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -23,7 +22,8 @@ from torch import nn
 from simclr_cli import __version__
 from simclr_cli.config import Config, ModelConfig, config_digest, config_from_dict
 from simclr_cli.errors import CheckpointError, UserError
-from simclr_cli.files import CHECKPOINT_FORMAT, ENCODER_FORMAT, safe_load
+from simclr_cli.files import (CHECKPOINT_FORMAT, CLASSIFIER_FORMAT, ENCODER_FORMAT, is_safetensors, is_torchscript,
+                              safe_load)
 from simclr_cli.models import encoder_from_spec
 from simclr_cli.models.heads import EncoderWithHead, ProjectionHead
 from simclr_cli.models.resnet import infer_resnet, sequential_to_torchvision
@@ -228,26 +228,6 @@ def _from_state_dict(state: dict, path: Path) -> LoadedEncoder:
 PORTABLE_KEY = "simclr-cli"  # where an exported file keeps its description (evaluate.portable writes it)
 
 
-def _is_safetensors(path: Path) -> bool:
-    """A safetensors file, whatever its name: an 8-byte little-endian header length, then the JSON header."""
-    try:
-        with open(path, "rb") as f:
-            head = f.read(9)
-            size = f.seek(0, 2)
-    except OSError:
-        return False
-    return len(head) == 9 and head[8:] == b"{" and 8 + int.from_bytes(head[:8], "little") <= size
-
-
-def _is_torchscript(path: Path) -> bool:
-    """A TorchScript archive: a zip holding compiled code (torch.save's zips hold data.pkl and data/ only)."""
-    try:
-        with zipfile.ZipFile(path) as z:
-            return any(n.split("/", 1)[-1].startswith("code/") for n in z.namelist())
-    except (OSError, zipfile.BadZipFile):
-        return False
-
-
 def _from_safetensors(path: Path) -> LoadedEncoder:
     """A safetensors file `simclr extract --format safetensors` wrote: the model's own keys and, under
     PORTABLE_KEY, its description."""
@@ -277,9 +257,9 @@ def load_encoder(path: str | Path) -> LoadedEncoder:
     nn.Sequential(*list(resnet18.children())[:-1]). What to build comes from the file (the last two: from
     the weights' shapes)."""
     path = Path(path)
-    if path.is_file() and _is_safetensors(path):
+    if path.is_file() and is_safetensors(path):
         return _from_safetensors(path)
-    if path.is_file() and _is_torchscript(path):
+    if path.is_file() and is_torchscript(path):
         raise CheckpointError(f"{path} is a TorchScript file, for torch.jit.load without simclr-cli: give simclr the "
                               "encoder.pth it came from, or an .onnx or .safetensors export")
     return read_encoder(safe_load(path), path)
@@ -295,6 +275,9 @@ def read_encoder(obj: Any, path: Path) -> LoadedEncoder:
         return _from_native(obj, path)
     if fmt == CHECKPOINT_FORMAT:
         return _from_checkpoint(obj, path)
+    if fmt == CLASSIFIER_FORMAT:
+        raise CheckpointError(f"{path} is a classifier file (simclr finetune): use it with simclr predict, or give the "
+                              "encoder file it was fine-tuned from")
     if isinstance(fmt, str):
         raise CheckpointError(f"{path} has format {fmt!r}, which simclr-cli {__version__} does not read")
     return _from_state_dict(obj, path)

@@ -1,0 +1,108 @@
+"""The classifier file `simclr finetune` writes and `simclr predict` reads: a fine-tuned encoder, the first
+`head_layer` blocks of its projection head (SimCLR v2 fine-tunes from a head layer), and a linear layer.
+
+The file is a native encoder file (the fine-tuned encoder and, when used, its head: `encoder_file` reads
+it) with the format CLASSIFIER_FORMAT and a "classifier" section: the head layer, the class names, the
+linear layer's weights, the label subset it was trained on and how it was trained. An encoder file given
+where a classifier is expected, and the reverse, is one line each.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from simclr_cli.errors import CheckpointError, OptionError
+from simclr_cli.files import CLASSIFIER_FORMAT, ENCODER_FORMAT, safe_load
+from simclr_cli.models.encoder_file import LoadedEncoder, read_encoder
+from simclr_cli.models.heads import ProjectionHead
+
+
+def neck_dim(encoder: nn.Module, head: ProjectionHead | None, head_layer: int) -> int:
+    """The size of what the linear layer sees: h, or the output of the head's first `head_layer` blocks."""
+    return encoder.feature_dim if head_layer == 0 else head.blocks[head_layer - 1][0].out_features
+
+
+class Classifier(nn.Module):
+    """x -> encoder -> the head's first `head_layer` blocks -> linear -> logits."""
+
+    def __init__(self, encoder: nn.Module, head: ProjectionHead | None, head_layer: int, num_classes: int):
+        super().__init__()
+        if head_layer and (head is None or head_layer > head.layers):
+            have = "no projection head" if head is None else f"a {head.layers}-layer projection head"
+            raise OptionError(f"--from-head-layer {head_layer} asked for, but the encoder file has {have}: use a "
+                              f"layer in 0..{0 if head is None else head.layers}")
+        self.encoder, self.head_layer = encoder, head_layer
+        self.neck = nn.Sequential(*head.blocks[:head_layer]) if head_layer else nn.Identity()
+        self.fc = nn.Linear(neck_dim(encoder, head, head_layer), num_classes)
+
+    output = "logits"  # what an export of it gives (an encoder's exports give "h")
+    classes: list[str] | None = None  # set by `load_classifier`
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.neck(self.encoder(x)))
+
+    @property
+    def feature_dim(self) -> int:
+        return self.fc.out_features
+
+    @property
+    def convolutional(self) -> bool:
+        return getattr(self.encoder, "convolutional", True)
+
+    def describe(self) -> dict:
+        return {**self.encoder.describe(), "head_layer": self.head_layer, "classes": self.classes}
+
+
+@dataclass
+class LoadedClassifier:
+    model: Classifier  # eval mode, on the CPU
+    classes: list[str]
+    image_size: int
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    info: dict  # the "classifier" section without its weights: labels, training, results, provenance
+
+
+def classifier_payload(loaded: LoadedEncoder, model: Classifier, classes: list[str], info: dict) -> dict:
+    """The classifier file of a fine-tuned `model` built from `loaded` (whose head spec it keeps)."""
+    head = loaded.head if model.head_layer else None  # its first blocks are the neck: fine-tuned in place
+    enc = LoadedEncoder(model.encoder, loaded.image_size, loaded.mean, loaded.std, loaded.kind, head,
+                        loaded.provenance, [], loaded.head_spec if head is not None else None)
+    payload = enc.payload()
+    payload["format"] = CLASSIFIER_FORMAT
+    payload["classifier"] = {**info, "head_layer": model.head_layer, "classes": list(classes),
+                             "state_dict": {k: v.detach().cpu() for k, v in model.fc.state_dict().items()}}
+    return payload
+
+
+def as_encoder(loaded: LoadedClassifier) -> LoadedEncoder:
+    """The classifier in the shape the exporters take (`evaluate.export`): its output is the class logits."""
+    provenance = {**(loaded.info.get("encoder_provenance") or {}), "finetune": {
+        k: loaded.info.get(k) for k in ("subset", "protocol", "result")}}
+    return LoadedEncoder(loaded.model, loaded.image_size, loaded.mean, loaded.std, "classifier file", None,
+                         provenance)
+
+
+def load_classifier(path: str | Path) -> LoadedClassifier:
+    path = Path(path)
+    obj = safe_load(path)
+    kind = obj.get("format") if isinstance(obj, dict) else None
+    if kind != CLASSIFIER_FORMAT:
+        what = "an encoder file" if kind == ENCODER_FORMAT else "a pretraining checkpoint" if kind else "not a classifier"
+        raise CheckpointError(f"{path} is {what}: simclr predict takes the classifier file `simclr finetune` wrote "
+                              "(simclr finetune ENCODER -o classifier.pth)")
+    section = obj.get("classifier")
+    try:
+        loaded = read_encoder({**obj, "format": ENCODER_FORMAT}, path)
+        model = Classifier(loaded.encoder, loaded.head, int(section["head_layer"]), len(section["classes"]))
+        model.fc.load_state_dict(section["state_dict"], strict=True)
+    except (KeyError, TypeError, RuntimeError) as err:
+        raise CheckpointError(f"{path} is a damaged classifier file ({type(err).__name__}: "
+                              f"{' '.join(str(err).split())[:200]}): fine-tune again") from None
+    model.classes = list(section["classes"])
+    info = {k: v for k, v in section.items() if k != "state_dict"}
+    return LoadedClassifier(model.eval(), list(section["classes"]), loaded.image_size, loaded.mean, loaded.std, info)
