@@ -78,7 +78,7 @@ def wait_for(proc: subprocess.Popen, ready, timeout: float = 120) -> None:
 def metrics(out: Path) -> list[dict]:
     lines = [json.loads(ln) for ln in (out / "metrics.jsonl").read_text().splitlines()]
     # kNN monitor lines are left out: a run cut short evaluates at its own end, an unbroken one does not
-    return [{k: v for k, v in rec.items() if k != "views_per_s"} for rec in lines
+    return [{k: v for k, v in rec.items() if k not in ("views_per_s", "data_wait")} for rec in lines
             if rec["kind"] not in ("eval", "resume")]  # a resume's own mark is the one line that differs
 
 

@@ -156,7 +156,7 @@ def tiny(out, method, *extra):
 def run_state(out) -> tuple[list, dict]:
     ckpt = load_checkpoint(out / "checkpoint.pt")
     lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
-    metrics = [{k: v for k, v in r.items() if k != "views_per_s"} for r in lines if r["kind"] not in ("eval", "resume")]
+    metrics = [{k: v for k, v in r.items() if k not in ("views_per_s", "data_wait")} for r in lines if r["kind"] not in ("eval", "resume")]
     return metrics, {"model": ckpt["model"], **{f"method.{k}": v for k, v in ckpt["method"].items()}}
 
 

@@ -122,7 +122,7 @@ def test_two_ranks_with_small_views_give_the_loss_and_gradients_of_one_process(t
 
 def _run_state(out: Path):
     lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
-    metrics = [{k: v for k, v in r.items() if k != "views_per_s"} for r in lines if r["kind"] not in ("eval", "resume")]
+    metrics = [{k: v for k, v in r.items() if k not in ("views_per_s", "data_wait")} for r in lines if r["kind"] not in ("eval", "resume")]
     return metrics, load_checkpoint(out / "checkpoint.pt")["model"]
 
 

@@ -25,7 +25,7 @@ from simclr_cli.train import pretrain
 TINY = ["data.dataset=synthetic", "data.synthetic_size=300", "data.image_size=32", "model.width=8",
         "train.batch_size=50", "train.precision=fp32", "train.device=cpu", "train.log_every=2", "train.eval_every=1",
         "optim.warmup_epochs=0"]
-SIZES = {"curves.png": (1100, 700), "map.png": (900, 800)}
+SIZES = {"curves.png": (1100, 700), "health.png": (1300, 700), "map.png": (900, 800)}
 
 
 @pytest.fixture(scope="module")
@@ -55,7 +55,7 @@ def not_blank(pixels: np.ndarray) -> bool:
 def test_every_figure_of_a_small_run(run_dir, tmp_path):
     report = make_report(run_dir, output=tmp_path / "rep", map_method="pca", k=5, queries=10, num_workers=0)
     names = [name for name, _ in report.figures]
-    assert names == ["curves.png", "map.png", "neighbors.png"]
+    assert names == ["curves.png", "health.png", "map.png", "neighbors.png"]
     for name in names:
         pixels = picture(tmp_path / "rep" / name)
         if name in SIZES:
@@ -104,7 +104,7 @@ def test_a_run_without_an_encoder_gets_the_curves_and_a_note(run_dir, tmp_path):
         f.write('{"kind": "step", "step": 99, "lo')  # a line being written right now
     r = CliRunner().invoke(app, ["report", str(young)])
     assert r.exit_code == 0, r.output
-    assert sorted(p.name for p in (young / "report").iterdir()) == ["curves.png", "index.html"]
+    assert sorted(p.name for p in (young / "report").iterdir()) == ["curves.png", "health.png", "index.html"]
     assert "no encoder.pth or checkpoint.pt yet" in r.stderr and "index.html" in r.stderr
 
 
@@ -112,7 +112,7 @@ def test_a_stopped_run_is_drawn_from_its_checkpoint(run_dir, tmp_path):
     stopped = tmp_path / "stopped"
     shutil.copytree(run_dir, stopped, ignore=shutil.ignore_patterns("encoder.pth", "report"))
     report = make_report(stopped, map_method="pca", limit=100, num_workers=0)
-    assert [n for n, _ in report.figures] == ["curves.png", "map.png", "neighbors.png"]
+    assert [n for n, _ in report.figures] == ["curves.png", "health.png", "map.png", "neighbors.png"]
     assert "checkpoint.pt" in report.facts["encoder"] and "epoch 4" in report.facts["encoder"]
 
 

@@ -81,23 +81,25 @@ class PretrainDisplay:
         console.print(Panel(table, title=f"simclr pretrain {__version__}", expand=False))
         self.progress = Progress(
             TextColumn("epoch {task.fields[epoch]}/{task.fields[epochs]}"), BarColumn(),
-            TextColumn("loss {task.fields[loss]}  lr {task.fields[lr]}  {task.fields[rate]} views/s"),
+            TextColumn("loss {task.fields[loss]}  lr {task.fields[lr]}  {task.fields[rate]} views/s{task.fields[wait]}"),
             TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(), console=console, transient=False)
         total = d["epochs"] * d["steps_per_epoch"]
         self.task = self.progress.add_task("pretrain", total=total, completed=d["step"], epoch=d["start_epoch"] + 1,
-                                           epochs=d["epochs"], loss="-", lr="-", rate="-")
+                                           epochs=d["epochs"], loss="-", lr="-", rate="-", wait="")
         self.progress.start()
 
     def on_log(self, d: dict) -> None:
         self.progress.update(self.task, completed=d["step"], epoch=d["epoch"], loss=f"{d['loss']:.4f}",
-                             lr=f"{d['lr']:.3g}", rate=f"{d['views_per_s']:.0f}")
+                             lr=f"{d['lr']:.3g}", rate=f"{d['views_per_s']:.0f}",
+                             wait=f"  data wait {100 * d['data_wait']:.0f}%" if d.get("data_wait", 0) > 0.1 else "")
 
     def on_epoch(self, d: dict) -> None:
         self.progress.console.print(f"epoch {d['epoch']}: loss {d['loss']:.4f}  lr {d['lr']:.3g}", highlight=False)
 
     def on_eval(self, d: dict) -> None:
-        self.progress.console.print(f"epoch {d['epoch']}: kNN top-1 {100 * d['knn_top1']:.2f}% ({d.get('split', 'test')})",
-                                    highlight=False)
+        health = f"; effective rank h {d['rank_h']:.1f}, z {d['rank_z']:.1f}" if "rank_z" in d else ""
+        self.progress.console.print(f"epoch {d['epoch']}: kNN top-1 {100 * d['knn_top1']:.2f}% ({d.get('split', 'test')})"
+                                    f"{health}", highlight=False)
 
     def on_notice(self, d: dict) -> None:
         note(d["message"])
@@ -234,7 +236,8 @@ class EmbedDisplay:
             self.progress.update(self.task, completed=d["done"])
 
     def stop(self) -> None:
-        self.progress.stop()
+        if not self.progress.disable:  # rich before 14.3 printed an empty line stopping a disabled bar
+            self.progress.stop()
 
     @staticmethod
     def done(result) -> None:

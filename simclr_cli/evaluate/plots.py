@@ -91,6 +91,39 @@ def curves(records: Sequence[dict], path: str | Path, title: str) -> Path:
     return save(fig, path)
 
 
+def health_curves(records: Sequence[dict], path: str | Path, title: str) -> Path:
+    """The representation's health per evaluation (`evaluate.health`: effective ranks of h and z, the spread
+    of z per dimension against a uniform spread's, alignment, uniformity) and the data-wait share per logged
+    window, against the step; a red line at each collapse warning."""
+    fig = _figure(13, 7)
+    axes = fig.subplots(2, 3, sharex=True).ravel()
+    panels = [("effective rank", [("rank_h", "h"), ("rank_z", "z")]), ("std per dimension of z", [("z_std", "z")]),
+              ("alignment (0: views agree)", [("alignment", "two views")]),
+              ("uniformity (lower: more spread)", [("uniformity", "z")]), ("data wait (% of wall time)", [])]
+    for ax, (ylabel, lines) in zip(axes, panels):
+        for key, name in lines:
+            x, y = _series(records, "eval", key)
+            ax.plot(x, y, marker="o", markersize=4, linewidth=1.2, label=name)
+        ax.set_ylabel(ylabel)
+        ax.grid(alpha=0.3)
+    x, y = _series(records, "eval", "z_std_uniform")
+    axes[1].plot(x, y, "--", color=RESUMED, linewidth=1, label="uniform spread")
+    x, y = _series(records, "step", "data_wait")
+    axes[4].plot(x, [100 * v for v in y], linewidth=1.2)
+    axes[4].axhline(10, color=RESUMED, linestyle="--", linewidth=1, label="10%: shown on the progress line")
+    for i, step in enumerate(r["step"] for r in records if r.get("kind") == "warning"):
+        for ax in axes[:5]:
+            ax.axvline(step, color=OTHER_CLASS, linewidth=1, label="collapse warning" if i == 0 else None)
+    for ax in axes[:5]:
+        ax.legend(fontsize=8)
+    for ax in axes[2:5]:
+        ax.set_xlabel("step")
+    axes[2].xaxis.set_tick_params(labelbottom=True)  # nothing below it: its own step labels
+    axes[5].axis("off")
+    fig.suptitle(title)
+    return save(fig, path)
+
+
 # --- the map ---------------------------------------------------------------------------------------------
 
 def embedding_map(xy: np.ndarray, labels: np.ndarray, classes: Sequence[str], path: str | Path, title: str) -> Path:

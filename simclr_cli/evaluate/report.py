@@ -2,6 +2,7 @@
 
 What is drawn, and from what:
 - curves.png     metrics.jsonl: loss, lr and views/s per logged step, kNN top-1 per evaluation, resumes;
+- health.png     metrics.jsonl: the representation's health per evaluation, the data wait per window;
 - map.png        the encoder (encoder.pth, else the latest checkpoint.pt of a run still going or stopped)
                  on the test split of the run's dataset: h projected to 2-D (t-SNE when scikit-learn is
                  installed, else PCA through torch.pca_lowrank), coloured by class;
@@ -191,6 +192,17 @@ def write_tensorboard(records: list[dict], folder: Path) -> Path:
     return folder
 
 
+def _draw_curves(report, records: list[dict], title: str) -> None:
+    """curves.png, and health.png where the run logged its health or data wait (older runs logged neither)."""
+    plots.curves(records, report.folder / "curves.png", title)
+    report.figures.append(("curves.png", "loss, learning rate and views/s per logged step; kNN top-1 per "
+                                         "evaluation; dashed: resumed"))
+    if any("rank_z" in r or "data_wait" in r for r in records):
+        plots.health_curves(records, report.folder / "health.png", f"{title}: representation health, data wait")
+        report.figures.append(("health.png", "effective ranks of h and z, spread, alignment and uniformity per "
+                                             "evaluation; data wait per logged window; red: collapse warnings"))
+
+
 def make_report(run_dir: str | Path, *, output: str | Path | None = None, data_root: str | Path | None = None,
                 device: str = "auto", precision: str = "auto", map_method: str = "auto", map_points: int = 5000,
                 queries: int = 10, k: int = 8, limit: int | None = None, batch_size: int = 512,
@@ -222,9 +234,7 @@ def make_report(run_dir: str | Path, *, output: str | Path | None = None, data_r
     emit("start", {"run": str(run), "output": str(report.folder), "encoder": str(encoder) if encoder else None,
                    "device": str(inference.device), "precision": inference.precision})
     report.folder.mkdir(parents=True, exist_ok=True)
-    plots.curves(records, report.folder / "curves.png", f"{run.name}: {cfg.method.name}, {cfg.data.dataset}")
-    report.figures.append(("curves.png", "loss, learning rate and views/s per logged step; kNN top-1 per "
-                                         "evaluation; dashed: resumed"))
+    _draw_curves(report, records, f"{run.name}: {cfg.method.name}, {cfg.data.dataset}")
     if encoder is None:
         report.notes.append(f"{run} has no encoder.pth or checkpoint.pt yet: only the curves are drawn; the map "
                             "and the neighbours come once the run has saved its first checkpoint")

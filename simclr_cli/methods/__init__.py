@@ -13,12 +13,16 @@ from __future__ import annotations
 import difflib
 from dataclasses import replace
 
+import torch
+
+from simclr_cli.augment import view_sizes
 from simclr_cli.config import Config
 from simclr_cli.errors import ConfigError
 from simclr_cli.methods.base import Method, Views
 from simclr_cli.methods.byol import BYOLMethod
 from simclr_cli.methods.moco import MoCoMethod
 from simclr_cli.methods.simclr import SimCLRMethod
+from simclr_cli.models import LibraryEncoder, is_convolutional
 
 METHODS: dict[str, type[Method]] = {"simclr": SimCLRMethod, "moco": MoCoMethod, "byol": BYOLMethod}
 
@@ -40,4 +44,15 @@ def build_method(cfg: Config, warm_start: bool = True) -> Method:
     return METHODS[cfg.method.name](cfg)
 
 
-__all__ = ["METHODS", "Method", "Views", "build_method", "check_method"]
+def build_networks(cfg: Config, device: torch.device, resuming: bool) -> tuple[Method, bool]:
+    """(the method's networks on the device, whether they run channels_last: convolutional ones only). A model
+    built for one image size is refused here when the run's views take another."""
+    method = build_method(cfg, warm_start=not resuming)
+    encoder = method.model.encoder
+    if isinstance(encoder, LibraryEncoder):
+        encoder.check_sizes(view_sizes(cfg.augment, cfg.data.image_size) - {cfg.data.image_size}, "augment")
+    nhwc = cfg.train.channels_last and is_convolutional(encoder)
+    return method.to(device, torch.channels_last if nhwc else torch.preserve_format), nhwc
+
+
+__all__ = ["METHODS", "Method", "Views", "build_method", "build_networks", "check_method"]

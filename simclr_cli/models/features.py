@@ -66,7 +66,7 @@ def _memory_format(module: torch.nn.Module) -> torch.memory_format:
 
 
 @contextlib.contextmanager
-def _eval_mode(*modules: torch.nn.Module | None):
+def eval_mode(*modules: torch.nn.Module | None):
     """eval() for the block; each module gets its own train/eval mode back afterwards (the monitor runs on
     the live model, which must go on training exactly as before)."""
     modes = [(m, m.training) for m in modules if m is not None]
@@ -96,7 +96,7 @@ def extract_features(encoder: torch.nn.Module, images_u8: torch.Tensor, mean: Se
     fmt = _memory_format(encoder)
     n, out = images_u8.shape[0], None
     stats = _channel_stats(mean, std, device)  # once, not per batch
-    with _eval_mode(encoder, head):
+    with eval_mode(encoder, head):
         for i in range(0, n, batch_size):
             x = _preprocess(images_u8[i:i + batch_size].to(device, non_blocking=True), *stats, size)
             x = x.contiguous(memory_format=fmt)

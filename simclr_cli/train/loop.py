@@ -14,14 +14,13 @@ import time
 import torch
 import torch.distributed as dist
 
-from simclr_cli.augment import Augmenter, describe_views, view_size_at, view_sizes
+from simclr_cli.augment import Augmenter, describe_views, view_size_at
 from simclr_cli.config import Config
 from simclr_cli.data import load_train_set, normalization_for
 from simclr_cli.data.batches import Batches
-from simclr_cli.methods import Method, build_method
-from simclr_cli.models import LibraryEncoder, is_convolutional
-from simclr_cli.models.warm import describe as describe_encoder
+from simclr_cli.methods import build_networks
 from simclr_cli.models.encoder_file import encoder_meta, encoder_payload
+from simclr_cli.models.warm import describe as describe_encoder
 from simclr_cli.rundir import RunDir
 from simclr_cli.runtime import (Callback, autocast, broadcast_buffers, configure_cuda, describe_device,
                                 init_distributed, resolve_precision, shutdown_distributed, wrap_ddp)
@@ -52,7 +51,7 @@ class Trainer:
         # Seeded here, after the data: decoding a folder draws from the global generator (DataLoader seeds),
         # a mapped cache does not, and the initial weights must not depend on which happened.
         torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
-        self.method, nhwc = networks(cfg, self.device, resuming)
+        self.method, nhwc = build_networks(cfg, self.device, resuming)
         a = cfg.augment  # views may be smaller than the images (probes: image_size)
         self.augment = Augmenter(a.preset, a.view_size or cfg.data.image_size, self.mean, self.std, a.crop_scale_min,
                                  a.jitter_strength, torch.channels_last if nhwc else torch.contiguous_format)
@@ -141,7 +140,7 @@ class Trainer:
                     s.epoch_losses += read_back(window, self.ranks.world_size, self._why)
                     raise StopRequested(stop.signal_name)
                 lr = self.lr()  # the lr this step uses
-                window.add(self.train_step(next(batches)), lr)
+                window.add(self.train_step(window.next_batch(batches)), lr)
                 s.step += 1
                 if (i + 1) % cfg.log_every == 0 or i == self.steps_per_epoch - 1:  # a log window ends
                     self._log_window(epoch, window)
@@ -152,9 +151,10 @@ class Trainer:
         chunk = read_back(window, self.ranks.world_size, self._why)
         self.state.epoch_losses += chunk
         timed = len(chunk) - window.restored  # a resumed window's first steps ran before the stop, untimed
-        rate = 2 * self.cfg.train.batch_size * timed / (time.perf_counter() - window.t0)
+        elapsed = time.perf_counter() - window.t0
         self._log({"kind": "step", "epoch": epoch + 1, "step": self.state.step, "loss": sum(chunk) / len(chunk),
-                   "lr": self.lr(), "views_per_s": rate})
+                   "lr": self.lr(), "views_per_s": 2 * self.cfg.train.batch_size * timed / elapsed,
+                   "data_wait": window.wait / elapsed})  # the share of the window's wall time spent waiting
 
     def _log(self, record: dict, event: str = "log") -> None:
         if self.ranks.is_main:
@@ -183,11 +183,15 @@ class Trainer:
                 self.emit("notice", {"message": why})
         if self.monitor is None:
             return None
-        t0, s = time.perf_counter(), self.state
-        self.last_knn = self.monitor(self.model.encoder, self.stop)
+        t0, s, m = time.perf_counter(), self.state, self.model
+        self.last_knn = self.monitor(m.encoder, self.stop, getattr(m, "head", None) or getattr(m, "projector", None),
+                                     self.augment)
         if self.ranks.is_main:
             self._log({"kind": "eval", "epoch": s.epoch, "step": s.step, "knn_top1": self.last_knn,
-                       "split": self.cfg.train.eval_split, "eval_s": time.perf_counter() - t0}, "eval")
+                       **(self.monitor.last_health or {}), "split": self.cfg.train.eval_split,
+                       "eval_s": time.perf_counter() - t0}, "eval")
+            if self.monitor.warning:
+                self._log({"kind": "warning", "epoch": s.epoch, "step": s.step, "message": self.monitor.warning}, "notice")
         return self.last_knn
 
     def write_encoder(self):
@@ -238,17 +242,6 @@ class Trainer:
             self.save_checkpoint()
         if s.epoch == cfg.epochs or (cfg.eval_every and s.epoch % cfg.eval_every == 0):
             self.evaluate()  # every rank: each extracts its share
-
-
-def networks(cfg: Config, device: torch.device, resuming: bool) -> tuple[Method, bool]:
-    """(the method's networks on the device, whether they run channels_last: convolutional ones only). A model
-    built for one image size is refused here when the run's views take another."""
-    method = build_method(cfg, warm_start=not resuming)
-    encoder = method.model.encoder
-    if isinstance(encoder, LibraryEncoder):
-        encoder.check_sizes(view_sizes(cfg.augment, cfg.data.image_size) - {cfg.data.image_size}, "augment")
-    nhwc = cfg.train.channels_last and is_convolutional(encoder)
-    return method.to(device, torch.channels_last if nhwc else torch.preserve_format), nhwc
 
 
 def start_panel(t: Trainer) -> dict:

@@ -1,5 +1,7 @@
 """The kNN monitor: kNN top-1 of the live encoder during pretraining, with `simclr probe`'s features and
-vote (`models.features`, `evaluate.knn`), sharded over the ranks of a distributed run."""
+vote (`models.features`, `evaluate.knn`), sharded over the ranks of a distributed run; and the
+representation's health on the same held-out images (`evaluate.health`: effective ranks of h and z,
+alignment of two views, uniformity, spread per dimension), where collapse shows before the loss says so."""
 
 from __future__ import annotations
 
@@ -12,9 +14,10 @@ import torch.distributed as dist
 from simclr_cli.config import Config
 from simclr_cli.data import ImageSet, load_dataset, split_validation
 from simclr_cli.errors import DatasetError
+from simclr_cli.evaluate.health import collapse_warning, health
 from simclr_cli.evaluate.knn import knn_accuracy
-from simclr_cli.models.features import extract_features
-from simclr_cli.runtime import DistInfo
+from simclr_cli.models.features import eval_mode, extract_features
+from simclr_cli.runtime import DistInfo, autocast
 from simclr_cli.train.interrupt import StopRequested
 
 
@@ -34,8 +37,11 @@ class Monitor:
         self.bank, self.queries = bank, queries
         self.extract = lambda encoder, images, check: extract_features(encoder, images, mean, std, image_size,
                                                                        device, precision, callback=check)
-        self.knn_k, self.knn_temperature, self.device = knn_k, knn_temperature, device
+        self.knn_k, self.knn_temperature, self.device, self.precision = knn_k, knn_temperature, device, precision
         self.ranks = ranks or DistInfo()
+        self.last_health: dict | None = None  # rank 0's health figures of the latest evaluation
+        self.first_health: dict | None = None  # ... and of the first: collapse is also judged against it
+        self.warning: str | None = None  # the latest evaluation's collapse warning, if any
 
     def features(self, encoder: torch.nn.Module, data: ImageSet, check) -> torch.Tensor:
         """(N, D) features of `data` on the device: this rank's share extracted, every share gathered."""
@@ -49,9 +55,12 @@ class Monitor:
         dist.all_gather(shares, mine)
         return torch.cat(shares)[:n]
 
-    def __call__(self, encoder: torch.nn.Module, stop=None) -> float | None:
+    def __call__(self, encoder: torch.nn.Module, stop=None, projection: torch.nn.Module | None = None,
+                 augment=None) -> float | None:
         """kNN top-1 (None on ranks other than 0). `stop`: asked after every batch (every rank has the same
-        number); when it says stop, StopRequested is raised and the loop saves its checkpoint."""
+        number); when it says stop, StopRequested is raised and the loop saves its checkpoint. With the
+        method's `projection` (h -> z), rank 0 also measures the health (`last_health`), the alignment on two
+        `augment` views of the first HEALTH_PAIRS held-out images."""
         def check(done: int, total: int) -> None:
             if stop is not None and stop.check():
                 raise StopRequested(stop.signal_name)
@@ -59,9 +68,29 @@ class Monitor:
         queries = self.features(encoder, self.queries, check)
         if not self.ranks.is_main:
             return None
+        if projection is not None and len(queries) >= 2:  # a spread needs two images
+            self.last_health = self.health(encoder, projection, queries, augment)
+            self.warning = collapse_warning(self.first_health, self.last_health)  # relative to this process's first
+            self.first_health = self.first_health or self.last_health
         # The vote runs where the encoder does (a GPU does the 50,000 x 5,000 similarities in milliseconds)
         return knn_accuracy(bank, self.bank.labels, queries, self.queries.labels, len(self.queries.classes),
                             self.knn_k, self.knn_temperature)
+
+    @torch.no_grad()
+    def health(self, encoder: torch.nn.Module, projection: torch.nn.Module, h: torch.Tensor, augment) -> dict:
+        """`evaluate.health` of the held-out features h (N, D) and their projections; eval mode for the pass."""
+        with eval_mode(encoder, projection):
+            z = projection(h.float())
+            pair = None
+            if augment is not None:
+                x = self.queries.images[:HEALTH_PAIRS].to(self.device)
+                views = augment(x, torch.Generator(device=self.device).manual_seed(0))[:2]  # the same views each time
+                with autocast(self.device, self.precision):
+                    pair = [projection(encoder(v)).float().cpu() for v in views]
+        return health(h.cpu(), z.float().cpu(), *(pair or (None, None)))
+
+
+HEALTH_PAIRS = 512  # images whose two views measure alignment: a fixed few, a second of compute on a CPU
 
 
 def load_monitor(cfg: Config, train: ImageSet, mean: Sequence[float], std: Sequence[float], device: torch.device,

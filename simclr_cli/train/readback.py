@@ -7,7 +7,7 @@ from __future__ import annotations
 import math
 import time
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 import torch
 import torch.distributed as dist
@@ -25,6 +25,14 @@ class LossWindow:
         self.losses = [torch.tensor(v, device=device) for v in restored]  # read back before a stop: finite
         self.lrs = [math.nan] * len(restored)
         self.restored = len(restored)  # steps done before a stop: not timed from t0, so not in the rate
+        self.wait = 0.0  # seconds the host spent waiting for its next batch (read, decode, copy to the device)
+
+    def next_batch(self, batches: Iterator[torch.Tensor]) -> torch.Tensor:
+        """The next batch, its wait added to `wait`: a data loader that starves the step shows here."""
+        t = time.perf_counter()
+        batch = next(batches)
+        self.wait += time.perf_counter() - t
+        return batch
 
     def add(self, loss: torch.Tensor, lr: float) -> None:
         self.losses.append(loss)
