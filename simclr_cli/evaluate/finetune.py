@@ -29,9 +29,9 @@ from simclr_cli.evaluate.labels import label_subset, parse_labels
 from simclr_cli.evaluate.linear import linear_probe
 from simclr_cli.evaluate.probe import load_splits, random_encoder, split_seed
 from simclr_cli.files import atomic_save, check_output_path, safe_load
-from simclr_cli.models.classifier import Classifier, classifier_payload
+from simclr_cli.models.classifier import HEAD_LAYER_OPTION, Classifier, classifier_payload
 from simclr_cli.models.encoder_file import LoadedEncoder, load_encoder
-from simclr_cli.models.features import extract_features, for_inference
+from simclr_cli.models.features import check_layer, extract_features, for_inference
 from simclr_cli.runtime import INFERENCE_PRECISIONS, Callback, pick_device, resolve_precision
 
 STATE_FORMAT = "simclr-cli/finetune-state"
@@ -114,7 +114,7 @@ class FinetuneRun:
         self.device = pick_device(opts.device)
         self.precision = resolve_precision(opts.precision, self.device, INFERENCE_PRECISIONS)
         self.loaded = load_encoder(encoder_path)
-        Classifier(self.loaded.encoder, self.loaded.head, opts.head_layer, 2)  # a head layer it lacks: one line, now
+        check_layer(self.loaded.head, opts.head_layer, HEAD_LAYER_OPTION)  # before any data is read
         self.seed, notes = split_seed(self.loaded, opts.dataset, opts.root, None)
         data = DataConfig(dataset=opts.dataset, root=opts.root, download=opts.download, num_workers=opts.num_workers,
                           synthetic_size=opts.synthetic_size)

@@ -6,8 +6,8 @@
 in `describe()` what rebuilds it; the encoder file records that, so an encoder is rebuilt from the file
 alone (`encoder_from_spec`). `model.init` warm-starts it (`models.warm`).
 
-A new family: a file here with a class that has `prefix`, `names()` and `build(name, kwargs, stem,
-image_size, pretrained)`, one line in ENCODERS, and its tests (copy the family cases of
+A new family: a file here with a class that has `prefix`, `names()`, `check(name)` and `build(name, kwargs,
+stem, image_size, pretrained)`, one line in ENCODERS, and its tests (copy the family cases of
 tests/test_backbones.py). A new built-in architecture: a module in resnet.py's way, and a name in BUILT_IN.
 """
 
@@ -33,10 +33,7 @@ def check_encoder(arch: str) -> None:
     its prefix is given; timm's need timm installed)."""
     family, sep, name = arch.partition(":")
     if sep and family in ENCODERS:
-        if name not in ENCODERS[family].names():
-            close = difflib.get_close_matches(name, ENCODERS[family].names(), n=3)
-            hint = f" (did you mean {', '.join(f'{family}:{c}' for c in close)}?)" if close else ""
-            raise ConfigError(f"'model.arch' {arch} is not a {family} model{hint}")
+        ENCODERS[family].check(name)
         return
     if sep or arch not in BUILT_IN:
         close = difflib.get_close_matches(arch, [*BUILT_IN, *(f"{f}:" for f in ENCODERS)], n=2)

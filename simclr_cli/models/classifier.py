@@ -15,10 +15,14 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from simclr_cli.errors import CheckpointError, OptionError
+from simclr_cli.errors import CheckpointError
 from simclr_cli.files import CLASSIFIER_FORMAT, ENCODER_FORMAT, safe_load
 from simclr_cli.models.encoder_file import LoadedEncoder, read_encoder
+from simclr_cli.models.features import check_layer
 from simclr_cli.models.heads import ProjectionHead
+
+
+HEAD_LAYER_OPTION = "--from-head-layer"  # how `simclr finetune` names the head layer, in its one-line refusals
 
 
 def neck_dim(encoder: nn.Module, head: ProjectionHead | None, head_layer: int) -> int:
@@ -31,10 +35,7 @@ class Classifier(nn.Module):
 
     def __init__(self, encoder: nn.Module, head: ProjectionHead | None, head_layer: int, num_classes: int):
         super().__init__()
-        if head_layer and (head is None or head_layer > head.layers):
-            have = "no projection head" if head is None else f"a {head.layers}-layer projection head"
-            raise OptionError(f"--from-head-layer {head_layer} asked for, but the encoder file has {have}: use a "
-                              f"layer in 0..{0 if head is None else head.layers}")
+        check_layer(head, head_layer, HEAD_LAYER_OPTION)
         self.encoder, self.head_layer = encoder, head_layer
         self.neck = nn.Sequential(*head.blocks[:head_layer]) if head_layer else nn.Identity()
         self.fc = nn.Linear(neck_dim(encoder, head, head_layer), num_classes)

@@ -27,6 +27,7 @@ from simclr_cli.files import (CHECKPOINT_FORMAT, CLASSIFIER_FORMAT, ENCODER_FORM
 from simclr_cli.models import encoder_from_spec
 from simclr_cli.models.heads import EncoderWithHead, ProjectionHead
 from simclr_cli.models.resnet import infer_resnet, sequential_to_torchvision
+from simclr_cli.models.warm import mismatch, shape_of
 
 # Plain state dicts carry no image size or normalisation; the original design trained on CIFAR-10 at 32 px.
 DEFAULT_IMAGE_SIZE = 32
@@ -120,16 +121,11 @@ def _load_strict(module: torch.nn.Module, state: Any, path: Path, what: str) -> 
     """load_state_dict(strict=True) with one line naming the first mismatch; BN counters may be absent."""
     if not isinstance(state, dict):
         raise CheckpointError(f"{path}: the {what} weights are {_what(state)}, not a state dict")
-    expected = module.state_dict()
-    state = {**{k: v for k, v in expected.items() if k.endswith("num_batches_tracked")}, **state}
-    missing = [k for k in expected if k not in state]
-    unexpected = [k for k in state if k not in expected]
-    wrong = [k for k in expected if k in state and (not isinstance(state[k], torch.Tensor)
-                                                    or state[k].shape != expected[k].shape)]
+    state, missing, unexpected, wrong = mismatch(module, state)
     problems = [f"missing {missing[0]}"] if missing else []
     problems += [f"unexpected {unexpected[0]}"] if unexpected else []
-    problems += [f"{wrong[0]} has shape {tuple(getattr(state[wrong[0]], 'shape', ()))}, expected "
-                 f"{tuple(expected[wrong[0]].shape)}"] if wrong else []
+    problems += [f"{wrong[0]} has shape {shape_of(state[wrong[0]])}, expected "
+                 f"{tuple(module.state_dict()[wrong[0]].shape)}"] if wrong else []
     if problems:
         count = len(missing) + len(unexpected) + len(wrong)
         raise CheckpointError(f"{path}: the {what} weights do not fit ({'; '.join(problems)}; {count} keys in all): "

@@ -38,10 +38,11 @@ def preprocess(images_u8: torch.Tensor, mean: Sequence[float], std: Sequence[flo
     return _preprocess(images_u8, *_channel_stats(mean, std, images_u8.device), size)
 
 
-def check_layer(head: ProjectionHead | None, layer: int) -> None:
+def check_layer(head: ProjectionHead | None, layer: int, option: str = "layer") -> None:
+    """A head layer the encoder file has (0: h), or one line naming `option` and the layers it has."""
     if layer and (head is None or not 0 < layer <= head.layers):
         have = "no projection head" if head is None else f"a {head.layers}-layer projection head"
-        raise OptionError(f"layer {layer} asked for, but the encoder file has {have}: use a layer in "
+        raise OptionError(f"{option} {layer} asked for, but the encoder file has {have}: use a layer in "
                               f"0..{0 if head is None else head.layers}")
 
 

@@ -154,7 +154,8 @@ def _constructed(arch: str, build, kwargs: dict) -> nn.Module:
                           "keywords its constructor takes") from None
 
 
-def _fetch_failed(arch: str, err: Exception) -> ConfigError:
+def fetch_failed(arch: str, err: Exception) -> ConfigError:
+    """The one line for library weights that could not be downloaded (offline)."""
     reason = str(err).strip().splitlines()[0][:160] if str(err).strip() else type(err).__name__
     return ConfigError(f"could not fetch the pretrained weights of {arch} ({type(err).__name__}: {reason}): with no "
                        "network, give model.init a weights file instead")
@@ -171,17 +172,22 @@ class Torchvision:
 
         return torchvision.models.list_models(module=torchvision.models)
 
+    def check(self, name: str) -> None:
+        """An unknown name is one line with the closest names."""
+        names = self.names()
+        if name not in names:
+            raise _unknown(self.prefix, name, names)
+
     def build(self, name: str, kwargs: dict, stem: str, image_size: int, pretrained: bool = False) -> LibraryEncoder:
+        """NAME built as `check` allowed it (`models.encoder_from_spec` checks first)."""
         import torchvision
 
         arch = f"{self.prefix}:{name}"
-        if name not in self.names():
-            raise _unknown(self.prefix, name, self.names())
         weights = "DEFAULT" if pretrained else None
         try:
             net = _constructed(arch, lambda: torchvision.models.get_model(name, weights=weights, **kwargs), kwargs)
         except (OSError, RuntimeError) as err:  # a download that could not happen (URLError is an OSError)
-            raise _fetch_failed(arch, err) from None
+            raise fetch_failed(arch, err) from None
         notes = [adapt_to_small_images(net)] if stem == "cifar" else []
         removed = _drop_classifier(net, arch)
         return LibraryEncoder(arch, net, kwargs, stem, removed, notes, image_size)
@@ -203,16 +209,20 @@ class Timm:
     def names(self) -> list[str]:
         return self._timm().list_models()
 
+    def check(self, name: str) -> None:
+        """An unknown name is one line with the closest names; without timm, the line names the extra."""
+        if not self._timm().is_model(name):
+            raise _unknown(self.prefix, name, self.names())
+
     def build(self, name: str, kwargs: dict, stem: str, image_size: int, pretrained: bool = False) -> LibraryEncoder:
+        """NAME built as `check` allowed it (`models.encoder_from_spec` checks first)."""
         timm = self._timm()
         arch = f"{self.prefix}:{name}"
-        if not timm.is_model(name):
-            raise _unknown(self.prefix, name, self.names())
         try:
             net = _constructed(arch, lambda: timm.create_model(name, pretrained=pretrained, num_classes=0, **kwargs),
                                kwargs)
         except (OSError, RuntimeError) as err:
-            raise _fetch_failed(arch, err) from None
+            raise fetch_failed(arch, err) from None
         notes = [adapt_to_small_images(net)] if stem == "cifar" else []
         return LibraryEncoder(arch, net, kwargs, stem, None, notes, image_size)
 

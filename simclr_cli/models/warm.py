@@ -18,7 +18,7 @@ from torch import nn
 from simclr_cli.errors import CheckpointError, ConfigError
 from simclr_cli.files import CHECKPOINT_FORMAT, ENCODER_FORMAT, safe_load
 from simclr_cli.models.heads import EncoderWithHead
-from simclr_cli.models.library import LibraryEncoder
+from simclr_cli.models.library import LibraryEncoder, fetch_failed
 from simclr_cli.models.resnet import sequential_to_torchvision
 
 PRETRAINED = "pretrained"
@@ -49,14 +49,27 @@ def _is_classifier(key: str, encoder: LibraryEncoder) -> bool:
     return (removed is not None and key.startswith(removed)) or key.startswith(("net.head.", "net.fc.", "net.classifier."))
 
 
-def load_strict(encoder: nn.Module, state: dict, source: str) -> None:
-    """load_state_dict(strict=True), with one line listing what does not fit (BN counters may be absent)."""
-    expected = encoder.state_dict()
+def mismatch(module: nn.Module, state: dict) -> tuple[dict, list[str], list[str], list[str]]:
+    """(`state` with the batch-norm counters it may lack filled in, the keys it misses, the keys it has that
+    `module` has not, the keys whose value is not a tensor of `module`'s shape): what a strict load checks."""
+    expected = module.state_dict()
     state = {**{k: v for k, v in expected.items() if k.endswith("num_batches_tracked")}, **state}
     missing = [k for k in expected if k not in state]
     unexpected = [k for k in state if k not in expected]
-    wrong = [f"{k} {tuple(state[k].shape)} (expected {tuple(expected[k].shape)})" for k in expected
-             if k in state and isinstance(state[k], torch.Tensor) and state[k].shape != expected[k].shape]
+    wrong = [k for k in expected if k in state and (not isinstance(state[k], torch.Tensor)
+                                                    or state[k].shape != expected[k].shape)]
+    return state, missing, unexpected, wrong
+
+
+def shape_of(value: object) -> tuple:
+    return tuple(getattr(value, "shape", ()))
+
+
+def load_strict(encoder: nn.Module, state: dict, source: str) -> None:
+    """load_state_dict(strict=True), with one line listing what does not fit (BN counters may be absent)."""
+    state, missing, unexpected, wrong = mismatch(encoder, state)
+    expected = encoder.state_dict()
+    wrong = [f"{k} {shape_of(state[k])} (expected {tuple(expected[k].shape)})" for k in wrong]
     if missing or unexpected or wrong:
         def few(keys: list[str]) -> str:
             return ", ".join(keys[:3]) + (f" and {len(keys) - 3} more" if len(keys) > 3 else "")
@@ -89,7 +102,5 @@ def built_in_pretrained(encoder: nn.Module) -> None:
     try:
         state = torchvision.models.get_model_weights(arch).DEFAULT.get_state_dict(progress=False)
     except (OSError, RuntimeError) as err:  # no network: URLError is an OSError
-        reason = str(err).strip().splitlines()[0][:160] if str(err).strip() else type(err).__name__
-        raise ConfigError(f"could not fetch torchvision's pretrained weights of {arch} ({type(err).__name__}: "
-                          f"{reason}): with no network, give model.init a weights file instead") from None
+        raise fetch_failed(arch, err) from None
     load_strict(encoder, {k: v for k, v in state.items() if not k.startswith("fc.")}, f"torchvision's {arch} weights")
