@@ -95,7 +95,7 @@ def extract_encoder(checkpoint_path: str | Path, out_path: str | Path, fmt: str 
     if out.resolve() == path.resolve():
         raise CheckpointError(f"-o {out} would overwrite the checkpoint itself: choose another output path")
     # the weights fit the architecture, or one line
-    loaded = as_encoder(load_classifier(path)) if kind == CLASSIFIER_FORMAT else read_encoder(obj, path)
+    loaded = as_encoder(load_classifier(path, obj)) if kind == CLASSIFIER_FORMAT else read_encoder(obj, path)
     facts = EXPORTS[fmt](loaded, out, {"opset": opset})
     return {**facts, "path": str(out), "format": fmt, "has_head": fmt == "native" and loaded.head is not None,
             "bytes": out.stat().st_size,

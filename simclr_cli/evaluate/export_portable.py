@@ -20,6 +20,7 @@ from simclr_cli.evaluate import portable
 from simclr_cli.files import atomic_path
 from simclr_cli.models import LibraryEncoder
 from simclr_cli.models.encoder_file import LoadedEncoder, load_encoder
+from simclr_cli.models.library import library_state_dict
 
 TORCHSCRIPT_EXTRA = "simclr-cli.json"  # the metadata's name inside a TorchScript archive
 
@@ -46,9 +47,8 @@ def write_torchscript(loaded: LoadedEncoder, path: Path, options: dict | None = 
 
 def library_keys(loaded: LoadedEncoder) -> dict[str, torch.Tensor]:
     """The state dict in the keys of the model's own library (a LibraryEncoder's `net.` dropped)."""
-    state = loaded.encoder.state_dict()
-    if isinstance(loaded.encoder, LibraryEncoder):
-        state = {k.removeprefix("net."): v for k, v in state.items()}
+    encoder = loaded.encoder
+    state = library_state_dict(encoder) if isinstance(encoder, LibraryEncoder) else encoder.state_dict()
     return {k: v.detach().cpu().contiguous() for k, v in state.items()}
 
 

@@ -21,7 +21,6 @@ from simclr_cli.models.encoder_file import LoadedEncoder, read_encoder
 from simclr_cli.models.features import check_layer
 from simclr_cli.models.heads import ProjectionHead
 
-
 HEAD_LAYER_OPTION = "--from-head-layer"  # how `simclr finetune` names the head layer, in its one-line refusals
 
 
@@ -88,9 +87,10 @@ def as_encoder(loaded: LoadedClassifier) -> LoadedEncoder:
                          provenance)
 
 
-def load_classifier(path: str | Path) -> LoadedClassifier:
+def load_classifier(path: str | Path, obj: object = None) -> LoadedClassifier:
+    """The classifier file at `path` (`obj`: what `files.safe_load(path)` returned, for a caller that read it)."""
     path = Path(path)
-    obj = safe_load(path)
+    obj = safe_load(path) if obj is None else obj
     kind = obj.get("format") if isinstance(obj, dict) else None
     if kind != CLASSIFIER_FORMAT:
         what = "an encoder file" if kind == ENCODER_FORMAT else "a pretraining checkpoint" if kind else "not a classifier"
