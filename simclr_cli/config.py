@@ -112,6 +112,8 @@ class TrainConfig:
     eval_split: str = "val"  # monitor queries: val (held out of the training split; the rest is the bank) | test
     knn_k: int = 200  # kNN monitor neighbours
     knn_temperature: float = 0.1  # kNN monitor vote temperature
+    loggers: list[str] = field(default_factory=list)  # live loggers beside metrics.jsonl: any of tensorboard, wandb, mlflow (each an extra)
+    log_project: str = "simclr"  # wandb: the project; mlflow: the experiment (the run is named after output_dir)
     dist_timeout_min: float = 30.0  # several processes: minutes a collective may wait for the others before the run fails
 
 
@@ -141,6 +143,8 @@ CHOICES = {
     "train.eval_split": ("val", "test"),
 }
 
+LOGGERS = ("tensorboard", "wandb", "mlflow")  # train.loggers (train/loggers.py)
+
 # (key, test, what the value must be): checked after every load and override.
 RULES = [
     ("loss.temperature", lambda v: v > 0, "> 0"),
@@ -155,6 +159,9 @@ RULES = [
     ("train.eval_every", lambda v: v >= 0, ">= 0"),
     ("train.knn_k", lambda v: v >= 1, ">= 1"),
     ("train.knn_temperature", lambda v: v > 0, "> 0"),
+    ("train.loggers", lambda v: set(v) <= set(LOGGERS) and len(set(v)) == len(v),
+     f"a list of distinct names of {', '.join(LOGGERS)}"),
+    ("train.log_project", lambda v: v.strip() != "", "a name, not empty"),
     ("train.dist_timeout_min", lambda v: v > 0, "> 0 (minutes)"),
     ("optim.lr", lambda v: v > 0, "> 0"),
     ("optim.weight_decay", lambda v: v >= 0, ">= 0"),

@@ -53,5 +53,9 @@ class RuntimeSetupError(UserError):
     """A device or precision this machine cannot give."""
 
 
+class LoggerError(UserError):
+    """A live logger (train.loggers: TensorBoard, W&B, MLflow) that could not start; the message names the fix."""
+
+
 class MissingExtraError(RuntimeSetupError):
     """An optional package a command needs is not installed; the message names the extra that installs it."""

@@ -7,6 +7,8 @@ RUN_DIR/metrics.jsonl    one JSON line per logged step, epoch and evaluation; af
 RUN_DIR/checkpoint.pt    the latest checkpoint, replaced atomically; with keep_last, the one it replaces is
                          kept as checkpoint-epochNNNN.pt (a hard link: no copy)
 RUN_DIR/encoder.pth      the encoder file, written at the end
+RUN_DIR/loggers.json     with train.loggers: the W&B and MLflow runs a resume continues (train/loggers.py);
+                         RUN_DIR/tensorboard/ and RUN_DIR/wandb/ hold those loggers' own files
 
 The training loop writes them (rank 0 alone), `simclr report` and `simclr pretrain --nproc` read them; what
 a start or a resume is allowed to do with them is `train.preflight`'s.
@@ -23,7 +25,7 @@ from simclr_cli.config import Config, config_from_dict, dump_config, read_yaml
 from simclr_cli.errors import ConfigError, OptionError
 from simclr_cli.files import atomic_save, atomic_write_text, remove_stale_temps, replace_with_link
 
-FILES = ("checkpoint*.pt", "encoder.pth", "config.yaml", "metrics.jsonl")  # what a run writes (globs)
+FILES = ("checkpoint*.pt", "encoder.pth", "config.yaml", "metrics.jsonl", "loggers.json")  # what a run writes (globs)
 
 
 def read_metrics(path: Path) -> list[dict]:
@@ -39,6 +41,19 @@ def read_metrics(path: Path) -> list[dict]:
         if isinstance(record, dict) and isinstance(record.get("step"), int):
             records.append(record)
     return records
+
+
+SCALAR_PREFIX = {"step": "train", "epoch": "epoch", "eval": "eval"}  # record kind -> tag prefix
+
+
+def scalars(record: dict) -> dict[str, float]:
+    """A record's numbers under the tags the live loggers and `simclr report --tensorboard` give them:
+    train/KEY per log window, epoch/KEY per epoch, eval/KEY per evaluation (kNN, health); {} for others."""
+    prefix = SCALAR_PREFIX.get(record.get("kind"))
+    if prefix is None:
+        return {}
+    return {f"{prefix}/{key}": float(value) for key, value in record.items()
+            if key not in ("epoch", "step") and isinstance(value, (int, float)) and not isinstance(value, bool)}
 
 
 class RunDir:

@@ -154,7 +154,7 @@ def test_tensorboard_gets_the_same_scalars(run_dir, tmp_path):
     steps = [r for r in read_metrics(run_dir / "metrics.jsonl") if r["kind"] == "step"]
     assert [e.step for e in events.Scalars("train/loss")] == [r["step"] for r in steps]
     assert [e.value for e in events.Scalars("train/loss")] == pytest.approx([r["loss"] for r in steps], rel=1e-6)
-    assert len(events.Scalars("train/knn_top1")) == 4  # one evaluation per epoch
+    assert len(events.Scalars("eval/knn_top1")) == 4  # one evaluation per epoch
 
 
 def test_bad_report_input_is_one_line(run_dir, tmp_path):

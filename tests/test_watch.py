@@ -47,3 +47,27 @@ def test_a_run_made_to_collapse_is_warned_with_its_causes(tmp_path):
     assert warnings and "representation collapse?" in warnings[-1]["message"]
     assert "effective rank of z" in warnings[-1]["message"] and "learning rate" in warnings[-1]["message"]
     assert any(event == "notice" and "collapse" in data["message"] for event, data in events)
+
+
+def test_a_resumed_run_judges_collapse_against_the_runs_first_evaluation(tmp_path, monkeypatch):
+    from simclr_cli.train import monitor
+
+    pretrain(load_config(None, [*TINY, "train.epochs=1", f"train.output_dir={tmp_path}"]))
+    judged = []
+    real = monitor.collapse_warning
+    monkeypatch.setattr(monitor, "collapse_warning", lambda first, now: judged.append(first) or real(first, now))
+    pretrain(load_config(None, [*TINY, "train.epochs=2", f"train.output_dir={tmp_path}"]), resume=True)
+    first = records(tmp_path, "eval")[0]
+    assert len(judged) == 1 and judged[0]["step"] == first["step"] and judged[0]["rank_z"] == first["rank_z"]
+
+
+def test_a_collapse_warning_reaches_the_live_loggers(tmp_path):
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    pretrain(load_config(None, [*TINY, "train.epochs=3", "optim.weight_decay=50", "optim.lr=0.5",
+                                f"train.output_dir={tmp_path}", "train.loggers=[tensorboard]"]))
+    events = EventAccumulator(str(tmp_path / "tensorboard"))
+    events.Reload()
+    texts = [e.tensor_proto.string_val[0].decode() for e in events.Tensors("warnings/text_summary")]
+    assert texts and texts[-1] == records(tmp_path, "warning")[-1]["message"]

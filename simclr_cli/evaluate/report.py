@@ -31,7 +31,7 @@ from simclr_cli.evaluate.inference import Inference
 from simclr_cli.evaluate.knn import knn_accuracy, top_k_cosine
 from simclr_cli.files import atomic_write_text, check_output_path
 from simclr_cli.models.encoder_file import LoadedEncoder
-from simclr_cli.rundir import RunDir
+from simclr_cli.rundir import RunDir, scalars
 from simclr_cli.runtime import Callback
 
 MAPS = ("auto", "tsne", "pca")
@@ -185,10 +185,8 @@ def write_tensorboard(records: list[dict], folder: Path) -> Path:
         old.unlink()
     with SummaryWriter(str(folder)) as writer:
         for r in records:
-            for key in ("loss", "lr", "views_per_s", "knn_top1"):
-                if isinstance(r.get(key), (int, float)) and r.get("kind") in ("step", "eval", "epoch"):
-                    tag = f"epoch/{key}" if r["kind"] == "epoch" else f"train/{key}"
-                    writer.add_scalar(tag, r[key], r["step"])
+            for tag, value in scalars(r).items():  # the tags a live run's train.loggers tensorboard gives them
+                writer.add_scalar(tag, value, r["step"])
     return folder
 
 

@@ -14,19 +14,20 @@ import time
 import torch
 import torch.distributed as dist
 
-from simclr_cli.augment import Augmenter, describe_views, view_size_at
+from simclr_cli.augment import Augmenter, view_size_at
 from simclr_cli.config import Config
 from simclr_cli.data import load_train_set, normalization_for
 from simclr_cli.data.batches import Batches
 from simclr_cli.methods import build_networks
 from simclr_cli.models.encoder_file import encoder_meta, encoder_payload
-from simclr_cli.models.warm import describe as describe_encoder
 from simclr_cli.rundir import RunDir
-from simclr_cli.runtime import (Callback, autocast, broadcast_buffers, configure_cuda, describe_device,
-                                init_distributed, resolve_precision, shutdown_distributed, wrap_ddp)
+from simclr_cli.runtime import (Callback, autocast, broadcast_buffers, configure_cuda, init_distributed,
+                                resolve_precision, shutdown_distributed, wrap_ddp)
 from simclr_cli.train.interrupt import RankAgreedStop, StopFlag, StopRequested, stop_guard
+from simclr_cli.train.loggers import Loggers, open_loggers
 from simclr_cli.train.monitor import Monitor, load_monitor
 from simclr_cli.train.optim import build_optimizer, build_scheduler
+from simclr_cli.train.panel import end_summary, start_panel
 from simclr_cli.train.preflight import check_names, check_resume_config, check_world, preflight
 from simclr_cli.train.readback import LossWindow, advice, check_finite_weights, read_back
 from simclr_cli.train.state import Parts, RunState, checkpoint, restore
@@ -72,6 +73,7 @@ class Trainer:
         self.stop: StopFlag | RankAgreedStop | None = None  # what run() asks between steps and monitor batches
         self.monitor: Monitor | None | bool = False  # False: not loaded yet; None: no labelled held-out split
         self.last_knn: float | None = None  # the monitor's latest kNN top-1
+        self.loggers = Loggers()  # the live loggers beside metrics.jsonl, open while run() trains
 
     @property
     def model(self) -> torch.nn.Module:
@@ -150,15 +152,12 @@ class Trainer:
     def _log_window(self, epoch: int, window: LossWindow) -> None:
         chunk = read_back(window, self.ranks.world_size, self._why)
         self.state.epoch_losses += chunk
-        timed = len(chunk) - window.restored  # a resumed window's first steps ran before the stop, untimed
-        elapsed = time.perf_counter() - window.t0
-        self._log({"kind": "step", "epoch": epoch + 1, "step": self.state.step, "loss": sum(chunk) / len(chunk),
-                   "lr": self.lr(), "views_per_s": 2 * self.cfg.train.batch_size * timed / elapsed,
-                   "data_wait": window.wait / elapsed})  # the share of the window's wall time spent waiting
+        self._log(window.record(chunk, epoch + 1, self.state.step, self.lr(), 2 * self.cfg.train.batch_size))
 
     def _log(self, record: dict, event: str = "log") -> None:
         if self.ranks.is_main:
             self.rundir.append(record)
+            self.loggers.write(record)
         self.emit(event, record)
 
     def save_checkpoint(self) -> None:
@@ -178,7 +177,7 @@ class Trainer:
         than 0 (each extracts its share of the images; rank 0 votes). A stop is agreed between batches."""
         if self.monitor is False:
             self.monitor, why = load_monitor(self.cfg, self.data, self.mean, self.std, self.device, self.precision,
-                                             self.ranks)
+                                             self.ranks, self.rundir.records() if self.ranks.is_main else [])
             if why and self.ranks.is_main:
                 self.emit("notice", {"message": why})
         if self.monitor is None:
@@ -213,10 +212,12 @@ class Trainer:
         try:
             if stop.check():  # a signal while the data or model was being set up
                 raise StopRequested(stop.signal_name)
-            self.emit("start", {"info": start_panel(self), "epochs": cfg.train.epochs, "start_epoch": s.epoch,
+            info = start_panel(self)
+            self.emit("start", {"info": info, "epochs": cfg.train.epochs, "start_epoch": s.epoch,
                                 "steps_per_epoch": self.steps_per_epoch, "step": s.step})
-            for epoch in range(s.epoch, cfg.train.epochs):
-                self._finish_epoch(epoch, self.run_epoch(epoch, stop))
+            with open_loggers(cfg, self.rundir, info, s.step, self.emit, self.ranks.is_main) as self.loggers:
+                for epoch in range(s.epoch, cfg.train.epochs):
+                    self._finish_epoch(epoch, self.run_epoch(epoch, stop))
         except StopRequested as request:
             saved = s.unsaved
             if saved:
@@ -224,9 +225,7 @@ class Trainer:
             raise StopRequested(request.signal_name, str(self.rundir.checkpoint) if s.saved_step is not None
                                 else None, s.epoch, s.step, saved) from None
         encoder_path = self.write_encoder() if self.ranks.is_main else None
-        summary = {"epochs": s.epoch, "steps": s.step, "final_loss": s.history[-1]["loss"] if s.history else None,
-                   "encoder": str(encoder_path), "checkpoint": str(self.rundir.checkpoint), "knn_top1": self.last_knn,
-                   "knn_split": cfg.train.eval_split}
+        summary = end_summary(self, encoder_path)
         self.emit("end", summary)
         return summary
 
@@ -242,23 +241,6 @@ class Trainer:
             self.save_checkpoint()
         if s.epoch == cfg.epochs or (cfg.eval_every and s.epoch % cfg.eval_every == 0):
             self.evaluate()  # every rank: each extracts its share
-
-
-def start_panel(t: Trainer) -> dict:
-    """What the start panel shows about a run."""
-    cfg, ranks = t.cfg, f"rank{'s' if t.ranks.enabled else ''}"
-    cuda = {"cuda": t.cuda_settings} if t.cuda_settings else {}
-    return {**describe_device(t.device, t.precision), **cuda,
-            "dataset": f"{t.data.name}, {len(t.data)} images {tuple(t.data.images.shape[1:])}",
-            "method": cfg.method.name,
-            "model": f"{describe_encoder(t.model.encoder)}, h of {t.model.encoder.feature_dim}, "
-                     f"{sum(p.numel() for p in t.model.parameters()) / 1e6:.2f}M parameters"
-                     + "".join(f"; {note}" for note in getattr(t.model.encoder, "notes", [])),
-            "batch": f"{cfg.train.batch_size} global = {t.ranks.world_size} {ranks} x {t.local_batch}, "
-                     f"{t.steps_per_epoch} steps/epoch",
-            "views": describe_views(cfg.augment, cfg.data.image_size, t.view_size()),
-            "optimizer": f"{cfg.optim.name}, lr {cfg.optim.lr}, {cfg.optim.schedule} schedule",
-            "run directory": str(t.rundir.path)}
 
 
 def pretrain(cfg: Config, resume: bool = False, callback: Callback | None = None) -> dict:

@@ -90,14 +90,29 @@ class Monitor:
         return health(h.cpu(), z.float().cpu(), *(pair or (None, None)))
 
 
+def first_health(records: Sequence[dict]) -> dict | None:
+    """The first evaluation's health figures among a run's metrics records (a resumed run's), or None."""
+    return next((r for r in records if r.get("kind") == "eval" and "rank_z" in r), None)
+
+
 HEALTH_PAIRS = 512  # images whose two views measure alignment: a fixed few, a second of compute on a CPU
 
 
 def load_monitor(cfg: Config, train: ImageSet, mean: Sequence[float], std: Sequence[float], device: torch.device,
-                 precision: str, ranks: DistInfo | None = None) -> tuple[Monitor | None, str | None]:
+                 precision: str, ranks: DistInfo | None = None, records: Sequence[dict] = ()
+                 ) -> tuple[Monitor | None, str | None]:
     """The monitor for a run on `train`, or (None, why not): it needs labels, and with eval_split test a
     labelled test split. eval_split val: the queries are the validation split held out of `train`, the bank
-    the rest (the test split stays unseen until the final report)."""
+    the rest (the test split stays unseen until the final report). `records`: the run's metrics so far; a
+    resumed run judges collapse against its first evaluation there, not against its first after the resume."""
+    monitor, why = _load_monitor(cfg, train, mean, std, device, precision, ranks)
+    if monitor is not None:
+        monitor.first_health = first_health(records)
+    return monitor, why
+
+
+def _load_monitor(cfg: Config, train: ImageSet, mean: Sequence[float], std: Sequence[float], device: torch.device,
+                  precision: str, ranks: DistInfo | None) -> tuple[Monitor | None, str | None]:
     d, t = cfg.data, cfg.train
     if train.labels is None:
         return None, None  # an unlabelled dataset: nothing to monitor, nothing to say

@@ -16,21 +16,24 @@ from simclr_cli.errors import CheckpointError, ConfigError, RuntimeSetupError
 from simclr_cli.methods import check_method
 from simclr_cli.models import check_encoder
 from simclr_cli.rundir import RunDir
+from simclr_cli.train.loggers import check_loggers
 from simclr_cli.train.state import load_checkpoint
 
 
 def check_names(cfg: Config) -> None:
-    """The names the config gives the registries (data.dataset, model.arch, method.name) exist: one line
-    with the closest name, before any data is read."""
+    """The names the config gives the registries (data.dataset, model.arch, method.name) exist, and the live
+    loggers' packages import: one line with the closest name or the extra, before any data is read."""
     check_source(cfg.data.dataset)
     check_encoder(cfg.model.arch)
     check_method(cfg.method.name)
+    check_loggers(cfg.train.loggers)
+
 
 # Keys a resumed run may change; anything else would make "resume" a different run.
 RESUMABLE_KEYS = {"train.epochs", "train.log_every", "train.checkpoint_every", "train.keep_last",
                   "train.eval_every", "train.output_dir", "train.device", "train.dist_timeout_min", "data.root",
-                  "data.num_workers", "data.cache", "data.cache_dir", "data.download", "data.read_ahead"}
-FILES = ("checkpoint*.pt", "encoder.pth", "config.yaml", "metrics.jsonl")  # what a run writes (globs)
+                  "data.num_workers", "data.cache", "data.cache_dir", "data.download", "data.read_ahead",
+                  "train.loggers", "train.log_project"}
 
 
 def resolve_config(config: str | Path | None, overrides: list[str], values: dict[str, Any], resume: bool,

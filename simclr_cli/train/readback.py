@@ -38,6 +38,14 @@ class LossWindow:
         self.losses.append(loss)
         self.lrs.append(lr)
 
+    def record(self, losses: list[float], epoch: int, step: int, lr: float, views_per_step: int) -> dict:
+        """The window's metrics line: its mean loss (`losses`, read back), the lr now, views/s over its timed
+        steps, and the share of its wall time spent waiting for batches."""
+        elapsed = time.perf_counter() - self.t0
+        timed = len(losses) - self.restored  # a resumed window's first steps ran before the stop, untimed
+        return {"kind": "step", "epoch": epoch, "step": step, "loss": sum(losses) / len(losses), "lr": lr,
+                "views_per_s": views_per_step * timed / elapsed, "data_wait": self.wait / elapsed}
+
 
 def advice(precision: str, lr: float, saved_step: int | None, checkpoint: Path) -> str:
     """What a non-finite run leaves behind and what to change; the rest of NonFiniteLoss's one line."""
