@@ -1,6 +1,6 @@
 """The train wing: the pretraining loop (`loop.py`), the run state and its checkpoint (`state.py`), what a
-start or resume may do (`preflight.py`), the kNN monitor, optimisers and schedules, the loss read-back, stops
-by signal, and `--nproc` (`launch.py`)."""
+start or resume may do (`preflight.py`), the kNN monitor, the live loggers (`loggers.py`), optimisers and
+schedules, the loss read-back, stops by signal, and `--nproc` (`launch.py`)."""
 
 from simclr_cli.train.loop import Trainer, pretrain
 

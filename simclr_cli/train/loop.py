@@ -4,7 +4,8 @@
 through `callback(event, data)` and never prints. Events: start, notice, cache, log, epoch, eval,
 checkpoint, end. The loss is read back to the host every `train.log_every` steps, not every step, so the
 device never waits on the host in between. What the step computes is the method's (`methods/`), what a
-checkpoint holds and how a resume restores it `state.py`'s, where the files go `rundir.RunDir`'s.
+checkpoint holds and how a resume restores it `state.py`'s, where the files go `rundir.RunDir`'s, and
+every logged record also goes to the live loggers of `train.loggers` (`loggers.py`).
 """
 
 from __future__ import annotations
