@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import shutil
@@ -192,7 +193,8 @@ def test_failure_line_names_the_rank_and_the_signal() -> None:
 def two_rank_run(tmp_path_factory) -> tuple[Path, subprocess.CompletedProcess]:
     """One `simclr pretrain --nproc 2` run (1 epoch, 4 steps) shared by the tests below."""
     out = tmp_path_factory.mktemp("nproc") / "run"
-    return out, _simclr("pretrain", "--nproc", "2", "-o", str(out), *TINY, "--set", "train.epochs=1")
+    board = ["--set", "train.loggers=[tensorboard]"] if importlib.util.find_spec("tensorboard") else []
+    return out, _simclr("pretrain", "--nproc", "2", "-o", str(out), *TINY, "--set", "train.epochs=1", *board)
 
 
 def test_pretrain_nproc_2_end_to_end(two_rank_run, tmp_path: Path) -> None:
@@ -207,6 +209,13 @@ def test_pretrain_nproc_2_end_to_end(two_rank_run, tmp_path: Path) -> None:
     steps = [(r["kind"], r["step"]) for r in records if r["kind"] != "eval"]
     assert steps == [("step", 2), ("step", 4), ("epoch", 4)]  # one line per event: a second writer doubles them
     assert len(records) <= 4
+    if importlib.util.find_spec("tensorboard"):  # the live logger: rank 0's alone, each step once
+        from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+        assert len(list((out / "tensorboard").glob("events.out.tfevents.*"))) == 1
+        board = EventAccumulator(str(out / "tensorboard"))
+        board.Reload()
+        assert [e.step for e in board.Scalars("train/loss")] == [2, 4]
     ckpt = load_checkpoint(out / "checkpoint.pt")
     assert (ckpt["world_size"], ckpt["epoch"], ckpt["step"]) == (2, 1, 4)
     encoder = safe_load(out / "encoder.pth")

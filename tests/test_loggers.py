@@ -70,12 +70,15 @@ def test_tensorboard_is_current_while_running_and_a_resume_continues_the_same_fo
     folder, seen = tmp_path / "tensorboard", {}
 
     def watch(event, data):
+        if event == "start":
+            seen["panel"] = data["info"]
         if event == "epoch" and data["epoch"] == 1:  # the run is still going
             seen["loss"] = tensorboard_scalars(folder, "train/loss")
             seen["wait"] = tensorboard_scalars(folder, "train/data_wait")
     run_crash_then_resume(tmp_path, "tensorboard", watch=watch)
 
     assert [step for step, _ in seen["loss"]] == [2, 4, 6, 8] and len(seen["wait"]) == 4
+    assert seen["panel"]["tensorboard"] == f"tensorboard --logdir {folder}"  # the start panel says where
     steps, losses = steps_and_losses(tmp_path)
     assert steps == list(range(2, 17, 2))  # metrics.jsonl: each step once
     board = tensorboard_scalars(folder, "train/loss")  # the crashed attempt's step 10 purged, then logged again

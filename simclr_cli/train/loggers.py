@@ -93,7 +93,7 @@ class TensorBoard:
         self.writer.flush()
 
     def where(self) -> str:
-        return f"TensorBoard: tensorboard --logdir {self.folder}"
+        return f"tensorboard --logdir {self.folder}"
 
     def write(self, record: dict, numbers: dict[str, float]) -> None:
         for tag, value in numbers.items():
@@ -131,9 +131,8 @@ class WandB:
 
     def where(self) -> str:
         if self.run.settings.mode == "offline":
-            folder = Path(self.run.dir).parent
-            return f"W&B offline: {folder}; upload it with: wandb sync {folder}"
-        return f"W&B: {self.run.url}"
+            return f"offline; to upload: wandb sync {Path(self.run.dir).parent}"
+        return str(self.run.url)
 
     def write(self, record: dict, numbers: dict[str, float]) -> None:
         if numbers:
@@ -181,7 +180,7 @@ class MLflow:
         saved.update(tracking_uri=uri, run_id=self.run_id, experiment=self.experiment)
 
     def where(self) -> str:
-        return f"MLflow: run {self.run_id} in experiment {self.experiment} at {self.client.tracking_uri}"
+        return f"run {self.run_id} in experiment {self.experiment} at {self.client.tracking_uri}"
 
     def write(self, record: dict, numbers: dict[str, float]) -> None:
         now = int(time.time() * 1000)
@@ -200,6 +199,10 @@ class Loggers:
 
     def __init__(self, loggers: list | None = None, emit: Callable[[str, dict], None] | None = None) -> None:
         self.loggers, self.emit = loggers or [], emit or (lambda event, data: None)
+
+    def where(self) -> dict[str, str]:
+        """Each logger's name and where to watch it, for the start panel."""
+        return {logger.name: logger.where() for logger in self.loggers}
 
     def write(self, record: dict) -> None:
         numbers = scalars(record)
@@ -241,7 +244,8 @@ def open_loggers(cfg: Config, rundir: RunDir, facts: dict, start_step: int, emit
                  ) -> Iterator[Loggers]:
     """The run's loggers (rank 0's; none elsewhere), open for the block and closed after it with its outcome:
     done, stopped (by a signal, to be resumed) or failed. `start_step`: the step the run starts at, 0 when new,
-    else the checkpoint's."""
+    else the checkpoint's. They open before the start panel, so that a logger asking something (W&B's login
+    prompt on a terminal) is not drawn over by the progress bar."""
     if not is_main or not cfg.train.loggers:
         yield Loggers()
         return
@@ -251,7 +255,6 @@ def open_loggers(cfg: Config, rundir: RunDir, facts: dict, start_step: int, emit
     try:
         for name in cfg.train.loggers:
             opened.loggers.append(_open(name, rundir, cfg, facts, start_step, saved.setdefault(name, {})))
-            emit("notice", {"message": opened.loggers[-1].where()})
         atomic_write_text(json.dumps({k: v for k, v in saved.items() if v}, indent=1) + "\n", state_file)
     except BaseException:
         opened.close("failed")

@@ -214,9 +214,9 @@ class Trainer:
             if stop.check():  # a signal while the data or model was being set up
                 raise StopRequested(stop.signal_name)
             info = start_panel(self)
-            self.emit("start", {"info": info, "epochs": cfg.train.epochs, "start_epoch": s.epoch,
-                                "steps_per_epoch": self.steps_per_epoch, "step": s.step})
             with open_loggers(cfg, self.rundir, info, s.step, self.emit, self.ranks.is_main) as self.loggers:
+                self.emit("start", {"info": {**info, **self.loggers.where()}, "epochs": cfg.train.epochs,
+                                    "start_epoch": s.epoch, "steps_per_epoch": self.steps_per_epoch, "step": s.step})
                 for epoch in range(s.epoch, cfg.train.epochs):
                     self._finish_epoch(epoch, self.run_epoch(epoch, stop))
         except StopRequested as request:
