@@ -259,15 +259,12 @@ def open_loggers(cfg: Config, rundir: RunDir, facts: dict, start_step: int, emit
     except BaseException:
         opened.close("failed")
         raise
-    status = "failed"
     try:
         yield opened
-        status = "done"
     except BaseException as err:
-        status = "stopped" if isinstance(err, StopRequested) else "failed"
+        opened.close("stopped" if isinstance(err, StopRequested) else "failed")
         raise
-    finally:
-        opened.close(status)
+    opened.close("done")
 
 
 def _open(name: str, rundir: RunDir, cfg: Config, facts: dict, start_step: int, saved: dict):
