@@ -169,7 +169,8 @@ def test_pretrained_weights_offline_is_one_line(monkeypatch, tmp_path):
     ("timm:vit_tiny_patch16", {}, "did you mean .*timm:vit_tiny_patch16_224"),
     ("mobilenet", {}, "FAMILY:NAME"),
     ("torchvision:squeezenet1_0", {}, "has no nn.Linear classifier"),
-    ("torchvision:resnet18", {"nonsense": 1}, "refuses model.kwargs"),
+    ("torchvision:resnet18", {"nonsense": 1}, "'model.kwargs.nonsense' is not a keyword"),
+    ("torchvision:resnet18", {"groups": 2}, "refuses model.kwargs .* only supports groups=1"),  # a ValueError inside
     ("torchvision:googlenet", {"init_weights": False}, "gives GoogLeNetOutputs, not .batch, features."),
 ])
 def test_bad_models_are_one_line_each(tmp_path, arch, kwargs, message):

@@ -4,6 +4,7 @@ handed to a shell)."""
 
 from __future__ import annotations
 
+import json
 import pickle
 from pathlib import Path
 
@@ -144,3 +145,135 @@ def test_a_text_file_as_checkpoint_is_not_called_malicious(tmp_path):
     code, err = pretrain_cli(*SETS, "--resume", "--output-dir", str(run))
     assert code == 2
     assert_one_line(err, "is truncated or not a PyTorch file")
+
+
+# --- Model descriptions from files: what a shared encoder, checkpoint, classifier or safetensors file may ask
+# a model constructor for (models/spec.py). Each is refused in one line naming the field, before anything is
+# built: no keyword reaches torchvision or timm unless it is on the allowlist, and every size is bounded.
+
+MEAN, STD = [0.5, 0.5, 0.5], [0.25, 0.25, 0.25]
+EVIL = {"arch": "timm:resnet18", "stem": "cifar", "kwargs": {"checkpoint_path": "EVIL"}}
+DESCRIPTIONS = {  # name -> (description, the field the line must name)
+    "forbidden keyword": (EVIL, "'kwargs.checkpoint_path' is not a keyword"),
+    "absurd width": ({"arch": "resnet18", "stem": "cifar", "width": 10**7}, "'width' must be in [8, 256]"),
+    "absurd ViT width": ({"arch": "timm:vit_tiny_patch16_224", "stem": "cifar",
+                          "kwargs": {"img_size": 16, "patch_size": 4, "embed_dim": 10**6}},
+                         "'kwargs.embed_dim' must be in [8, 4096]"),
+    "a list for kwargs": ({"arch": "timm:resnet18", "stem": "cifar", "kwargs": ["checkpoint_path", "x"]},
+                          "'kwargs' must be a mapping"),
+    "a missing key": ({"arch": "resnet18", "width": 8}, "'stem' is missing"),
+}
+
+
+def write_file(kind: str, desc: dict, path: Path) -> Path:
+    """A file of `kind` whose model description is `desc` (weights that would never be reached)."""
+    from safetensors.torch import save_file
+
+    from simclr_cli.files import CLASSIFIER_FORMAT, ENCODER_FORMAT
+
+    native = {"format": ENCODER_FORMAT, "format_version": 1, **desc, "image_size": 16, "mean": MEAN, "std": STD,
+              "state_dict": {"conv1.weight": torch.zeros(8, 3, 3, 3)}, "provenance": {}}
+    if kind == "native":
+        torch.save(native, path)
+    elif kind == "checkpoint":
+        torch.save({"format": CHECKPOINT_FORMAT, "encoder": {**desc, "image_size": 16, "mean": MEAN, "std": STD,
+                                                             "head": None, "provenance": {}},
+                    "model": {"encoder.conv1.weight": torch.zeros(8, 3, 3, 3)}, "config": {}, "step": 1}, path)
+    elif kind == "classifier":
+        torch.save({**native, "format": CLASSIFIER_FORMAT,
+                    "classifier": {"head_layer": 0, "classes": ["a", "b"], "state_dict": {}}}, path)
+    else:
+        header = {"model": desc, "image_size": 16, "mean": MEAN, "std": STD, "provenance": {}}
+        save_file({"conv1.weight": torch.zeros(8, 3, 3, 3)}, str(path), metadata={"simclr-cli": json.dumps(header)})
+    return path
+
+
+def use_file(kind: str, path: Path, tmp_path: Path) -> tuple[int, str, Path]:
+    """The command a user gives the file to: predict for a classifier, embed for the others."""
+    from PIL import Image
+
+    images = tmp_path / "images"
+    images.mkdir(exist_ok=True)
+    Image.new("RGB", (20, 20), (10, 200, 30)).save(images / "a.png")
+    out = tmp_path / ("out.csv" if kind == "classifier" else "out.npy")
+    args = ["predict", str(path), str(images)] if kind == "classifier" else ["embed", str(images), "--encoder", str(path)]
+    result = CliRunner().invoke(app, [*args, "-o", str(out)])
+    assert "Traceback" not in result.output + result.stderr
+    return result.exit_code, result.stderr.strip(), out
+
+
+@pytest.mark.parametrize("kind", ["native", "checkpoint", "classifier", "safetensors"])
+@pytest.mark.parametrize("case", list(DESCRIPTIONS))
+def test_a_file_asks_a_constructor_only_for_what_is_allowed(tmp_path, monkeypatch, kind, case):
+    desc, field = DESCRIPTIONS[case]
+    if kind == "safetensors" and case == "a missing key":
+        desc = {"arch": "timm:resnet18", "kwargs": {}}
+    monkeypatch.chdir(tmp_path)  # a relative "EVIL" resolves here
+    pwned = tmp_path / "pwned"
+    with open(tmp_path / "EVIL", "wb") as f:
+        pickle.dump({"state_dict": CreatesFile(pwned)}, f, protocol=2)  # what timm's checkpoint_path would unpickle
+    built = []
+    import timm
+    import torchvision
+
+    monkeypatch.setattr(timm, "create_model", lambda *a, **k: built.append(a) or pytest.fail("timm was reached"))
+    monkeypatch.setattr(torchvision.models, "get_model", lambda *a, **k: built.append(a) or pytest.fail("reached"))
+    path = write_file(kind, desc, tmp_path / f"file.{'safetensors' if kind == 'safetensors' else 'pth'}")
+    code, err, out = use_file(kind, path, tmp_path)
+    assert code == 2, err
+    assert_one_line(err, str(path), field)
+    assert not out.exists() and not pwned.exists() and not built
+
+
+@pytest.mark.parametrize("kind", ["native", "classifier"])
+def test_a_malformed_head_or_classifier_section_is_one_line(tmp_path, kind):
+    desc = {"arch": "resnet18", "stem": "cifar", "width": 8}
+    path = write_file(kind, desc, tmp_path / "file.pth")
+    obj = torch.load(path, weights_only=True)
+    if kind == "native":
+        obj["head"], field = ["hidden", 8], "'head' must be a mapping"
+    else:
+        obj["classifier"], field = ["head_layer", 0], "'classifier' must be a mapping"
+    torch.save(obj, path)
+    code, err, out = use_file(kind, path, tmp_path)
+    assert code == 2
+    assert_one_line(err, str(path), field)
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("header, field", [
+    ({"model": ["resnet18"], "image_size": 16, "mean": MEAN, "std": STD}, "'model' is a list, not a mapping"),
+    ({"model": {"arch": "resnet18", "stem": "cifar", "width": 8}, "mean": MEAN, "std": STD}, "'image_size' is missing"),
+    ({"model": {"arch": "resnet18", "stem": "cifar", "width": 8}, "image_size": 16, "mean": [0.5], "std": STD},
+     "'mean' must be 3 finite numbers"),
+])
+def test_a_damaged_safetensors_description_is_one_line(tmp_path, header, field):
+    from safetensors.torch import save_file
+
+    path = tmp_path / "enc.safetensors"
+    save_file({"conv1.weight": torch.zeros(8, 3, 3, 3)}, str(path), metadata={"simclr-cli": json.dumps(header)})
+    code, err, out = use_file("safetensors", path, tmp_path)
+    assert code == 2
+    assert_one_line(err, str(path), field)
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("sets, parts", [
+    (["model.arch=torchvision:mobilenet_v3_small", "model.kwargs={nosuch: 1}"], ["'model.kwargs.nosuch' is not a keyword"]),
+    # on the allowlist, but not MobileNetV3's: its constructor would swallow it without a word
+    (["model.arch=torchvision:mobilenet_v3_small", "model.kwargs={qkv_bias: true}"],
+     ["'model.kwargs.qkv_bias' is not a keyword torchvision:mobilenet_v3_small takes", "dropout"]),
+    (["model.arch=timm:resnet18", "model.kwargs={checkpoint_path: evil.pth}"], ["'model.kwargs.checkpoint_path'"]),
+    (["model.arch=timm:vit_tiny_patch16_224", "model.kwargs={img_size: 16, embed_dim: 1000000}"],
+     ["'model.kwargs.embed_dim' must be in [8, 4096], not 1000000"]),
+    (["model.arch=timm:vit_tiny_patch16_224", "model.kwargs={img_size: 16, patch_size: 4, embed_dim: 100}"],
+     ["refuses model.kwargs", "divisible"]),  # an assertion in timm's constructor, not a traceback
+    (["model.width=10000000"], ["'model.width' must be in [8, 256], not 10000000"]),
+    (["model.arch=timm:resnet18", "model.kwargs={drop_rate: fast}"], ["'model.kwargs.drop_rate' must be a number"]),
+])
+def test_a_config_asks_a_constructor_only_for_what_it_declares(tmp_path, sets, parts):
+    args = [arg for kv in sets for arg in ("--set", kv)]
+    code, err = pretrain_cli(*SETS, *args, "--output-dir", str(tmp_path / "run"))
+    assert code == 2
+    assert_one_line(err, *parts)
+    assert not (tmp_path / "run").exists()

@@ -22,6 +22,7 @@ from simclr_cli.errors import ConfigError
 from simclr_cli.models.heads import EncoderWithHead, ProjectionHead
 from simclr_cli.models.library import LibraryEncoder, Timm, Torchvision
 from simclr_cli.models.resnet import ResNetEncoder
+from simclr_cli.models.spec import DescriptionError, check_description
 from simclr_cli.models.warm import PRETRAINED, built_in_pretrained, warm_start
 
 BUILT_IN: dict[str, type[nn.Module]] = {"resnet18": ResNetEncoder, "resnet34": ResNetEncoder, "resnet50": ResNetEncoder}
@@ -43,7 +44,10 @@ def check_encoder(arch: str) -> None:
 
 
 def encoder_from_spec(spec: dict, image_size: int = 32, pretrained: bool = False) -> nn.Module:
-    """The encoder an encoder file describes (`describe()` of the one that was saved), untrained."""
+    """The encoder a description gives (`describe()` of the one that was saved, or the config's), untrained.
+    What may be built is checked first (`models.spec`: keywords, types, sizes); a keyword the family's
+    constructor does not declare is refused by the family; DescriptionError names the field."""
+    check_description(spec, image_size)
     check_encoder(spec["arch"])
     family, sep, name = spec["arch"].partition(":")
     if sep:
@@ -57,7 +61,11 @@ def build_encoder(model_cfg: ModelConfig, image_size: int = 32) -> nn.Module:
     resolves it): small images, the CIFAR stem."""
     stem = "cifar" if model_cfg.stem == "auto" else model_cfg.stem
     spec = {"arch": model_cfg.arch, "stem": stem, "width": model_cfg.width, "kwargs": model_cfg.kwargs}
-    encoder = encoder_from_spec(spec, image_size, pretrained=model_cfg.init == PRETRAINED)
+    try:
+        encoder = encoder_from_spec(spec, image_size, pretrained=model_cfg.init == PRETRAINED)
+    except DescriptionError as err:  # the config's own name for the field
+        name = "data.image_size" if err.field == "image_size" else f"model.{err.field}"
+        raise ConfigError(f"'{name}' {err.problem}") from None
     if model_cfg.init == PRETRAINED and model_cfg.arch in BUILT_IN:
         built_in_pretrained(encoder)
     elif model_cfg.init and model_cfg.init != PRETRAINED:

@@ -97,6 +97,15 @@ def load_classifier(path: str | Path, obj: object = None) -> LoadedClassifier:
         raise CheckpointError(f"{path} is {what}: simclr predict takes the classifier file `simclr finetune` wrote "
                               "(simclr finetune ENCODER -o classifier.pth)")
     section = obj.get("classifier")
+    problem = ("'classifier' must be a mapping (head_layer, classes, state_dict)" if not isinstance(section, dict) else
+               "'classifier.classes' must be a non-empty list of class names" if not (
+                   isinstance(section.get("classes"), list) and section["classes"]
+                   and all(isinstance(c, str) for c in section["classes"])) else
+               "'classifier.head_layer' must be an integer in 0..3" if section.get("head_layer") not in range(4) or isinstance(
+                   section.get("head_layer"), bool) else None)
+    if problem:
+        raise CheckpointError(f"{path}: this classifier file's description is refused: {problem}: fine-tune again "
+                              "(simclr finetune ENCODER -o classifier.pth)")
     try:
         loaded = read_encoder({**obj, "format": ENCODER_FORMAT}, path)
         model = Classifier(loaded.encoder, loaded.head, int(section["head_layer"]), len(section["classes"]))

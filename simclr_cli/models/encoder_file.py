@@ -12,6 +12,7 @@ state dict. Every file loads with `torch.load(path, weights_only=True)`.
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -27,6 +28,7 @@ from simclr_cli.files import (CHECKPOINT_FORMAT, CLASSIFIER_FORMAT, ENCODER_FORM
 from simclr_cli.models import encoder_from_spec
 from simclr_cli.models.heads import EncoderWithHead, ProjectionHead
 from simclr_cli.models.resnet import infer_resnet, sequential_to_torchvision
+from simclr_cli.models.spec import DescriptionError, check_description
 from simclr_cli.models.warm import mismatch, shape_of
 
 # Plain state dicts carry no image size or normalisation; the original design trained on CIFAR-10 at 32 px.
@@ -133,8 +135,29 @@ def _load_strict(module: torch.nn.Module, state: Any, path: Path, what: str) -> 
     module.load_state_dict(state, strict=True)
 
 
+def check_file_description(meta: Any, path: Path, kind: str) -> None:
+    """A file's description of its model, checked whole before anything is built (`models.spec`): a
+    keyword, type or size it may not ask for is one line naming the field."""
+    try:
+        check_description(meta, meta.get("image_size") if isinstance(meta, dict) else None)
+        if "image_size" not in meta:
+            raise DescriptionError("image_size", "is missing")
+        for key in ("mean", "std"):  # per-channel: three finite numbers, a positive std
+            value = meta.get(key)
+            if value is not None and not (isinstance(value, (list, tuple)) and len(value) == 3 and all(
+                    isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and (key == "mean" or v > 0)
+                    for v in value)):
+                raise DescriptionError(key, f"must be 3 finite numbers{', each > 0' if key == 'std' else ''}, not "
+                                       f"{_what(value)}")
+    except DescriptionError as err:
+        raise CheckpointError(f"{path}: this {kind}'s model description is refused: {err}; simclr-cli builds models "
+                              "only from the keywords and sizes in simclr_cli/models/spec.py (ask for the file "
+                              "`simclr extract` writes)") from None
+
+
 def _build(meta: dict, weights: dict, head_weights: dict | None, path: Path, kind: str, notes: list[str]) -> LoadedEncoder:
     """An encoder (and head) from a description and its weights, both checked."""
+    check_file_description(meta, path, kind)
     try:
         encoder = encoder_from_spec(meta, int(meta["image_size"]))
         _load_strict(encoder, weights, path, "encoder")
@@ -161,6 +184,10 @@ def _build(meta: dict, weights: dict, head_weights: dict | None, path: Path, kin
 
 def _from_native(payload: dict, path: Path) -> LoadedEncoder:
     head = payload.get("head") or None
+    if head is not None and not isinstance(head, dict):
+        raise CheckpointError(f"{path}: this native encoder file's model description is refused: 'head' must be a "
+                              f"mapping (hidden, out, layers, state_dict), not {_what(head)}: write it again with "
+                              "`simclr extract`")
     return _build({**payload, "head": head}, payload.get("state_dict"), head.get("state_dict") if head else None,
                   path, "native encoder file", [])
 
@@ -238,8 +265,13 @@ def _from_safetensors(path: Path) -> LoadedEncoder:
     if not isinstance(meta, dict) or "model" not in meta:
         raise CheckpointError(f"{path} carries no simclr-cli description: export it with `simclr extract --format "
                               "safetensors`")
+    missing = [k for k in ("image_size", "mean", "std") if k not in meta]
+    if not isinstance(meta["model"], dict) or missing:
+        field = f"'{missing[0]}' is missing" if missing else f"'model' is {_what(meta['model'])}, not a mapping"
+        raise CheckpointError(f"{path}: its {PORTABLE_KEY} description is damaged ({field}): export it again with "
+                              "`simclr extract --format safetensors`")
     spec = dict(meta["model"])
-    if ":" in spec["arch"]:  # a library model: its keys are the library's, ours wrap it as `net`
+    if isinstance(spec.get("arch"), str) and ":" in spec["arch"]:  # a library model: the library's keys, ours wrap it as `net`
         weights = {f"net.{k}": v for k, v in weights.items()}
     desc = {**spec, "image_size": meta["image_size"], "mean": meta["mean"], "std": meta["std"], "head": None,
             "provenance": meta.get("provenance")}

@@ -19,12 +19,15 @@ from __future__ import annotations
 
 import difflib
 import importlib.util
+import inspect
+from collections import OrderedDict
 from typing import Any
 
 import torch
 from torch import nn
 
 from simclr_cli.errors import ConfigError, MissingExtraError
+from simclr_cli.models.spec import DescriptionError
 
 
 def _set_module(root: nn.Module, path: str, module: nn.Module) -> None:
@@ -120,18 +123,21 @@ class LibraryEncoder(nn.Module):
         x = torch.zeros(2, 3, size, size)
         try:
             outs = [self.net.eval()(x)]
-            for h in hooks:
-                h.remove()
-            saved = {k: v.clone() for k, v in self.net.state_dict().items()}
-            with torch.random.fork_rng(devices=[]):  # dropout draws: the caller's stream stays as it was
-                outs.append(self.net.train()(x))  # what training gets (inception's aux logits, say)
-            self.net.load_state_dict(saved)  # batch norm's running statistics as built
         except Exception as err:  # the constructor's own check of what it accepts
             raise ConfigError(f"{self.arch} does not run on {size}-pixel images ({type(err).__name__}: "
                               f"{str(err).strip().splitlines()[0][:160]}): set model.kwargs or data.image_size") from None
         finally:
             for h in hooks:
                 h.remove()
+        saved = state_copy(self.net)
+        try:
+            with torch.random.fork_rng(devices=[]):  # dropout draws: the caller's stream stays as it was
+                outs.append(self.net.train()(x))  # what training gets (inception's aux logits, say)
+        except Exception as err:
+            raise ConfigError(f"{self.arch} fails in training mode on {size}-pixel images ({type(err).__name__}: "
+                              f"{str(err).strip().splitlines()[0][:160]}): choose another model or model.kwargs") from None
+        finally:
+            self.net.load_state_dict(saved)  # batch norm's running statistics as built
         for out in outs:
             if not isinstance(out, torch.Tensor) or out.ndim != 2:
                 shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
@@ -146,12 +152,28 @@ def _unknown(family: str, name: str, names: list[str]) -> ConfigError:
     return ConfigError(f"'model.arch' {family}:{name} is not a {family} model{hint}")
 
 
+def state_copy(module: nn.Module) -> OrderedDict:
+    """A copy of `module.state_dict()` that keeps its `_metadata` (each submodule's state version): MNASNet's
+    `_load_from_state_dict` refuses a state without it ("version should be set to 1 or 2")."""
+    state = module.state_dict()
+    copy = OrderedDict((k, v.clone()) for k, v in state.items())
+    copy._metadata = getattr(state, "_metadata", OrderedDict())  # type: ignore[attr-defined]
+    return copy
+
+
 def _constructed(arch: str, build, kwargs: dict) -> nn.Module:
     try:
         return build()
-    except TypeError as err:  # a keyword the constructor refuses
-        raise ConfigError(f"{arch} refuses model.kwargs {kwargs} ({str(err).strip().splitlines()[0]}): give "
-                          "keywords its constructor takes") from None
+    except (TypeError, ValueError, AssertionError) as err:  # a keyword, or a combination, the constructor refuses
+        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ConfigError(f"{arch} refuses model.kwargs {kwargs} ({reason}): give keywords and values its constructor "
+                          "takes") from None
+
+
+def _parameters(function) -> set[str]:
+    """The named parameters of a function or constructor (not *args / **kwargs)."""
+    return {p.name for p in inspect.signature(function).parameters.values()
+            if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)} - {"self"}
 
 
 def fetch_failed(arch: str, err: Exception) -> ConfigError:
@@ -178,11 +200,28 @@ class Torchvision:
         if name not in names:
             raise _unknown(self.prefix, name, names)
 
+    @staticmethod
+    def declared(name: str) -> set[str]:
+        """The keywords NAME's builder and model class name. torchvision's builders pass **kwargs on to the
+        class, and some classes (MobileNetV3) take **kwargs and drop them: an undeclared keyword would be
+        ignored without a word, so it is refused before building."""
+        import torchvision
+
+        builder = torchvision.models.get_model_builder(name)
+        cls = inspect.signature(builder).return_annotation  # the model class (a string under postponed annotations)
+        cls = builder.__globals__.get(cls) if isinstance(cls, str) else cls
+        return _parameters(builder) | (_parameters(cls.__init__) if isinstance(cls, type) else set())
+
     def build(self, name: str, kwargs: dict, stem: str, image_size: int, pretrained: bool = False) -> LibraryEncoder:
         """NAME built as `check` allowed it (`models.encoder_from_spec` checks first)."""
         import torchvision
 
         arch = f"{self.prefix}:{name}"
+        declared = self.declared(name) - {"weights", "progress"}
+        for key in kwargs:
+            if key not in declared:
+                raise DescriptionError(f"kwargs.{key}", f"is not a keyword {arch} takes, so it would be ignored "
+                                       f"(it takes {', '.join(sorted(declared))})")
         weights = "DEFAULT" if pretrained else None
         try:
             net = _constructed(arch, lambda: torchvision.models.get_model(name, weights=weights, **kwargs), kwargs)

@@ -10,6 +10,7 @@ which needs the network: offline, one line says what could not be fetched.
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from pathlib import Path
 
 import torch
@@ -51,9 +52,14 @@ def _is_classifier(key: str, encoder: LibraryEncoder) -> bool:
 
 def mismatch(module: nn.Module, state: dict) -> tuple[dict, list[str], list[str], list[str]]:
     """(`state` with the batch-norm counters it may lack filled in, the keys it misses, the keys it has that
-    `module` has not, the keys whose value is not a tensor of `module`'s shape): what a strict load checks."""
+    `module` has not, the keys whose value is not a tensor of `module`'s shape): what a strict load checks.
+    A state read from a file has no `_metadata` (the submodules' state versions, which a plain dict drops):
+    it gets `module`'s own, the layout it was written in, as MNASNet's loader needs one."""
     expected = module.state_dict()
-    state = {**{k: v for k, v in expected.items() if k.endswith("num_batches_tracked")}, **state}
+    metadata = getattr(state, "_metadata", None) or getattr(expected, "_metadata", None)
+    state = OrderedDict({**{k: v for k, v in expected.items() if k.endswith("num_batches_tracked")}, **state})
+    if metadata is not None:
+        state._metadata = metadata  # type: ignore[attr-defined]
     missing = [k for k in expected if k not in state]
     unexpected = [k for k in state if k not in expected]
     wrong = [k for k in expected if k in state and (not isinstance(state[k], torch.Tensor)
