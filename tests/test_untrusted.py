@@ -269,6 +269,9 @@ def test_a_damaged_safetensors_description_is_one_line(tmp_path, header, field):
     (["model.arch=timm:vit_tiny_patch16_224", "model.kwargs={img_size: 16, patch_size: 4, embed_dim: 100}"],
      ["refuses model.kwargs", "divisible"]),  # an assertion in timm's constructor, not a traceback
     (["model.width=10000000"], ["'model.width' must be in [8, 256], not 10000000"]),
+    # before any data is read: a missing CIFAR-10 would otherwise be the first line
+    (["model.arch=torchvision:mobilenet_v3_small", "model.kwargs={qkv_bias: true}", "data.dataset=cifar10",
+      "data.download=false", "data.root=nowhere"], ["'model.kwargs.qkv_bias' is not a keyword"]),
     (["model.arch=timm:resnet18", "model.kwargs={drop_rate: fast}"], ["'model.kwargs.drop_rate' must be a number"]),
 ])
 def test_a_config_asks_a_constructor_only_for_what_it_declares(tmp_path, sets, parts):

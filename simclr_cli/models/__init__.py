@@ -43,29 +43,52 @@ def check_encoder(arch: str) -> None:
                           f"{', '.join(ENCODERS)}; got {arch!r}{hint}")
 
 
-def encoder_from_spec(spec: dict, image_size: int = 32, pretrained: bool = False) -> nn.Module:
-    """The encoder a description gives (`describe()` of the one that was saved, or the config's), untrained.
-    What may be built is checked first (`models.spec`: keywords, types, sizes); a keyword the family's
-    constructor does not declare is refused by the family; DescriptionError names the field."""
+def check_spec(spec: dict, image_size: int | None = None) -> None:
+    """What may be built, before anything is: the description's keywords, types and sizes (`models.spec`),
+    the name, and the keywords the family's constructor declares. DescriptionError names the field."""
     check_description(spec, image_size)
     check_encoder(spec["arch"])
+    family, sep, name = spec["arch"].partition(":")
+    if sep:
+        ENCODERS[family].check_kwargs(name, spec.get("kwargs") or {})
+
+
+def encoder_from_spec(spec: dict, image_size: int = 32, pretrained: bool = False) -> nn.Module:
+    """The encoder a description gives (`describe()` of the one that was saved, or the config's), untrained,
+    after `check_spec`."""
+    check_spec(spec, image_size)
     family, sep, name = spec["arch"].partition(":")
     if sep:
         return ENCODERS[family].build(name, dict(spec.get("kwargs") or {}), spec["stem"], image_size, pretrained)
     return BUILT_IN[spec["arch"]](spec["arch"], spec["stem"], int(spec["width"]))
 
 
+def _config_spec(model_cfg: ModelConfig) -> dict:
+    stem = "cifar" if model_cfg.stem == "auto" else model_cfg.stem
+    return {"arch": model_cfg.arch, "stem": stem, "width": model_cfg.width, "kwargs": model_cfg.kwargs}
+
+
+def _in_config_terms(err: DescriptionError) -> ConfigError:
+    name = "data.image_size" if err.field == "image_size" else f"model.{err.field}"
+    return ConfigError(f"'{name}' {err.problem}")
+
+
+def check_model(model_cfg: ModelConfig, image_size: int) -> None:
+    """`check_spec` on the config, in its own names (model.kwargs.NAME): before any data is read."""
+    try:
+        check_spec(_config_spec(model_cfg), image_size)
+    except DescriptionError as err:
+        raise _in_config_terms(err) from None
+
+
 def build_encoder(model_cfg: ModelConfig, image_size: int = 32) -> nn.Module:
     """`model.arch` at `model.stem` (and `model.width`, `model.kwargs`), warm-started as `model.init` says. A
     stem of "auto" is left only in a ModelConfig built outside `load_config` (which knows the image size and
     resolves it): small images, the CIFAR stem."""
-    stem = "cifar" if model_cfg.stem == "auto" else model_cfg.stem
-    spec = {"arch": model_cfg.arch, "stem": stem, "width": model_cfg.width, "kwargs": model_cfg.kwargs}
     try:
-        encoder = encoder_from_spec(spec, image_size, pretrained=model_cfg.init == PRETRAINED)
-    except DescriptionError as err:  # the config's own name for the field
-        name = "data.image_size" if err.field == "image_size" else f"model.{err.field}"
-        raise ConfigError(f"'{name}' {err.problem}") from None
+        encoder = encoder_from_spec(_config_spec(model_cfg), image_size, pretrained=model_cfg.init == PRETRAINED)
+    except DescriptionError as err:
+        raise _in_config_terms(err) from None
     if model_cfg.init == PRETRAINED and model_cfg.arch in BUILT_IN:
         built_in_pretrained(encoder)
     elif model_cfg.init and model_cfg.init != PRETRAINED:
@@ -86,4 +109,5 @@ def is_convolutional(encoder: nn.Module) -> bool:
 
 
 __all__ = ["BUILT_IN", "ENCODERS", "EncoderWithHead", "LibraryEncoder", "ProjectionHead", "ResNetEncoder",
-           "build_encoder", "build_model", "check_encoder", "encoder_from_spec", "is_convolutional"]
+           "build_encoder", "build_model", "check_encoder", "check_model", "check_spec", "encoder_from_spec",
+           "is_convolutional"]

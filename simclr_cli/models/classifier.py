@@ -104,7 +104,7 @@ def load_classifier(path: str | Path, obj: object = None) -> LoadedClassifier:
                "'classifier.head_layer' must be an integer in 0..3" if section.get("head_layer") not in range(4) or isinstance(
                    section.get("head_layer"), bool) else None)
     if problem:
-        raise CheckpointError(f"{path}: this classifier file's description is refused: {problem}: fine-tune again "
+        raise CheckpointError(f"{path}: this classifier file's description is refused ({problem}): fine-tune again "
                               "(simclr finetune ENCODER -o classifier.pth)")
     try:
         loaded = read_encoder({**obj, "format": ENCODER_FORMAT}, path)

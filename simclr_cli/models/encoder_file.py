@@ -150,9 +150,8 @@ def check_file_description(meta: Any, path: Path, kind: str) -> None:
                 raise DescriptionError(key, f"must be 3 finite numbers{', each > 0' if key == 'std' else ''}, not "
                                        f"{_what(value)}")
     except DescriptionError as err:
-        raise CheckpointError(f"{path}: this {kind}'s model description is refused: {err}; simclr-cli builds models "
-                              "only from the keywords and sizes in simclr_cli/models/spec.py (ask for the file "
-                              "`simclr extract` writes)") from None
+        raise CheckpointError(f"{path}: this {kind}'s model description is refused ({err}): use a file `simclr "
+                              "extract` wrote, or write this one again with it") from None
 
 
 def _build(meta: dict, weights: dict, head_weights: dict | None, path: Path, kind: str, notes: list[str]) -> LoadedEncoder:
@@ -185,9 +184,9 @@ def _build(meta: dict, weights: dict, head_weights: dict | None, path: Path, kin
 def _from_native(payload: dict, path: Path) -> LoadedEncoder:
     head = payload.get("head") or None
     if head is not None and not isinstance(head, dict):
-        raise CheckpointError(f"{path}: this native encoder file's model description is refused: 'head' must be a "
-                              f"mapping (hidden, out, layers, state_dict), not {_what(head)}: write it again with "
-                              "`simclr extract`")
+        raise CheckpointError(f"{path}: this native encoder file's model description is refused ('head' must be a "
+                              f"mapping (hidden, out, layers, state_dict), not {_what(head)}): use a file `simclr "
+                              "extract` wrote, or write this one again with it")
     return _build({**payload, "head": head}, payload.get("state_dict"), head.get("state_dict") if head else None,
                   path, "native encoder file", [])
 

@@ -212,16 +212,19 @@ class Torchvision:
         cls = builder.__globals__.get(cls) if isinstance(cls, str) else cls
         return _parameters(builder) | (_parameters(cls.__init__) if isinstance(cls, type) else set())
 
+    def check_kwargs(self, name: str, kwargs: dict) -> None:
+        """A keyword NAME does not declare is refused: MobileNetV3 would swallow it without a word."""
+        declared = self.declared(name) - {"weights", "progress"}
+        for key in kwargs:
+            if key not in declared:
+                raise DescriptionError(f"kwargs.{key}", f"is not a keyword {self.prefix}:{name} takes, so it would be "
+                                       f"ignored (it takes {', '.join(sorted(declared))})")
+
     def build(self, name: str, kwargs: dict, stem: str, image_size: int, pretrained: bool = False) -> LibraryEncoder:
         """NAME built as `check` allowed it (`models.encoder_from_spec` checks first)."""
         import torchvision
 
         arch = f"{self.prefix}:{name}"
-        declared = self.declared(name) - {"weights", "progress"}
-        for key in kwargs:
-            if key not in declared:
-                raise DescriptionError(f"kwargs.{key}", f"is not a keyword {arch} takes, so it would be ignored "
-                                       f"(it takes {', '.join(sorted(declared))})")
         weights = "DEFAULT" if pretrained else None
         try:
             net = _constructed(arch, lambda: torchvision.models.get_model(name, weights=weights, **kwargs), kwargs)
@@ -252,6 +255,11 @@ class Timm:
         """An unknown name is one line with the closest names; without timm, the line names the extra."""
         if not self._timm().is_model(name):
             raise _unknown(self.prefix, name, self.names())
+
+    @staticmethod
+    def check_kwargs(name: str, kwargs: dict) -> None:
+        """Nothing to add: timm's model classes take no **kwargs they would drop (an unknown keyword is their
+        TypeError, one line at build time)."""
 
     def build(self, name: str, kwargs: dict, stem: str, image_size: int, pretrained: bool = False) -> LibraryEncoder:
         """NAME built as `check` allowed it (`models.encoder_from_spec` checks first)."""

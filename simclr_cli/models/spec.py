@@ -120,8 +120,8 @@ def check_kwargs(kwargs: Any, field: str = "kwargs") -> dict:
         if key not in KEYWORDS:
             close = difflib.get_close_matches(str(key), KEYWORDS, n=2)
             hint = f" (did you mean {' or '.join(close)}?)" if close else ""
-            raise DescriptionError(f"{field}.{key}", "is not a keyword simclr-cli builds models with: allowed are "
-                                   f"sizes, rates and switches listed in simclr_cli/models/spec.py{hint}")
+            raise DescriptionError(f"{field}.{key}", "is not a keyword simclr-cli passes to a model (the sizes, "
+                                   f"rates and switches it takes, with their bounds: simclr_cli.models.spec.KEYWORDS){hint}")
         _check(f"{field}.{key}", KEYWORDS[key], value)
     return dict(kwargs)
 
