@@ -13,9 +13,15 @@ Builds a folder of JPEGs at 128-160 px with varied sizes and aspect ratios from 
   memory        for 20,000 and 100,000 images (each its own process: cache build, then training steps):
                 peak anonymous memory (what the process allocates) and peak resident file pages (shared
                 libraries and the map's pages: page cache, which the kernel takes back under pressure)
+  finetune      the same two folders, each in its own process, through the cache the memory rows built:
+                `simclr finetune --labels 10%`'s set-up (splits, label subset) and its first steps, peak
+                anonymous memory; the subset is read from the map, so this stays flat as the folder grows
+                (held in memory, 10% of the 80,000 training images of 100,000 at 128 px would add 390 MB)
 
     python benchmarks/folder.py --data-root DIR --work /tmp/folder-bench     # DIR holds cifar-10-batches-py/
     python benchmarks/folder.py --data-root DIR --work W --images 2000 --big 4000 --steps 3   # a quick look
+    python benchmarks/folder.py --data-root DIR --work W --images 1000 --small 5000 --big 20000 --steps 3
+                                                   # the memory rows at N and 4N images, in a few minutes
 """
 
 from __future__ import annotations
@@ -35,9 +41,12 @@ import torch
 from PIL import Image
 
 from simclr_cli.config import DataConfig, load_config
-from simclr_cli.data import ImageSet, load_dataset
+from simclr_cli.data import ImageSet, load_dataset, normalization_for
 from simclr_cli.data.batches import Batches
 from simclr_cli.data.images import iter_decoded, list_images
+from simclr_cli.files import atomic_save
+from simclr_cli.models import build_model
+from simclr_cli.models.encoder_file import encoder_payload
 from simclr_cli.train import Trainer
 
 
@@ -150,6 +159,64 @@ print(json.dumps({"images": len(trainer.data), "setup_s": setup, **peak}))
 """
 
 
+FINETUNE_PROBE = """
+import json, sys, tempfile, threading, time
+from pathlib import Path
+from simclr_cli.evaluate import finetune_loop
+from simclr_cli.evaluate.finetune import FinetuneOptions, FinetuneRun
+peak = {"RssAnon": 0, "RssFile": 0}
+def sample():
+    while True:
+        for line in open("/proc/self/status"):
+            key = line.split(":")[0]
+            if key in peak:
+                peak[key] = max(peak[key], int(line.split()[1]) // 1024)
+        time.sleep(0.05)
+threading.Thread(target=sample, daemon=True).start()
+args = json.loads(sys.argv[1])
+class Enough(Exception):
+    pass
+taken, augmented = [0], finetune_loop.augmented
+def counted(*a, **kw):  # the loop's own augmentation, stopping it after `steps` steps
+    if taken[0] == args["steps"]:
+        raise Enough
+    taken[0] += 1
+    return augmented(*a, **kw)
+finetune_loop.augmented = counted
+out = tempfile.TemporaryDirectory()  # the classifier and state files, if an epoch is shorter than `steps`
+t0 = time.perf_counter()
+run = FinetuneRun(Path(args["encoder"]), Path(out.name) / "classifier.pth", FinetuneOptions(
+    labels=args["labels"], dataset="folder", root=args["root"], epochs=1, batch_size=64, device="cpu",
+    precision="fp32"), lambda event, data: None)
+setup = time.perf_counter() - t0
+try:
+    run.fine_tune("pretrained")
+except Enough:
+    pass
+time.sleep(0.2)
+print(json.dumps({"images": len(run.images), "steps": taken[0], "setup_s": setup, **peak}))
+"""
+
+
+def write_encoder(path: Path, size: int) -> Path:
+    """An untrained encoder file at `size` pixels, the width-16 ResNet-18 of the other rows."""
+    cfg = load_config(None, [f"data.image_size={size}", "model.width=16"])
+    model = build_model(cfg.model, size)
+    mean, std = normalization_for("imagenet")
+    return atomic_save(encoder_payload(model.encoder, cfg, model.head, mean=mean, std=std), path)
+
+
+def finetune_memory_at(root: Path, encoder: Path, cache_dir: Path, steps: int, labels: str) -> dict:
+    """A fresh process loads the folder as `simclr finetune` does (through the cache, already built), then
+    fine-tunes `steps` steps; peaks sampled at 20 Hz."""
+    args = {"root": str(root), "encoder": str(encoder), "labels": labels, "steps": steps}
+    done = subprocess.run([sys.executable, "-c", FINETUNE_PROBE, json.dumps(args)], capture_output=True, text=True,
+                          env={**os.environ, "SIMCLR_CACHE_DIR": str(cache_dir)})
+    if done.returncode != 0:
+        raise SystemExit(f"finetune on {root} failed:\n{done.stderr}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
 def clear(cache_dir: Path, root: Path, size: int) -> None:
     for old in cache_dir.glob(f"{root.name}-{size}px-*"):
         for f in old.iterdir():
@@ -177,6 +244,7 @@ def main() -> None:
     p.add_argument("--size", type=int, default=128, help="data.image_size: pixels the cache stores")
     p.add_argument("--steps", type=int, default=8, help="timed training steps per round")
     p.add_argument("--rounds", type=int, default=3, help="alternations of mapped and in-memory")
+    p.add_argument("--finetune-labels", default="10%", help="--labels of the finetune memory rows")
     args = p.parse_args()
     torch.manual_seed(0)
     t0 = time.perf_counter()
@@ -201,11 +269,14 @@ def main() -> None:
     for way, (_, wait) in speeds.items():
         rows[f"data wait, {way} (% of step time)"] = 100 * wait
     small = link_folder(args.work / f"jpeg-{args.small}", every, args.small)
+    encoder = write_encoder(args.work / "encoder.pth", args.size)
     for n, folder in ((args.small, small), (args.big, args.work / f"jpeg-{args.big}")):
         m = memory_at(folder, args.size, cache_dir, args.steps)
         rows[f"{n} images: peak anonymous memory (MB)"] = m["RssAnon"]
         rows[f"{n} images: peak resident file pages (MB)"] = m["RssFile"]
         rows[f"{n} images: cache build + set-up (s)"] = m["setup_s"]
+        f = finetune_memory_at(folder, encoder, cache_dir, args.steps, args.finetune_labels)
+        rows[f"{n} images: finetune {args.finetune_labels} peak anon. (MB)"] = f["RssAnon"]
     print(f"\n{torch.__version__}, {os.cpu_count()} CPUs, {args.size} px cache, width 16, batch 64, fp32")
     for name, value in rows.items():
         print(f"| {name:48s} | {value:10.3f} |" if isinstance(value, float) else f"| {name:48s} | {value:10d} |")

@@ -3,22 +3,26 @@ layers and resume), `simclr probe --labels`, and the classifier file refused whe
 
 from __future__ import annotations
 
+import copy
 import json
 from pathlib import Path
 
 import pytest
 import torch
+from conftest import REPO
 from PIL import Image
 from typer.testing import CliRunner
 
 from simclr_cli.cli import app
 from simclr_cli.config import load_config
+from simclr_cli.data.mapped import MappedImages
 from simclr_cli.errors import CheckpointError, DatasetError, OptionError
 from simclr_cli.evaluate import finetune_loop
-from simclr_cli.evaluate.finetune import FinetuneOptions, partial_path, run_finetune
+from simclr_cli.evaluate.finetune import FinetuneOptions, FinetuneRun, partial_path, run_finetune
+from simclr_cli.evaluate.finetune_loop import Protocol, train_classifier
 from simclr_cli.evaluate.labels import LabelSpec, label_subset, parse_labels
 from simclr_cli.evaluate.probe import run_probe
-from simclr_cli.models.classifier import load_classifier
+from simclr_cli.models.classifier import Classifier, load_classifier
 from simclr_cli.models.encoder_file import load_encoder
 from simclr_cli.train import pretrain
 
@@ -139,6 +143,86 @@ def test_an_interrupted_finetune_resumes_to_the_weights_of_an_unbroken_one(encod
         assert torch.equal(a, b), k
     with pytest.raises(OptionError, match="nothing to resume"):
         run_finetune(encoder, tmp_path / "other.pth", options(resume=True))
+
+
+@pytest.mark.parametrize("labels, split, epochs, images", [
+    ("1%", "test", 60, 20),  # 150 a class: 1% rounds to 2 each, 1.33% of the images, still the 1% protocol
+    ("1%", "val", 60, 10),  # the validation run trains the epochs of the test run it chooses settings for
+    ("10%", "test", 30, 150),
+    ("1", "test", 60, 10),  # a count per class: its share of the training split, 0.67%
+    ("15", "test", 30, 150),  # 10%
+    ("15", "val", 30, 150),  # 150 of the 1500 labelled images, validation ones included: 10% as for test
+    ("all", "test", 30, 1500),
+])
+def test_the_default_epochs_follow_the_share_asked_for_not_its_rounding(encoder, tmp_path, labels, split, epochs,
+                                                                       images):
+    run = FinetuneRun(encoder, tmp_path / "c.pth", options(labels=labels, split=split, epochs=None, synthetic_size=1500),
+                      lambda event, data: None)
+    assert run.protocol.epochs == epochs and len(run.subset.indices) == images
+
+
+def write_class_folder(root: Path, per_class: int = 12) -> Path:
+    g = torch.Generator().manual_seed(0)
+    for c in ("ant", "bee", "cow"):
+        (root / c).mkdir(parents=True)
+        for i in range(per_class):
+            pixels = torch.randint(0, 256, (40, 36, 3), generator=g, dtype=torch.uint8).numpy()
+            Image.fromarray(pixels).save(root / c / f"{i}.png")
+    return root
+
+
+def test_a_cached_folder_is_fine_tuned_from_the_map_with_the_weights_of_the_images_in_memory(encoder, tmp_path):
+    """The label subset of a folder stays a view of the decoded cache (memory flat however large the folder);
+    reading its batches from the map, ahead on a thread, trains the very weights the same images in memory do."""
+    root = write_class_folder(tmp_path / "images")
+    run = FinetuneRun(encoder, tmp_path / "c.pth", options(dataset="folder", root=str(root), labels="50%"),
+                      lambda event, data: None)
+    assert isinstance(run.images, MappedImages) and isinstance(run.test.images, MappedImages)
+    in_memory = run.images[:]
+    assert in_memory.shape == (15, 3, 32, 32)  # 50% of the 80% of 12 images a class, for 3 classes
+    protocol = Protocol(epochs=2, batch_size=4, lr=0.05, seed=3)  # 4 steps an epoch, the last of 3 images
+    weights = []
+    for images in (run.images, in_memory):
+        torch.manual_seed(0)
+        model = Classifier(copy.deepcopy(run.loaded.encoder), copy.deepcopy(run.loaded.head), 0, 3)
+        train_classifier(model, images, run.labels, run.loaded.mean, run.loaded.std, 32, protocol, torch.device("cpu"),
+                         "fp32")
+        weights.append(model.state_dict())
+    for (k, a), b in zip(weights[0].items(), weights[1].values()):
+        assert torch.equal(a, b), k
+    report = run_finetune(encoder, tmp_path / "c.pth", options(dataset="folder", root=str(root), labels="50%"))
+    assert report["subset"]["images"] == 15 and 0 <= report["results"]["pretrained"]["top1"] <= 1
+
+
+def test_the_benchmark_chooses_each_rows_setting_on_validation_then_scores_the_test_split_once(encoder, tmp_path):
+    """benchmarks/finetune.py in its smoke mode: every row (fine-tuned, random init, linear probe) has a
+    validation figure for each value of its grid, the two fine-tuned rows the same grid, and its test run
+    uses the value with the best validation top-1 (ties: the smaller rate, the stronger L2)."""
+    import importlib.util
+
+    from simclr_cli.evaluate.linear import WEIGHT_DECAYS
+
+    spec = importlib.util.spec_from_file_location("finetune_benchmark", REPO / "benchmarks" / "finetune.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    report = bench.main([str(encoder), "--dataset", "synthetic", "--synthetic-size", "200", "--labels", "20%",
+                         "--epochs", "1", "--batch-size", "16", "--lr", "0.2", "--lr", "0.01", "--device", "cpu",
+                         "--precision", "fp32", "--out", str(tmp_path)])
+    assert json.loads((tmp_path / "report.json").read_text()).keys() == {"20%"}
+    rows = report["20%"]
+    assert list(rows) == ["pretrained", "random_init", "linear_probe"]
+    assert list(rows["pretrained"]["validation"]) == list(rows["random_init"]["validation"]) == ["0.01", "0.2"]
+    assert list(rows["linear_probe"]["validation"]) == [f"{wd:g}" for wd in sorted(WEIGHT_DECAYS, reverse=True)]
+    for name, r in rows.items():
+        best = max(v["top1"] for v in r["validation"].values())
+        assert r["validation"][f"{r['chosen']:g}"]["top1"] == best
+        assert f"{r['chosen']:g}" == next(k for k, v in r["validation"].items() if v["top1"] == best)  # first of ties
+        assert 0 <= r["test"]["top1"] <= 1 and r["test"]["subset"]["images"] == 40  # 20% of the test run's 200
+    for name in ("pretrained", "random_init"):
+        assert rows[name]["test"]["protocol"]["lr"] == rows[name]["chosen"]
+        assert all(v["protocol"]["epochs"] == 1 and v["subset"]["images"] == 36 for v in rows[name]["validation"].values())
+    assert rows["linear_probe"]["test"]["weight_decay"] == rows["linear_probe"]["chosen"]
+    assert not list(tmp_path.glob(".*.partial"))
 
 
 @pytest.mark.parametrize("args, message", [

@@ -2,20 +2,23 @@
 
 Owns the rules every image path in the project follows (pretrain/probe on a folder, `simclr embed`): which
 files count as images, how odd modes become RGB, how a picture becomes a fixed-size square, and how a bad
-file is reported by path instead of crashing a worker. A folder as a dataset (classes, splits) is
-`data.folder`'s.
+file is reported by path instead of crashing a worker. Only regular files (or links to them) are opened: a
+FIFO named x.jpg would block its reader until some writer came, forever in a decode worker, and a device
+may act when opened, so sockets, FIFOs and devices are bad files, named by what they are. A folder as a
+dataset (classes, splits) is `data.folder`'s.
 """
 
 from __future__ import annotations
 
 import math
 import os
+import stat
 from pathlib import Path
-from typing import Iterator, NamedTuple, Sequence
+from typing import BinaryIO, Iterator, NamedTuple, Sequence
 
 import numpy as np
 import torch
-from PIL import Image, ImageFile, ImageOps
+from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 from torch.utils.data import DataLoader, Dataset
 
 from simclr_cli.errors import DatasetError, ImageDecodeError
@@ -31,21 +34,58 @@ MAX_PIXELS = 64_000_000  # width x height after JPEG draft scaling
 MAX_ASPECT = 32  # longer side / shorter side
 
 
+def file_kind(mode: int) -> str:
+    """What a file that is not a regular file is, in words, from its `st_mode`."""
+    kinds = ((stat.S_ISDIR, "a folder"), (stat.S_ISFIFO, "a FIFO (named pipe)"), (stat.S_ISSOCK, "a socket"),
+             (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"))
+    return next((name for test, name in kinds if test(mode)), "not a regular file")
+
+
+class SpecialFileError(OSError):
+    """A path that is not a regular file (a FIFO, socket or device): never opened, since opening a FIFO waits
+    for a writer that may never come."""
+
+
+def open_regular(path: str | Path) -> BinaryIO:
+    """`path` opened for reading in binary if it is a regular file (or a link to one), else SpecialFileError.
+
+    os.stat first, so a FIFO or device is never opened; the file is then opened non-blocking and checked
+    again with fstat, so one swapped in between (a race) still cannot block the read. O_NONBLOCK changes
+    nothing for a regular file.
+    """
+    mode = os.stat(path).st_mode  # follows links: a link to a FIFO is a FIFO
+    if not stat.S_ISREG(mode):
+        raise SpecialFileError(f"{file_kind(mode)}, not a regular file")
+    f = open(path, "rb", opener=lambda p, flags: os.open(p, flags | getattr(os, "O_NONBLOCK", 0)))  # Windows: no FIFOs
+    mode = os.fstat(f.fileno()).st_mode
+    if not stat.S_ISREG(mode):
+        f.close()
+        raise SpecialFileError(f"{file_kind(mode)}, not a regular file")
+    return f
+
+
 def list_images(root: str | Path) -> list[Path]:
     """Every image file under `root`, recursively, sorted by path; extension match is case-insensitive.
 
     Hidden files and folders (".*") are skipped: macOS leaves "._photo.jpg" resource forks beside real photos,
     and those are not images. Symlinked folders are followed once each (a link cycle cannot loop).
-    A single image file is accepted as a one-element list.
+    A single image file is accepted as a one-element list. Inside a folder, a FIFO, socket or device with an
+    image's name is listed, and decoding names it as a bad file (`decode_image`); given as `root` itself it
+    is one DatasetError, before anything else runs.
     """
     root = Path(root).expanduser()
-    if root.is_file():
+    if not root.is_dir():
+        try:
+            mode = root.stat().st_mode  # never opens it
+        except OSError:
+            raise DatasetError(f"image folder {root} does not exist: check the path") from None
+        if not stat.S_ISREG(mode):
+            raise DatasetError(f"{root} is {file_kind(mode)}, not an image file or a folder: point at an image or "
+                               "a folder")
         if root.suffix.lower() in IMAGE_EXTENSIONS:
             return [root]
         raise DatasetError(f"{root} is not an image file ({', '.join(IMAGE_EXTENSIONS)}): point at an image "
                            "or a folder")
-    if not root.is_dir():
-        raise DatasetError(f"image folder {root} does not exist: check the path")
     found, seen = [], set()
     for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
         real = os.path.realpath(dirpath)
@@ -117,12 +157,12 @@ def decode_image(path: str | Path, size: int) -> torch.Tensor:
     EXIF orientation is applied; GIF/WebP animations give their first frame. Truncated files fail
     (`img.load()` runs inside the try, with PIL's LOAD_TRUNCATED_IMAGES forced off for the call, since other
     libraries sometimes switch it on and a half-grey image would then pass silently). Sizes past MAX_PIXELS
-    or MAX_ASPECT fail before decoding.
+    or MAX_ASPECT fail before decoding. A FIFO, socket or device fails without being opened (`open_regular`).
     """
     saved = ImageFile.LOAD_TRUNCATED_IMAGES
     ImageFile.LOAD_TRUNCATED_IMAGES = False
     try:
-        with Image.open(path, formats=PIL_FORMATS) as img:
+        with open_regular(path) as f, Image.open(f, formats=PIL_FORMATS) as img:
             img.seek(0)
             if img.format in ("JPEG", "MPO"):
                 # Let libjpeg downscale by 1/2..1/8 while decoding, never below (size, size): 1024x768 -> 224
@@ -133,6 +173,10 @@ def decode_image(path: str | Path, size: int) -> torch.Tensor:
             img = ImageOps.exif_transpose(img)
             img = _resize_center_crop(_to_rgb(img), size)
             out = np.asarray(img, dtype=np.uint8)
+    except SpecialFileError as e:
+        raise ImageDecodeError(path, str(e)) from None
+    except UnidentifiedImageError:  # PIL names the file object it was given; name the path, as it does for one
+        raise ImageDecodeError(path, f"UnidentifiedImageError: cannot identify image file {str(path)!r}") from None
     except Exception as e:  # PIL raises OSError, SyntaxError, ValueError, EOFError, ... for bad files
         raise ImageDecodeError(path, f"{type(e).__name__}: {e}".strip()) from None
     finally:

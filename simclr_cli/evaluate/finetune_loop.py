@@ -7,7 +7,9 @@ labels and 30 for more; the rate decays by a cosine over the run. Batch norm tra
 
 `train_classifier` saves its state after every epoch through `save_state(state)` and continues from a
 `state` it is given: the model, the optimiser, the epoch and both random generators, so a resumed run ends
-with the weights of one that was never stopped.
+with the weights of one that was never stopped. The images are a tensor or a mapped folder
+(`data.mapped.MappedImages`), whose batches are read from disk as they are taken: memory stays flat
+however many images the subset holds.
 """
 
 from __future__ import annotations
@@ -20,11 +22,16 @@ import torch
 import torch.nn.functional as F
 
 from simclr_cli.augment.views import hflip, resized_crop, sample_crop_boxes
+from simclr_cli.data.batches import BatchStream
+from simclr_cli.data.mapped import MappedImages
 from simclr_cli.models.classifier import Classifier
 from simclr_cli.models.features import preprocess
 from simclr_cli.runtime import autocast
 
 CROP_RATIO = (3 / 4, 4 / 3)
+# Batches of a mapped folder read ahead on a thread while the step runs, as pretraining's data.read_ahead
+# default: the step does not wait for the disk. Images in memory are cut on the main thread.
+READ_AHEAD = 2
 
 
 @dataclass
@@ -43,7 +50,8 @@ class Protocol:
 
 
 def default_epochs(fraction: float) -> int:
-    """The paper's: 60 epochs on 1% of the labels (or fewer), 30 on more."""
+    """The paper's: 60 epochs on 1% of the labels (or fewer), 30 on more. `fraction` is the share asked for
+    (`finetune.asked_fraction`), not the share a class-balanced subset happens to get after rounding."""
     return 60 if fraction <= 0.01 + 1e-9 else 30
 
 
@@ -67,7 +75,7 @@ def _lr_at(p: Protocol, step: int, total: int) -> float:
     return p.lr * 0.5 * (1 + math.cos(math.pi * step / max(1, total)))
 
 
-def train_classifier(model: Classifier, images: torch.Tensor, labels: torch.Tensor, mean, std, size: int,
+def train_classifier(model: Classifier, images: torch.Tensor | MappedImages, labels: torch.Tensor, mean, std, size: int,
                      p: Protocol, device: torch.device, precision: str, state: dict | None = None,
                      save_state: Callable[[dict], None] | None = None,
                      progress: Callable[[int, int, float], None] | None = None) -> Classifier:
@@ -84,22 +92,25 @@ def train_classifier(model: Classifier, images: torch.Tensor, labels: torch.Tens
         g.set_state(state["generator"])
         torch.set_rng_state(state["torch_rng"])
         start = int(state["epoch"])
+    depth = READ_AHEAD if isinstance(images, MappedImages) else 0
     for epoch in range(start, p.epochs):
         order, total_loss = torch.randperm(len(images), generator=g), 0.0
-        for i in range(per_epoch):
-            idx = order[i * p.batch_size:(i + 1) * p.batch_size]
-            if len(idx) < 2:  # batch norm cannot train on one image: a last batch of one waits for the next epoch
-                continue
-            for group in opt.param_groups:
-                group["lr"] = _lr_at(p, epoch * per_epoch + i, p.epochs * per_epoch)
-            x = augmented(images[idx], mean, std, size, g, p.crop_scale_min, device)
-            with autocast(device, precision):
-                logits = model(x)
-            loss = F.cross_entropy(logits.float(), labels[idx].to(device))
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            total_loss += float(loss.detach()) * len(idx)
+        rows = [order[i * p.batch_size:(i + 1) * p.batch_size] for i in range(per_epoch)]
+        # batch norm cannot train on one image: a last batch of one waits for the next epoch
+        steps = [i for i in range(per_epoch) if len(rows[i]) >= 2]
+        with BatchStream(lambda i: images[rows[i]], steps, depth) as batches:  # noqa: B023 (read within the epoch)
+            for i, batch in zip(steps, batches):
+                idx = rows[i]
+                for group in opt.param_groups:
+                    group["lr"] = _lr_at(p, epoch * per_epoch + i, p.epochs * per_epoch)
+                x = augmented(batch, mean, std, size, g, p.crop_scale_min, device)
+                with autocast(device, precision):
+                    logits = model(x)
+                loss = F.cross_entropy(logits.float(), labels[idx].to(device))
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                total_loss += float(loss.detach()) * len(idx)
         if save_state is not None:
             save_state({"model": model.state_dict(), "optimizer": opt.state_dict(), "generator": g.get_state(),
                         "torch_rng": torch.get_rng_state(), "epoch": epoch + 1})
@@ -109,7 +120,7 @@ def train_classifier(model: Classifier, images: torch.Tensor, labels: torch.Tens
 
 
 @torch.no_grad()
-def accuracy(model: Classifier, images: torch.Tensor, labels: torch.Tensor, mean, std, size: int,
+def accuracy(model: Classifier, images: torch.Tensor | MappedImages, labels: torch.Tensor, mean, std, size: int,
              device: torch.device, batch_size: int = 512) -> dict:
     """Top-1 (and top-5 with more than 5 classes) of `model` in eval mode, fp32."""
     model.eval()
