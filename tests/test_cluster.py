@@ -1,7 +1,8 @@
 """What a first GPU and a first multi-process run would meet, shown on the CPU: precision and library settings
 chosen for a GPU's capabilities (monkeypatched), a fixed GPU refused under torchrun, a stop agreed by every
 rank at the next step, the kNN monitor sharded over ranks, a stop during the monitor or the set-up, SyncBatchNorm
-reaching the target networks, --auto-resume, and batches read ahead of the step. What only a GPU can show is in
+reaching the target networks, --auto-resume (rank 0's decision on every rank), the live loggers on several
+ranks (a refusal on every rank, closed after the last collective), and batches read ahead of the step. What only a GPU can show is in
 tests/test_cuda.py."""
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from simclr_cli.cli import app
 from simclr_cli.config import ModelConfig, load_config
 from simclr_cli.data import make_synthetic
 from simclr_cli.data.batches import BatchStream
-from simclr_cli.errors import RuntimeSetupError
+from simclr_cli.errors import CheckpointError, LoggerError, RuntimeSetupError
 from simclr_cli.models import build_model
 from simclr_cli.runtime import INFERENCE_PRECISIONS, DistInfo, configure_cuda, init_distributed, resolve_precision
 from simclr_cli.train import Trainer, launch, pretrain
@@ -222,6 +223,131 @@ def test_auto_resume_starts_then_continues(tmp_path):
     assert kinds.count("resume") == 1
     both = CliRunner().invoke(app, [*args, "--resume"])
     assert both.exit_code == 2 and "give one" in both.output
+
+
+def _hide(path: Path):
+    """This process sees no `path`, as a node whose shared file system has not yet seen a file another node
+    wrote (NFS's attribute cache after a restart): stat says there is none. Returns the undo."""
+    exists, is_file = Path.exists, Path.is_file
+    Path.exists = lambda self, *a, **k: False if self == path else exists(self, *a, **k)
+    Path.is_file = lambda self, *a, **k: False if self == path else is_file(self, *a, **k)
+
+    def undo():
+        Path.exists, Path.is_file = exists, is_file
+    return undo
+
+
+def _auto_resume_rank(rank: int, out: str) -> None:
+    """Each rank runs what `torchrun ... simclr pretrain --auto-resume` runs on it (resolve_config, then
+    pretrain), first with rank 1's node not seeing checkpoint.pt, then rank 0's, then with rank 1 reading an
+    older checkpoint.pt; last, each rank restores a checkpoint of its own through Trainer.resume."""
+    from simclr_cli.train import preflight as checks
+    from simclr_cli.train.preflight import resolve_config
+
+    _as_rank(rank)
+    run, older = Path(out, "run"), Path(out, "older.pt")
+    settings = [*TINY, "train.epochs=3"]
+    seen = {}
+    for case, unseen_by in (("unseen", 1), ("unseen by rank 0", 0)):
+        undo = _hide(run / "checkpoint.pt") if rank == unseen_by else (lambda: None)
+        cfg, resume = resolve_config(None, settings, {"train.output_dir": str(run)}, False, auto_resume=True)
+        try:
+            pretrain(cfg, resume)
+        except CheckpointError as err:
+            seen[case] = [resume, str(err)]
+        undo()
+    if rank == 1:  # this node's file system still serves an older checkpoint.pt
+        checks.load_checkpoint = lambda path: load_checkpoint(older)
+    cfg, resume = resolve_config(None, settings, {"train.output_dir": str(run)}, False, auto_resume=True)
+    try:
+        pretrain(cfg, resume)
+    except CheckpointError as err:
+        seen["older"] = [resume, str(err)]
+    trainer = Trainer(cfg, resuming=True)
+    try:
+        trainer.resume(load_checkpoint(older if rank == 1 else run / "checkpoint.pt"))
+    except CheckpointError as err:
+        seen["restored"] = str(err)
+    Path(out, f"rank{rank}.json").write_text(json.dumps(seen))
+
+
+def test_auto_resume_is_rank_0s_decision_and_every_rank_checks_the_step(tmp_path):
+    """A node that does not see checkpoint.pt yet would start from step 0 while the others resume; one that
+    reads an older copy would resume from another step. Rank 0 decides (its config, resume or not, the step),
+    every rank reads the checkpoint and checks the step, and all refuse with the same line."""
+    run = tmp_path / "run"
+    pretrain(tiny(run, "train.epochs=1"))  # step 3: the older checkpoint.pt
+    (tmp_path / "older.pt").write_bytes((run / "checkpoint.pt").read_bytes())
+    pretrain(tiny(run, "train.epochs=2"), resume=True)  # step 6
+    run_ranks(_auto_resume_rank, (str(tmp_path),))
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert [r["unseen"][0] for r in ranks] == [True, False]  # rank 1 alone would have started a new run
+    assert ranks[0]["unseen"][1] == ranks[1]["unseen"][1] == (
+        f"rank 1 does not see {run / 'checkpoint.pt'}, which rank 0 resumes from (step 6): every node must see "
+        "the run directory as rank 0 does; on a shared file system that caches file attributes (NFS), start "
+        "again once every node sees the file")
+    assert [r["unseen by rank 0"][0] for r in ranks] == [False, True]  # rank 0 would have started over it
+    assert ranks[0]["unseen by rank 0"][1] == ranks[1]["unseen by rank 0"][1] == (
+        f"rank 1 sees {run / 'checkpoint.pt'}, which rank 0 does not (it starts a new run there): every node must "
+        "see the run directory as rank 0 does; on a shared file system that caches file attributes (NFS), start "
+        "again once every node sees the same files")
+    assert ranks[0]["older"] == ranks[1]["older"]
+    assert ranks[0]["older"][1].startswith(f"the ranks read different checkpoints from {run / 'checkpoint.pt'} "
+                                           "(rank 0 step 6, rank 1 step 3): ")
+    assert ranks[0]["restored"] == ranks[1]["restored"] == ranks[0]["older"][1]  # after restoring, the same check
+    assert load_checkpoint(run / "checkpoint.pt")["step"] == 6  # nothing trained, nothing written over
+
+
+# --- the live loggers on several ranks ---------------------------------------------------------------------
+
+
+def _logger_cannot_start_rank(rank: int, out: str) -> None:
+    from simclr_cli.train import loggers
+
+    _as_rank(rank)
+    if rank == 0:  # the only rank that opens the loggers
+        def denied(self, *args):
+            raise PermissionError(13, "Permission denied", str(Path(out, "tensorboard")))
+        loggers.TensorBoard.__init__ = denied
+    try:
+        pretrain(tiny(Path(out), "train.loggers=[tensorboard]"))
+    except LoggerError as err:
+        Path(out, f"rank{rank}.txt").write_text(str(err))
+
+
+def test_a_logger_that_cannot_start_stops_every_rank_with_its_line(tmp_path):
+    """Rank 0 alone opens the loggers; had it stopped alone, rank 1 would wait in the next step's collective
+    (torchrun stops it, srun or mpirun would not)."""
+    run_ranks(_logger_cannot_start_rank, (str(tmp_path),))
+    lines = [(tmp_path / f"rank{r}.txt").read_text() for r in (0, 1)]
+    assert lines[0] == lines[1]
+    assert lines[0].startswith("tensorboard could not start (PermissionError: [Errno 13] Permission denied")
+    assert not (tmp_path / "checkpoint.pt").exists()
+
+
+def _slow_close_rank(rank: int, out: str) -> None:
+    """In torchrun's environment: pretrain joins the group, and leaves it, itself."""
+    from simclr_cli.train import loggers
+
+    if rank == 0:
+        close = loggers.TensorBoard.close
+
+        def slow_close(self, status):  # a W&B upload, an MLflow server's retries
+            time.sleep(3)
+            close(self, status)
+            Path(out, "closed").write_text(repr(time.time()))
+        loggers.TensorBoard.close = slow_close
+    pretrain(tiny(Path(out, "run"), "train.loggers=[tensorboard]", "train.epochs=1", "train.dist_timeout_min=1"))
+    Path(out, f"rank{rank}.returned").write_text(repr(time.time()))
+
+
+def test_rank_0_closes_its_loggers_after_the_last_collective(tmp_path):
+    """Rank 0's loggers take 3 s to close: rank 1 has left by then, instead of waiting for them at the end."""
+    pytest.importorskip("tensorboard")
+    run_ranks(_slow_close_rank, (str(tmp_path),), join=False)
+    closed = float((tmp_path / "closed").read_text())
+    returned = [float((tmp_path / f"rank{r}.returned").read_text()) for r in (0, 1)]
+    assert returned[1] < closed - 2 and returned[0] > closed  # (rank 1 left at least 2 s before the close ended)
 
 
 # --- read-ahead ---------------------------------------------------------------------------------------------

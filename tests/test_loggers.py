@@ -6,8 +6,10 @@ W&B runs offline and MLflow against a file store in the test's folder: nothing l
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -50,6 +52,17 @@ def run_crash_then_resume(out: Path, *names: str, watch=None) -> None:
     pretrain(config(out, *names), resume=True)
 
 
+def eventually(read, done, timeout: float = 30.0):
+    """read() until done(value) or `timeout` seconds: the loggers write from a thread of their own, so a
+    record is in a logger's files a moment after the loop logged it, not at once."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = read()
+        if done(value) or time.monotonic() > deadline:
+            return value
+        time.sleep(0.05)
+
+
 def steps_and_losses(out: Path) -> tuple[list[int], list[float]]:
     rows = records(out, "step")
     return [r["step"] for r in rows], [r["loss"] for r in rows]
@@ -73,7 +86,7 @@ def test_tensorboard_is_current_while_running_and_a_resume_continues_the_same_fo
         if event == "start":
             seen["panel"] = data["info"]
         if event == "epoch" and data["epoch"] == 1:  # the run is still going
-            seen["loss"] = tensorboard_scalars(folder, "train/loss")
+            seen["loss"] = eventually(lambda: tensorboard_scalars(folder, "train/loss"), lambda v: len(v) >= 4)
             seen["wait"] = tensorboard_scalars(folder, "train/data_wait")
     run_crash_then_resume(tmp_path, "tensorboard", watch=watch)
 
@@ -195,7 +208,8 @@ def test_mlflow_has_each_record_while_running_and_a_resume_continues_the_run(tmp
     def watch(event, data):
         if event == "epoch" and data["epoch"] == 1:  # the run is still going
             run_id = json.loads((out / "loggers.json").read_text())["mlflow"]["run_id"]
-            seen["loss"] = [m.step for m in client.get_metric_history(run_id, "train/loss")]
+            seen["loss"] = eventually(lambda: [m.step for m in client.get_metric_history(run_id, "train/loss")],
+                                      lambda v: len(v) >= 4)
             seen["status"] = client.get_run(run_id).info.status
     with pytest.raises(Crash):
         pretrain(config(out, "mlflow"), callback=crash_in_epoch(2, watch))
@@ -259,12 +273,14 @@ def test_a_logger_failing_mid_run_is_one_warning_and_the_run_goes_on(tmp_path, m
     assert summary["epochs"] == 2 and len(records(tmp_path, "step")) == 8  # metrics.jsonl has everything
 
 
-def test_open_loggers_on_other_ranks_and_without_loggers_opens_nothing(tmp_path):
-    cfg = config(tmp_path, "tensorboard")
+def test_open_loggers_without_loggers_opens_nothing(tmp_path):
+    """(Ranks other than 0 open none either: test_distributed's two-rank run finds one events file.)"""
+    cfg = config(tmp_path)
     from simclr_cli.rundir import RunDir
+    from simclr_cli.runtime import DistInfo
 
-    with loggers.open_loggers(cfg, RunDir(tmp_path), {}, 0, lambda e, d: None, is_main=False) as opened:
-        assert opened.loggers == []
+    with loggers.open_loggers(cfg, RunDir(tmp_path), {}, 0, lambda e, d: None, DistInfo()) as opened:
+        assert opened.loggers == [] and opened.thread is None
     assert not (tmp_path / "tensorboard").exists() and not (tmp_path / "loggers.json").exists()
 
 
@@ -293,7 +309,7 @@ def test_an_mlflow_database_store_without_its_driver_is_one_line_before_any_work
     monkeypatch.setitem(sys.modules, "sqlalchemy", None)  # mlflow-skinny alone
     r = CliRunner().invoke(app, ["pretrain", "-o", str(tmp_path / "run"), *sum((["--set", o] for o in TINY), []),
                                  "--set", "train.loggers=[mlflow]"])
-    assert r.exit_code == 2 and "pip install mlflow" in r.stderr and "MLFLOW_TRACKING_URI" in r.stderr
+    assert r.exit_code == 2 and "pip install 'simclr-cli[mlflow]'" in r.stderr and "MLFLOW_TRACKING_URI" in r.stderr
     assert not (tmp_path / "run").exists()
 
 
@@ -311,3 +327,75 @@ def test_a_run_stopped_by_a_signal_leaves_its_mlflow_run_killed_and_a_resume_fin
     assert mlflow_store.get_run(run_id).info.status == "FINISHED"
     history = [m.step for m in mlflow_store.get_metric_history(run_id, "train/loss")]
     assert sorted(history) == [r["step"] for r in records(tmp_path, "step")] == list(range(2, 17, 2))
+
+
+# --- a slow logger, MLflow without a server ------------------------------------------------------------
+
+def test_a_logger_taking_5_s_a_record_never_holds_up_the_step(tmp_path, monkeypatch):
+    """A logger that takes 5 s for each record (an MLflow server retrying, a slow link), a log window of one
+    step: the loop queues its records and goes on at its own pace. The queue (4 records here) fills, and the
+    records it cannot take are left out with one warning; at the end the run waits CLOSE_WAIT_S (1 s here)
+    for the logger, says what it did not send, and returns, while metrics.jsonl has every record."""
+    pytest.importorskip("tensorboard")
+    release, sent = threading.Event(), []
+
+    def slow(self, record, numbers):
+        sent.append(record["step"])
+        release.wait(5)  # 5 s a record, unless the test is over
+    monkeypatch.setattr(loggers.TensorBoard, "write", slow)
+    monkeypatch.setattr(loggers.Loggers, "QUEUE_RECORDS", 4)
+    monkeypatch.setattr(loggers.Loggers, "CLOSE_WAIT_S", 1.0)
+    events = []
+    t0 = time.monotonic()
+    try:
+        pretrain(config(tmp_path, "tensorboard", extra=("train.log_every=1",)),
+                 callback=lambda event, data: events.append((event, data, time.monotonic())))
+    finally:
+        took = time.monotonic() - t0
+        release.set()
+    logged = [t for event, _, t in events if event == "log"]
+    assert len(logged) == len(records(tmp_path, "step")) == 16  # metrics.jsonl: every step's record
+    gaps = [b - a for a, b in zip(logged, logged[1:])]
+    assert max(gaps) < 2.5, gaps  # no step waited for a 5 s record (a step here takes about 0.05 s)
+    ended = next(t for event, _, t in events if event == "end")
+    assert ended - logged[-1] < 1.0 + 2.5  # the bounded close, not the 5 s of each record queued
+    assert took < 30 < 5 * len(logged)
+    notices = [d["message"] for event, d, _ in events if event == "notice"]
+    behind = [m for m in notices if "records behind" in m]
+    assert len(behind) == 1 and behind[0].startswith("tensorboard fell 4 records behind at step ")
+    assert any(m.startswith("tensorboard did not finish within 1 s of the run's end (") for m in notices)
+    assert sent[0] == 1 and len(sent) < 5  # the first record was sent; the run did not wait for the others
+
+
+def test_mlflow_without_a_server_keeps_a_run_that_mlflow_ui_opens(tmp_path, monkeypatch):
+    """`pip install 'simclr-cli[mlflow]'`, then train.loggers=[mlflow] with no MLFLOW_TRACKING_URI: the run
+    goes to MLflow's default store (MLflow 3: ./mlflow.db), which `mlflow ui` started in the same folder opens;
+    it is read back here through MLflow's client on the same default, as `mlflow ui` resolves it."""
+    pytest.importorskip("mlflow")
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.delenv("MLFLOW_ALLOW_FILE_STORE", raising=False)
+    monkeypatch.chdir(tmp_path)
+    r = CliRunner().invoke(app, ["pretrain", "-o", "run", *sum((["--set", o] for o in TINY), []),
+                                 "--set", "train.epochs=1", "--set", "train.loggers=[mlflow]"])
+    assert r.exit_code == 0, r.output
+    from mlflow.tracking import MlflowClient
+    from mlflow.tracking._tracking_service.utils import _get_default_tracking_uri
+
+    client = MlflowClient(_get_default_tracking_uri())  # the store `mlflow ui` (mlflow server) opens given none
+    (run,) = client.search_runs([client.get_experiment_by_name("simclr").experiment_id])
+    assert run.info.status == "FINISHED" and run.info.run_name == "run"
+    assert run.info.run_id == json.loads((tmp_path / "run" / "loggers.json").read_text())["mlflow"]["run_id"]
+    history = sorted((m.step, m.value) for m in client.get_metric_history(run.info.run_id, "train/loss"))
+    steps, losses = steps_and_losses(tmp_path / "run")
+    assert [s for s, _ in history] == steps and [v for _, v in history] == pytest.approx(losses, rel=1e-6)
+
+
+def test_the_mlflow_extra_installs_the_package_that_opens_mlflows_default_store():
+    """mlflow-skinny cannot open MLflow 3's default store (a local database): the extra, and the test extra
+    that runs the test above, name the full package."""
+    tomllib = pytest.importorskip("tomllib")  # Python 3.11+
+    extras = tomllib.loads((Path(__file__).resolve().parents[1] / "pyproject.toml").read_text())["project"][
+        "optional-dependencies"]
+    names = {extra: {re.split(r"[<>=!~ \[;]", req, maxsplit=1)[0] for req in reqs} for extra, reqs in extras.items()}
+    assert "mlflow" in names["mlflow"] and "mlflow" in names["test"]
+    assert "mlflow-skinny" not in names["mlflow"] | names["test"]

@@ -22,7 +22,7 @@ def pretrain(
     device: DeviceOption = None,
     precision: PrecisionOption = None,
     resume: Annotated[bool, typer.Option("--resume", help="Continue the run in the output directory from its checkpoint.pt.")] = False,
-    auto_resume: Annotated[bool, typer.Option("--auto-resume", help="Continue from the output directory's checkpoint.pt when there is one, else start: for jobs that restart themselves (torchrun --max-restarts, a requeued cluster job).")] = False,
+    auto_resume: Annotated[bool, typer.Option("--auto-resume", help="Continue from the output directory's checkpoint.pt when there is one, else start: for jobs that restart themselves (torchrun --max-restarts, a requeued cluster job). On several ranks, rank 0 decides for all.")] = False,
     nproc: Annotated[Optional[int], typer.Option("--nproc", min=1, help="Processes on this machine, e.g. --nproc 4 for 4 GPUs: starts torchrun with the same options; train.batch_size stays the global batch.")] = None,
 ) -> None:
     """Self-supervised pretraining: writes config.yaml, metrics.jsonl, checkpoint.pt and encoder.pth."""

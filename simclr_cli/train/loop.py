@@ -10,6 +10,7 @@ every logged record also goes to the live loggers of `train.loggers` (`loggers.p
 
 from __future__ import annotations
 
+import os
 import time
 
 import torch
@@ -19,28 +20,32 @@ from simclr_cli.augment import Augmenter, view_size_at
 from simclr_cli.config import Config
 from simclr_cli.data import load_train_set, normalization_for
 from simclr_cli.data.batches import Batches
+from simclr_cli.errors import UserError
 from simclr_cli.methods import build_networks
 from simclr_cli.models.encoder_file import encoder_meta, encoder_payload
 from simclr_cli.rundir import RunDir
-from simclr_cli.runtime import (Callback, autocast, broadcast_buffers, configure_cuda, init_distributed,
-                                resolve_precision, shutdown_distributed, wrap_ddp)
+from simclr_cli.runtime import (Callback, DistInfo, autocast, broadcast_buffers, configure_cuda, init_distributed,
+                                is_main_process, resolve_precision, shutdown_distributed, wrap_ddp)
+from simclr_cli.train.agree import together
 from simclr_cli.train.interrupt import RankAgreedStop, StopFlag, StopRequested, stop_guard
 from simclr_cli.train.loggers import Loggers, open_loggers
 from simclr_cli.train.monitor import Monitor, load_monitor
 from simclr_cli.train.optim import build_optimizer, build_scheduler
 from simclr_cli.train.panel import end_summary, start_panel
-from simclr_cli.train.preflight import check_names, check_resume_config, check_world, preflight
+from simclr_cli.train.preflight import check_names, check_resume_config, check_world, preflight, start_together
 from simclr_cli.train.readback import LossWindow, advice, check_finite_weights, read_back
-from simclr_cli.train.state import Parts, RunState, checkpoint, restore
+from simclr_cli.train.state import Parts, RunState, check_same_step, checkpoint, restore
 
 
 class Trainer:
     """One run's objects, built from the config; `run()` trains from the current state to `train.epochs`."""
 
-    def __init__(self, cfg: Config, callback: Callback | None = None, resuming: bool = False):
+    def __init__(self, cfg: Config, callback: Callback | None = None, resuming: bool = False,
+                 joined: tuple[DistInfo, torch.device] | None = None):
+        """`joined`: what `init_distributed` returned when the caller joined the group already."""
         self.cfg, self.emit = cfg, callback or (lambda event, data: None)
         check_names(cfg)  # before minutes of data loading
-        self.ranks, self.device = init_distributed(cfg.train.device, cfg.train.dist_timeout_min)
+        self.ranks, self.device = joined or init_distributed(cfg.train.device, cfg.train.dist_timeout_min)
         check_world(cfg, self.ranks.world_size, self.device)
         self.precision = resolve_precision(cfg.train.precision, self.device)
         self.cuda_settings = configure_cuda(self.device, self.precision, training=True)
@@ -94,8 +99,10 @@ class Trainer:
         """Continue from a loaded checkpoint; one line refuses a checkpoint that does not fit this run."""
         for change in check_resume_config(ckpt["config"], self.cfg):
             self.emit("notice", {"message": f"resume changes {change}"})
-        self.state = restore(ckpt, self.cfg, self.parts(), ranks=self.ranks, rundir=self.rundir,
-                             train_images=len(self.data), steps_per_epoch=self.steps_per_epoch, emit=self.emit)
+        self.state = together(self.ranks, lambda: restore(
+            ckpt, self.cfg, self.parts(), ranks=self.ranks, rundir=self.rundir, train_images=len(self.data),
+            steps_per_epoch=self.steps_per_epoch, emit=self.emit))
+        check_same_step(self.ranks, self.state.step, self.rundir.checkpoint)  # every rank goes on from one step
 
     def train_step(self, x: torch.Tensor) -> torch.Tensor:
         """One optimiser step on uint8 images (b, 3, H, W); returns the loss as a device tensor (no sync)."""
@@ -184,6 +191,7 @@ class Trainer:
         if self.monitor is None:
             return None
         t0, s, m = time.perf_counter(), self.state, self.model
+        check_finite_weights(m, s.step, self.lr(), self._why)  # every rank, as before a save: not NaN features
         self.last_knn = self.monitor(m.encoder, self.stop, getattr(m, "head", None) or getattr(m, "projector", None),
                                      self.augment)
         if self.ranks.is_main:
@@ -201,7 +209,11 @@ class Trainer:
         return self.rundir.write_encoder(payload)
 
     def run(self, stop: StopFlag | None = None) -> dict:
-        """Train to train.epochs. `stop` is the flag of a `stop_guard()` the caller holds; None installs one."""
+        """Train to train.epochs. `stop` is the flag of a `stop_guard()` the caller holds; None installs one.
+
+        The live loggers close last: after the checkpoint a stop writes (torchrun's SIGKILL comes 30 s after
+        its SIGTERM) and, on several ranks, after the closing barrier, the last collective (a W&B upload or an
+        MLflow server's retries then keep no rank waiting)."""
         if stop is None:
             with stop_guard() as stop:
                 return self.run(stop)
@@ -210,25 +222,32 @@ class Trainer:
         self.stop, cfg, s = stop, self.cfg, self.state
         if self.ranks.is_main:
             self.rundir.start(cfg, new=s.step == 0)
-        try:
-            if stop.check():  # a signal while the data or model was being set up
-                raise StopRequested(stop.signal_name)
-            info = start_panel(self)
-            with open_loggers(cfg, self.rundir, info, s.step, self.emit, self.ranks.is_main) as self.loggers:
+        if stop.check():  # a signal while the data or model was being set up
+            raise self._stopped(stop.signal_name)
+        info = start_panel(self)
+        with open_loggers(cfg, self.rundir, info, s.step, self.emit, self.ranks) as self.loggers:
+            try:
                 self.emit("start", {"info": {**info, **self.loggers.where()}, "epochs": cfg.train.epochs,
                                     "start_epoch": s.epoch, "steps_per_epoch": self.steps_per_epoch, "step": s.step})
                 for epoch in range(s.epoch, cfg.train.epochs):
                     self._finish_epoch(epoch, self.run_epoch(epoch, stop))
-        except StopRequested as request:
-            saved = s.unsaved
-            if saved:
-                self.save_checkpoint()
-            raise StopRequested(request.signal_name, str(self.rundir.checkpoint) if s.saved_step is not None
-                                else None, s.epoch, s.step, saved) from None
-        encoder_path = self.write_encoder() if self.ranks.is_main else None
-        summary = end_summary(self, encoder_path)
+            except StopRequested as request:
+                raise self._stopped(request.signal_name) from None
+            encoder_path = self.write_encoder() if self.ranks.is_main else None
+            summary = end_summary(self, encoder_path)
+            if self.ranks.enabled:
+                dist.barrier()  # the last collective: every rank leaves together, then rank 0 closes its loggers
         self.emit("end", summary)
         return summary
+
+    def _stopped(self, signal_name: str) -> StopRequested:
+        """What a stop raises, once what was trained since the last checkpoint is saved."""
+        s = self.state
+        saved = s.unsaved
+        if saved:
+            self.save_checkpoint()
+        return StopRequested(signal_name, str(self.rundir.checkpoint) if s.saved_step is not None else None,
+                             s.epoch, s.step, saved)
 
     def _finish_epoch(self, epoch: int, loss: float) -> None:
         """After the last step of `epoch`: schedule, log, checkpoint and monitor as the config says."""
@@ -248,16 +267,32 @@ def pretrain(cfg: Config, resume: bool = False, callback: Callback | None = None
     """Train as `cfg` says; with `resume`, continue from the run directory's checkpoint.pt.
 
     `preflight` decides new vs resume before any data or model is built, so a wrong resume fails in a
-    second. Ctrl-C / SIGTERM from here on raise StopRequested: during set-up at once, during training once
-    the current step is done and the checkpoint written.
+    second. On several ranks rank 0 decides, from the files as its node sees them, and every rank starts as
+    it decided (`start_together`: its config, whether to resume, and from which step). Ctrl-C / SIGTERM
+    from here on raise StopRequested: during set-up at once, during training once the current step is done
+    and the checkpoint written. The run's last collective is the barrier at the end of `Trainer.run`, so
+    the ranks leave together: a rank tearing down while another still sends can abort it.
     """
-    ckpt = preflight(cfg, resume)
+    several = int(os.environ.get("WORLD_SIZE", 1)) > 1
+    ckpt, refusal = None, None
+    if is_main_process():  # the other ranks read the checkpoint once rank 0 has decided
+        try:
+            ckpt = preflight(cfg, resume)
+        except UserError as err:
+            if not several:
+                raise
+            refusal = err  # said on every rank once they have joined, not on rank 0 alone
     owns_group = not (dist.is_available() and dist.is_initialized())  # else a caller's group: leave it up
     try:
         with stop_guard() as stop:
             try:
                 with stop.at_once():  # set-up has nothing to save: a signal ends it where it is
-                    trainer = Trainer(cfg, callback, resuming=ckpt is not None)
+                    check_names(cfg)  # before joining the group, on every rank alike
+                    joined = init_distributed(cfg.train.device, cfg.train.dist_timeout_min)
+                if joined[0].enabled:  # (a signal meanwhile is taken on entering the set-up below)
+                    cfg, ckpt = start_together(joined[0], cfg, resume, ckpt, refusal)
+                with stop.at_once():
+                    trainer = Trainer(cfg, callback, resuming=ckpt is not None, joined=joined)
             except StopRequested as request:
                 if ckpt is None:
                     raise
@@ -265,10 +300,7 @@ def pretrain(cfg: Config, resume: bool = False, callback: Callback | None = None
                                     ckpt["epoch"], ckpt["step"]) from None
             if ckpt is not None:
                 trainer.resume(ckpt)
-            summary = trainer.run(stop)
-        if owns_group and dist.is_initialized():
-            dist.barrier()  # leave together: a rank tearing down while another still sends can abort it
-        return summary
+            return trainer.run(stop)
     finally:
         if owns_group:  # NCCL warns on every rank at exit about a group never destroyed
             shutdown_distributed()

@@ -1,6 +1,7 @@
 """Starting or resuming a run, decided before any data or model is built, so a wrong start or resume
 fails in a second with one line: the config a run resolves to, what a resume may change, what several
-processes need. `simclr pretrain` asks these in one process or, under --nproc, once in the launcher.
+processes need. `simclr pretrain` asks these in one process, and once in the launcher under --nproc; on
+several ranks (whatever started them) rank 0 asks and every rank starts as it decided (`start_together`).
 """
 
 from __future__ import annotations
@@ -9,22 +10,26 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed as dist
 
 from simclr_cli.config import Config, config_from_dict, config_to_dict, load_config, merge_overrides, read_yaml
 from simclr_cli.data import check_source
-from simclr_cli.errors import CheckpointError, ConfigError, RuntimeSetupError
+from simclr_cli.errors import CheckpointError, ConfigError, RuntimeSetupError, UserError
 from simclr_cli.methods import check_method
-from simclr_cli.models import check_encoder
+from simclr_cli.models import check_model
 from simclr_cli.rundir import RunDir
+from simclr_cli.runtime import DistInfo
+from simclr_cli.train.agree import together
 from simclr_cli.train.loggers import check_loggers
-from simclr_cli.train.state import load_checkpoint
+from simclr_cli.train.state import check_same_step, load_checkpoint
 
 
 def check_names(cfg: Config) -> None:
-    """The names the config gives the registries (data.dataset, model.arch, method.name) exist, and the live
-    loggers' packages import: one line with the closest name or the extra, before any data is read."""
+    """The names the config gives the registries (data.dataset, model.arch and the keywords and sizes it is
+    built from, method.name) exist, and the live loggers' packages import: one line with the closest name or
+    the extra, before any data is read."""
     check_source(cfg.data.dataset)
-    check_encoder(cfg.model.arch)
+    check_model(cfg.model, cfg.data.image_size)  # the name, and the keywords and sizes it is built from
     check_method(cfg.method.name)
     check_loggers(cfg.train.loggers)
 
@@ -41,7 +46,8 @@ def resolve_config(config: str | Path | None, overrides: list[str], values: dict
     """(the run's config, whether it resumes). The config: defaults < YAML < --set < flags. `--resume`
     without `--config` continues the run as it was configured: its own config.yaml, with this command's
     --set and flags on top. `--auto-resume` resumes when the run directory holds a checkpoint.pt and starts
-    the run otherwise: what a restarted job (`torchrun --max-restarts`, a requeued cluster job) runs."""
+    the run otherwise: what a restarted job (`torchrun --max-restarts`, a requeued cluster job) runs. On
+    several ranks each rank resolves its own, and `start_together` replaces it with rank 0's."""
     if resume and auto_resume:
         raise ConfigError("--resume and --auto-resume: give one (--auto-resume also starts a run that has no "
                           "checkpoint yet)")
@@ -83,6 +89,40 @@ def check_world(cfg: Config, world_size: int, device: torch.device) -> None:
         # torch's SyncBatchNorm raises on CPU tensors ("expected input tensor to be on GPU"): refuse up front.
         raise RuntimeSetupError(f"model.sync_bn needs CUDA GPUs; SyncBatchNorm has no {device.type} path: "
                                 "set model.sync_bn=false (each rank then normalises over its own views)")
+
+
+def start_together(ranks: DistInfo, cfg: Config, resume: bool, ckpt: dict | None,
+                   refusal: UserError | None) -> tuple[Config, dict | None]:
+    """(config, checkpoint) of every rank of a run, as rank 0 decided: rank 0's config, whether to resume,
+    and the step of the checkpoint it resumes from. Each rank resolved its own config and, with
+    --auto-resume, whether to resume, from the run directory as its node sees it; a node that does not see
+    checkpoint.pt yet (a shared file system's attribute cache after a restart) would start from step 0 while
+    the others resume, and the replicas would part silently. So rank 0 (`ckpt`: what its `preflight` loaded,
+    or `refusal`: its one-line refusal) decides for all, each other rank reads the checkpoint itself, and a
+    rank that cannot, or reads another step, stops every rank with one line. Collective."""
+    decision = [config_to_dict(cfg), resume, ckpt["step"] if ckpt else None, refusal] if ranks.is_main else [None] * 4
+    dist.broadcast_object_list(decision, src=0, group=ranks.control)
+    saved, resume, step, refusal = decision
+    if refusal is not None:
+        raise refusal  # rank 0's line, on every rank
+    cfg, mine = config_from_dict(saved), ckpt
+    loaded = together(ranks, lambda: mine if ranks.is_main else _as_rank_0_decided(cfg, resume, step, ranks.rank))
+    check_same_step(ranks, loaded["step"] if loaded else None, RunDir(cfg.train.output_dir).checkpoint)
+    return cfg, loaded
+
+
+def _as_rank_0_decided(cfg: Config, resume: bool, step: int | None, rank: int) -> dict | None:
+    """This rank's checkpoint for rank 0's decision: the same file, or one line saying this node sees another."""
+    path = RunDir(cfg.train.output_dir).checkpoint
+    if resume and not path.is_file():
+        raise CheckpointError(f"rank {rank} does not see {path}, which rank 0 resumes from (step {step}): every node "
+                              "must see the run directory as rank 0 does; on a shared file system that caches file "
+                              "attributes (NFS), start again once every node sees the file")
+    if not resume and path.exists():
+        raise CheckpointError(f"rank {rank} sees {path}, which rank 0 does not (it starts a new run there): every "
+                              "node must see the run directory as rank 0 does; on a shared file system that caches "
+                              "file attributes (NFS), start again once every node sees the same files")
+    return preflight(cfg, resume)
 
 
 def preflight(cfg: Config, resume: bool, load: bool = True) -> dict | None:

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Callable
 
 import torch
+import torch.distributed as dist
 
 from simclr_cli import __version__
 from simclr_cli.config import Config, config_to_dict
@@ -119,6 +120,21 @@ def restore(ckpt: dict, cfg: Config, parts: Parts, *, ranks: DistInfo, rundir: R
         rundir.truncate_metrics(ckpt["step"])
         rundir.append({"kind": "resume", "epoch": ckpt["epoch"], "step": ckpt["step"]})  # the report marks it
     return state
+
+
+def check_same_step(ranks: DistInfo, step: int | None, path: Path) -> None:
+    """Every rank restored the same step (None: a new run), or every rank refuses with the same line: a node
+    that read another checkpoint.pt (an older copy its shared file system still served) would train a replica
+    of its own. Collective (one small message per rank); nothing to check in one process."""
+    if not ranks.enabled:
+        return
+    steps: list = [None] * ranks.world_size
+    dist.all_gather_object(steps, step, group=ranks.control)
+    if len(set(steps)) > 1:
+        each = ", ".join(f"rank {r} step {s}" for r, s in enumerate(steps))
+        raise CheckpointError(f"the ranks read different checkpoints from {path} ({each}): every node must see the "
+                              "checkpoint.pt rank 0 sees; on a shared file system that caches what it read (NFS), "
+                              "start again once every node sees the same file")
 
 
 def _restore(ckpt: dict, cfg: Config, parts: Parts, train_images: int, steps_per_epoch: int,
