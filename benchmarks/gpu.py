@@ -14,25 +14,30 @@ OUT receives gpu.jsonl (a first line with the versions, the device, its compute 
 then one line per stage: name, ok, seconds, timeout_s, result, command; flushed and fsync'ed per line),
 gpu.log (every child's whole output, written as it comes) and pretrain-metrics.jsonl (the loss curve).
 
-The deadline is set when this script starts. Each stage runs as a child process (`sys.executable`) in its
-own process group, killed at its timeout: what the budget has left, less the reserves of the stages after
-it and a 15 s margin, and at most its cap, so a hang costs no more than the cap. A stage that fails or is
-cut is recorded and the next one runs; only a failed roi_align (no usable device) stops the run. The two
-stages whose time is least predictable, the torch.compile ones, come last: a slow compile is cut by its
-timeout instead of costing the pretraining.
+The deadline is set when this script starts; the script itself never imports torch. Each step, the
+environment report and the roi_align probe included, runs as a child process (`sys.executable`) in its own
+process group, killed at its timeout: what the budget has left, less the reserves of the stages after it
+and a 15 s margin, and at most its cap, so a hang (a torch import or a CUDA context that never returns)
+costs no more than the cap. A stage that fails or is cut is recorded and the next one runs; only a failed
+environment or roi_align (no usable torch or device) stops the run. The two stages whose time is least
+predictable, the torch.compile ones, come last: a slow compile is cut by its timeout instead of costing the
+pretraining. The pretrain stage's steps/s counts from its first step to its last logged one (whose loss
+read-back waits for the device); the set-up before the first step (torch import, CIFAR loaded twice,
+calibration with its cuDNN choices, model build) is reported beside it, not divided into it.
 
 The plan for 8 minutes (480 s) on one H200. Every number is an estimate: no GPU has run this script yet.
   stage                reserve  cap   estimate
-  environment,roi_align   -      -    10-20 s: interpreter, torch import, CUDA context, one roi_align (a
-                                      CPU-only torchvision fails here at once)
+  environment             -     60 s  ~10 s: interpreter, torch import, CUDA context, the versions
+  roi_align               -     60 s  ~10 s: the same, and one roi_align (a CPU-only torchvision fails here
+                                      at once)
   cuda tests             60 s  120 s  ~1 min: tests/test_cuda.py but compile, ~10 small tests at width 16
                                       (no host sync in a step, pinned folder batches, fp16 and its scaler,
                                       cuDNN/TF32 settings; the two-GPU ones skip), pytest start-up included
   throughput eager       40 s   90 s  ~40 s: throughput.py at batch 512 x (5 + 20) steps per row, bf16
   pretrain               60 s    -    30 s of start-up, CIFAR loaded twice, calibration and encoder write,
                                       then examples/cifar10.yaml (quality.pretrain_for: the cosine ends at
-                                      the planned time) for what is left: 480 - 15 - 60 - 40 - 30 - 60 - 90
-                                      - 60 - 15 (margin) = 110 s of training when the stages before take
+                                      the planned time) for what is left: 480 - 20 - 60 - 40 - 30 - 60 - 90
+                                      - 60 - 15 (margin) = 105 s of training when the stages before take
                                       their estimates. Every second they save goes to it; every second they
                                       overrun comes off it, down to 30 s, and then off their own timeouts
   probe                  60 s  120 s  ~45 s: kNN (k=200) and linear top-1 on the test split, `simclr probe`'s
@@ -67,6 +72,7 @@ STARTED = time.monotonic()  # the budget counts from here; torch is imported aft
 
 REPO = Path(__file__).resolve().parents[1]
 MARGIN_S = {"gpu": 15.0, "tiny": 3.0}  # kept after the last stage: the summary, a killed child's clean-up
+PROBE_CAP_S = {"gpu": 60.0, "tiny": 20.0}  # environment and roi_align, each: ~10 s (gpu, estimated), ~4 s (tiny)
 PRETRAIN_FIXED_S = {"gpu": 30.0, "tiny": 10.0}  # of the pretrain stage's timeout, not training: see above
 TINY_TRAIN_S = 3.0  # --tiny trains this long at most: the point is that every stage runs, not the figure
 # Seconds kept for each stage while the stages before it are planned, and its timeout at most (none: the
@@ -89,6 +95,7 @@ class Stage:
     reserve_s: float  # kept for this stage while the stages before it are planned
     cap_s: float = math.inf  # its timeout at most
     pick: Callable[[str], str] = lambda out: (out.strip().splitlines() or ["(no output)"])[-1]  # result text
+    fields: Callable[[str], dict] = lambda out: {}  # keys a child that succeeded adds to its line
 
 
 def plan_seconds(budget_s: float, elapsed_s: float, later_s: float, cap_s: float = math.inf) -> float:
@@ -134,8 +141,9 @@ def show(line: dict) -> None:
 
 
 def run_stages(stages: list[Stage], budget_s: float, started: float, jsonl: Path, log: Path,
-               margin_s: float) -> list[dict]:
-    """Each stage in turn with its planned timeout; a line in `jsonl` as each ends."""
+               margin_s: float, stop_at_failure: bool = False) -> list[dict]:
+    """Each stage in turn with its planned timeout; a line in `jsonl` as each ends. With `stop_at_failure`,
+    a stage that fails or is cut ends the list: the stages after it need what it checks."""
     lines = []
     for i, stage in enumerate(stages):
         t0 = time.monotonic()
@@ -154,11 +162,14 @@ def run_stages(stages: list[Stage], budget_s: float, started: float, jsonl: Path
             line.update(rc=rc, timed_out=rc is None, ok=rc == 0)
             line["result"] = (stage.pick(out) if rc == 0 else f"timed out after {timeout:.0f} s\n{tail}" if rc is None
                               else f"exit {rc}\n{tail}")
+            line.update(stage.fields(out) if rc == 0 else {})
         line["seconds"] = round(time.monotonic() - t0, 1)
         line["at_s"] = round(time.monotonic() - started, 1)
         record(jsonl, line)
         show(line)
         lines.append(line)
+        if stop_at_failure and not line["ok"]:
+            break
     return lines
 
 
@@ -198,46 +209,95 @@ def build_stages(args, work: Path) -> list[Stage]:
     ]
 
 
-def environment(args, budget_s: float) -> dict:
-    import torch
-    import torchvision
+def build_probes(args, budget_s: float) -> list[Stage]:
+    """The two steps before the stages, each a child with a timeout: the versions and the device, then one
+    roi_align on it. Either failing ends the run: nothing after them can work without torch or the device."""
+    cap = PROBE_CAP_S["tiny" if args.tiny else "gpu"]
+    here = [sys.executable, str(Path(__file__).resolve()), "--device", args.device, "--data-root", str(args.data_root)]
+
+    def facts(out: str) -> dict:
+        return {**json.loads(out.strip().splitlines()[-1]), "budget_s": budget_s, "tiny": args.tiny}
+
+    def said(out: str) -> str:
+        f = facts(out)
+        return (f"torch {f['torch']}, torchvision {f['torchvision']}, CUDA {f['cuda']}, {f['device']} "
+                f"({f['device_name']}, capability {f['capability']}), budget {budget_s:.0f} s")
+
+    return [Stage("environment", lambda timeout: [*here, "--stage", "environment"], 0, cap, said, facts),
+            Stage("roi_align", lambda timeout: [*here, "--stage", "roi_align"], 0, cap)]
+
+
+def environment(args) -> str:
+    """The environment child: its facts as one JSON line."""
+    from importlib.metadata import version
+
+    import torch  # torchvision is not imported here (2 s of a 4 s child on this CPU): roi_align's child does
 
     cuda = args.device.startswith("cuda") and torch.cuda.is_available()
     name = (torch.cuda.get_device_name(0) if cuda else "no CUDA device" if args.device.startswith("cuda")
             else platform.processor() or platform.machine())
-    return {"name": "environment", "ok": True, "torch": torch.__version__, "torchvision": torchvision.__version__,
-            "cuda": torch.version.cuda, "python": platform.python_version(), "device": args.device, "device_name": name,
-            "capability": ".".join(map(str, torch.cuda.get_device_capability(0))) if cuda else None,
-            "budget_s": budget_s, "tiny": args.tiny, "at_s": round(time.monotonic() - STARTED, 1)}
+    return json.dumps({"torch": torch.__version__, "torchvision": version("torchvision"), "cuda": torch.version.cuda,
+                       "python": platform.python_version(), "device": args.device, "device_name": name,
+                       "capability": ".".join(map(str, torch.cuda.get_device_capability(0))) if cuda else None})
 
 
-def roi_align(device: str) -> str:
+def roi_align(args) -> str:
+    """The roi_align child: one on the device, or the error that says why not."""
     import torch
     import torchvision
 
-    x = torch.arange(16.0, device=device).view(1, 1, 4, 4)
-    boxes = [torch.tensor([[0.0, 0.0, 3.0, 3.0]], device=device)]
+    x = torch.arange(16.0, device=args.device).view(1, 1, 4, 4)
+    boxes = [torch.tensor([[0.0, 0.0, 3.0, 3.0]], device=args.device)]
     y = torchvision.ops.roi_align(x, boxes, output_size=2, aligned=True)  # fails at once without CUDA kernels
     return f"roi_align on {y.device}: {y.flatten().tolist()}"
 
 
+class StepClock:
+    """The loop's events on `time.monotonic`: when the first step starts (the "start" event, once the data, the
+    model and the loggers are ready) and when the last logged step ended (its loss is read back there, so the
+    device has done the work): the steps between them over the seconds between them is the training speed,
+    with no set-up in it."""
+
+    def __init__(self) -> None:
+        self.first: tuple[int, float] | None = None  # (step, seconds) at the start event
+        self.last: tuple[int, float] | None = None  # (step, seconds) at the latest log event
+
+    def __call__(self, event: str, data: dict) -> None:
+        if event == "start":
+            self.first = (data["step"], time.monotonic())
+        elif event == "log":
+            self.last = (data["step"], time.monotonic())
+
+    def timed(self) -> tuple[int, float]:
+        """(steps, seconds) from the first step to the last logged one; (0, 0.0) before a log."""
+        if self.first is None or self.last is None:
+            return 0, 0.0
+        return self.last[0] - self.first[0], self.last[1] - self.first[1]
+
+
 def pretrain_stage(args) -> str:
     """The pretrain child: examples/cifar10.yaml for --train-s seconds; the encoder goes to WORK/cifar10."""
+    t0 = time.monotonic()  # the set-up counts from here: the torch import (below) is part of it
     import quality  # benchmarks/quality.py: this script's folder is first on sys.path
 
     extra = [f"train.device={args.device}", "train.log_every=50"]
     if args.tiny:
         extra += ["model.width=8", "data.size_dataset_train=1024", "train.batch_size=32", "train.log_every=2",
                   "train.precision=fp32"]
+    clock = StepClock()
     run = quality.pretrain_for(str(REPO / "examples" / "cifar10.yaml"), args.data_root, args.work / "cifar10",
-                               args.train_s, extra)
+                               args.train_s, extra, watch=clock)
     metrics = args.work / "cifar10" / "metrics.jsonl"
     shutil.copy(metrics, args.out / "pretrain-metrics.jsonl")
     losses = [r["loss"] for r in map(json.loads, metrics.read_text().splitlines()) if r["kind"] == "step"]
     epochs = run["steps"] / run["steps_per_epoch"]
     loss = f", last logged loss {losses[-1]:.3f}" if losses else ""
-    return (f"{run['steps']} steps ({epochs:.2f} epochs) in {run['train_s']:.0f} s of {args.train_s:.0f} planned, "
-            f"{run['steps'] / run['train_s']:.2f} steps/s{loss}")
+    steps, seconds = clock.timed()
+    speed = (f"{steps / seconds:.2f} steps/s over the {steps} steps of {seconds:.1f} s from the first step to the "
+             f"last logged one" if seconds > 0 else "no logged step to time")
+    setup = f"{clock.first[1] - t0:.1f} s" if clock.first else "all of it"
+    return (f"{run['steps']} steps ({epochs:.2f} epochs), {speed}; set-up before the first step {setup} (torch "
+            f"import, data loaded twice, calibration, model); training budget {args.train_s:.0f} s{loss}")
 
 
 def probe_stage(args) -> str:
@@ -252,6 +312,9 @@ def probe_stage(args) -> str:
             f"{report['timing']['total_s']:.0f} s)")
 
 
+CHILDREN = {"environment": environment, "roi_align": roi_align, "pretrain": pretrain_stage, "probe": probe_stage}
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data-root", type=Path, required=True, help="folder holding cifar-10-batches-py/")
@@ -262,11 +325,11 @@ def main() -> None:
     p.add_argument("--work", type=Path, default=None, help="the pretraining run directory's parent (default: a "
                    "new temporary folder; its checkpoint and encoder are too big to come back from the device)")
     p.add_argument("--tiny", action="store_true", help="width 8, a few seconds per stage: the script on a CPU")
-    p.add_argument("--stage", choices=["pretrain", "probe"], help=argparse.SUPPRESS)  # the children
+    p.add_argument("--stage", choices=sorted(CHILDREN), help=argparse.SUPPRESS)  # the children
     p.add_argument("--train-s", type=float, default=None, help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.stage:
-        print((pretrain_stage if args.stage == "pretrain" else probe_stage)(args), flush=True)
+        print(CHILDREN[args.stage](args), flush=True)
         return
     mode = "tiny" if args.tiny else "gpu"
     budget_s = 60 * (args.budget_min or (1.0 if args.tiny else 8.0))
@@ -274,21 +337,10 @@ def main() -> None:
     jsonl, log = args.out / "gpu.jsonl", args.out / "gpu.log"
     jsonl.unlink(missing_ok=True)
     log.unlink(missing_ok=True)
-    env = environment(args, budget_s)
-    record(jsonl, env)
-    print(f"torch {env['torch']}, torchvision {env['torchvision']}, CUDA {env['cuda']}, {env['device']} "
-          f"({env['device_name']}, capability {env['capability']}), budget {budget_s:.0f} s", flush=True)
-    t0 = time.monotonic()
-    line = {"name": "roi_align", "timeout_s": None}
-    try:
-        line.update(ok=True, result=roi_align(args.device))
-    except Exception as err:  # a CPU-only torchvision or no GPU: recorded, and nothing after it can run
-        line.update(ok=False, result=f"{type(err).__name__}: {err}")
-    line.update(seconds=round(time.monotonic() - t0, 1), at_s=round(time.monotonic() - STARTED, 1))
-    record(jsonl, line)
-    show(line)
-    lines = [line]
-    if line["ok"]:
+    # a CPU-only torchvision, no GPU, or a hang: recorded, and nothing after them runs
+    lines = run_stages(build_probes(args, budget_s), budget_s, STARTED, jsonl, log, MARGIN_S[mode],
+                       stop_at_failure=True)
+    if all(line["ok"] for line in lines):
         work = args.work or Path(tempfile.mkdtemp(prefix="simclr-gpu-"))
         lines += run_stages(build_stages(args, work), budget_s, STARTED, jsonl, log, MARGIN_S[mode])
     print(f"\n{'stage':<20} {'':<6} {'s':>5} {'timeout':>7}  result (first line; all in {jsonl})")

@@ -74,7 +74,9 @@ def replan(step: int, now: float, first: tuple[int, float] | None, deadline: flo
     return max(step, step + int((deadline - now) * rate))
 
 
-def pretrain_for(config: str, data_dir: str, out: Path, budget_s: float, extra: list[str]) -> dict:
+def pretrain_for(config: str, data_dir: str, out: Path, budget_s: float, extra: list[str], watch=None) -> dict:
+    """`watch(event, data)`, if given, sees every event of the run before the budget's own watch (a caller's
+    timing: benchmarks/gpu.py times the steps from the first one)."""
     overrides = [f"data.root={data_dir}", "data.download=false", f"train.output_dir={out}", "train.eval_every=0",
                  "train.checkpoint_every=1000000"] + extra
     cfg = load_config(config, overrides)
@@ -90,7 +92,9 @@ def pretrain_for(config: str, data_dir: str, out: Path, budget_s: float, extra: 
         if per_step is not None and per_step.decay:
             per_step.total_steps = max(plan["steps"], per_step.warmup_steps + 1)
 
-    def watch(event: str, data: dict) -> None:
+    def steer(event: str, data: dict) -> None:
+        if watch is not None:
+            watch(event, data)
         if event != "log":
             return
         now = time.perf_counter()
@@ -100,7 +104,7 @@ def pretrain_for(config: str, data_dir: str, out: Path, budget_s: float, extra: 
         if data["step"] >= plan["steps"] or now - start > budget_s:
             raise BudgetSpent()
 
-    trainer = Trainer(cfg, watch)
+    trainer = Trainer(cfg, steer)
     per_step = getattr(trainer.scheduler, "per_step", None)
     aim()
     try:

@@ -64,11 +64,13 @@ def test_the_folder_benchmark_runs_end_to_end_and_prints_what_it_measured(tmp_pa
     write_fake_cifar(tmp_path / "data", "cifar10", n_per_batch=40)  # 240 images to upsample
     done = subprocess.run([sys.executable, str(REPO / "benchmarks" / "folder.py"), "--data-root", str(tmp_path / "data"),
                            "--work", str(tmp_path / "work"), "--images", "100", "--small", "90", "--big", "120",
-                           "--steps", "1", "--rounds", "1"], capture_output=True, text=True, timeout=600)
+                           "--steps", "1", "--rounds", "1", "--finetune-labels", "50%"],  # 10% leaves a class of 3 none
+                          capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr
     rows = {line.split("|")[1].strip(): float(line.split("|")[2]) for line in done.stdout.splitlines()
             if line.startswith("|")}
-    assert len(rows) == 16 and all(v > 0 or name.endswith("(s)") for name, v in rows.items()), rows
+    assert len(rows) == 18 and all(v > 0 or name.endswith("(s)") for name, v in rows.items()), rows
+    assert {"90 images: finetune 50% peak anon. (MB)", "120 images: finetune 50% peak anon. (MB)"} <= rows.keys()
     # one timed step per way: a ratio of speeds is noise here, so the check is that the table is consistent
     ratio = rows["views/s, mapped, read ahead"] / rows["views/s, in memory"]
     assert rows["mapped read ahead / in memory"] == pytest.approx(ratio, rel=1e-2, abs=1e-3)  # printed to 3 places
@@ -171,3 +173,89 @@ def test_the_pretraining_time_is_what_the_later_stages_leave():
     pretrain = {s.name: s for s in gpu.build_stages(args, Path("w"))}["pretrain"]
     argv = pretrain.argv(135)
     assert argv[argv.index("--train-s") + 1] == "105"  # less the 30 s of start-up, calibration and writing
+
+
+def test_a_hanging_environment_step_is_cut_by_its_timeout_and_recorded(tmp_path):
+    """The parent's own steps run as children with timeouts: a torch import that never returns (a `torch`
+    that sleeps, first on PYTHONPATH) is killed, recorded as timed out, and ends the run with exit 1."""
+    import os
+    import subprocess
+    import sys
+    import time
+
+    (tmp_path / "hang").mkdir()
+    (tmp_path / "hang" / "torch.py").write_text("import time\ntime.sleep(600)\n")
+    env = {**os.environ, "PYTHONPATH": str(tmp_path / "hang")}
+    start = time.monotonic()
+    # --budget-min 0.1: 6 s, less the 3 s margin: the environment child gets about 3 s
+    done = subprocess.run([sys.executable, str(REPO / "benchmarks" / "gpu.py"), "--device", "cpu", "--tiny",
+                           "--budget-min", "0.1", "--data-root", str(tmp_path / "data"), "--out", str(tmp_path / "out")],
+                          capture_output=True, text=True, timeout=30, cwd=REPO, env=env)
+    assert time.monotonic() - start < 20
+    assert done.returncode == 1, done.stdout + done.stderr
+    lines = [json.loads(line) for line in (tmp_path / "out" / "gpu.jsonl").read_text().splitlines()]
+    assert [line["name"] for line in lines] == ["environment"]  # roi_align and the stages never started
+    (env_line,) = lines
+    assert env_line["timed_out"] and not env_line["ok"] and 2 <= env_line["timeout_s"] <= 3.5
+    assert env_line["result"].startswith(f"timed out after {env_line['timeout_s']:.0f} s")
+    assert "environment          FAILED" in done.stdout
+
+
+def test_the_pretrain_speed_counts_from_the_first_step_and_the_set_up_is_apart(tmp_path, monkeypatch):
+    """The pretrain stage on a fake clock: each Trainer build (data, model) takes 5 s and each step 1 s, so
+    the speed is 1.00 steps/s whatever the set-up took, and the set-up (two builds, the calibration's 7
+    steps) is 17 s, printed beside it."""
+    import argparse
+    import sys
+    import types
+
+    gpu, quality = load_gpu(), load_quality()
+    monkeypatch.setitem(sys.modules, "quality", quality)
+    clock = types.SimpleNamespace(now=0.0)
+    fake_time = types.SimpleNamespace(monotonic=lambda: clock.now, perf_counter=lambda: clock.now)
+    monkeypatch.setattr(gpu, "time", fake_time)
+    monkeypatch.setattr(quality, "time", fake_time)
+
+    class SlowSetUp(quality.Trainer):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            clock.now += 5.0
+
+        def train_step(self, x):
+            clock.now += 1.0
+            return super().train_step(x)
+
+    monkeypatch.setattr(quality, "Trainer", SlowSetUp)
+    write_fake_cifar(tmp_path / "data", "cifar10", n_per_batch=40)  # 200 training images: 6 steps an epoch
+    (tmp_path / "out").mkdir()
+    args = argparse.Namespace(device="cpu", tiny=True, data_root=tmp_path / "data", work=tmp_path / "work",
+                              out=tmp_path / "out", train_s=30.0)
+    result = gpu.pretrain_stage(args)
+    # the budget's plan (30 s, 1 step/s, its deadline 0.97 x 30 s after the second build began) stops at step 24
+    assert result.startswith("24 steps (4.00 epochs), 1.00 steps/s over the 24 steps of 24.0 s"), result
+    assert "set-up before the first step 17.0 s" in result, result
+
+
+def test_the_overheads_benchmark_prints_every_figure_the_readme_quotes():
+    """benchmarks/overheads.py --tiny: a row per live logger (measured, or not installed), the stop check in
+    one process and on 2 gloo ranks, and the untrained CPU recipe's health beside the collapse thresholds."""
+    import re
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, str(REPO / "benchmarks" / "overheads.py"), "--tiny"], capture_output=True,
+                          text=True, timeout=300, cwd=REPO)
+    assert done.returncode == 0, done.stdout + done.stderr
+    rows = {line.split()[0]: line.split()[1:] for line in done.stdout.splitlines() if line.strip()}
+    for name in ("metrics.jsonl", "tensorboard", "wandb", "mlflow"):
+        assert rows[name] == ["not", "installed"] or float(rows[name][0]) > 0, done.stdout
+    installed = [n for n in ("tensorboard", "wandb", "mlflow") if rows[n] != ["not", "installed"]]
+    assert all(len(rows[n]) == 6 and all(float(v) > 0 for v in rows[n]) for n in installed), done.stdout
+    stop = re.findall(r"^(1 process|2 gloo ranks): \S+ +([\d.]+) µs a step", done.stdout, re.M)
+    assert [name for name, _ in stop] == ["1 process", "2 gloo ranks"] and all(float(v) > 0 for _, v in stop)
+    cpu = re.search(r"^cpu +resnet18 w8, simclr, \w+ +([\d.]+) /(\d+) +([\d.]+) /(\d+) +([\d.]+) +(-[\d.]+) +([\d.]+) "
+                    r" 0 of 1 +\d+ s$", done.stdout, re.M)  # rank_h, rank_z, z_std/unif, uniformity, alignment, warns
+    assert cpu, done.stdout
+    assert cpu[2] == cpu[4] == "64"  # 64 held-out images bound both ranks (h has 64 dimensions, z 128)
+    assert 1 <= float(cpu[1]) <= 64 and 1 <= float(cpu[3]) <= 64 and float(cpu[5]) > 0
+    assert "rank_h or rank_z under 2" in done.stdout and "z_std/unif under 0.01" in done.stdout
