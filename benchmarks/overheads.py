@@ -83,7 +83,8 @@ def measure_loggers(records: int, folder: Path) -> list[tuple[str, str]]:
     from simclr_cli.errors import MissingExtraError
     from simclr_cli.rundir import RunDir, scalars
     from simclr_cli.runtime import DistInfo
-    from simclr_cli.train.loggers import check_loggers, open_loggers
+    from simclr_cli.train.loggers import open_loggers
+    from simclr_cli.train.trackers import check_loggers
 
     quiet_environment(folder)
     facts = {"device": "cpu", "benchmark": "overheads.py"}

@@ -302,13 +302,13 @@ def test_auto_resume_is_rank_0s_decision_and_every_rank_checks_the_step(tmp_path
 
 
 def _logger_cannot_start_rank(rank: int, out: str) -> None:
-    from simclr_cli.train import loggers
+    from simclr_cli.train import trackers
 
     _as_rank(rank)
     if rank == 0:  # the only rank that opens the loggers
         def denied(self, *args):
             raise PermissionError(13, "Permission denied", str(Path(out, "tensorboard")))
-        loggers.TensorBoard.__init__ = denied
+        trackers.TensorBoard.__init__ = denied
     try:
         pretrain(tiny(Path(out), "train.loggers=[tensorboard]"))
     except LoggerError as err:
@@ -327,16 +327,16 @@ def test_a_logger_that_cannot_start_stops_every_rank_with_its_line(tmp_path):
 
 def _slow_close_rank(rank: int, out: str) -> None:
     """In torchrun's environment: pretrain joins the group, and leaves it, itself."""
-    from simclr_cli.train import loggers
+    from simclr_cli.train import trackers
 
     if rank == 0:
-        close = loggers.TensorBoard.close
+        close = trackers.TensorBoard.close
 
         def slow_close(self, status):  # a W&B upload, an MLflow server's retries
             time.sleep(3)
             close(self, status)
             Path(out, "closed").write_text(repr(time.time()))
-        loggers.TensorBoard.close = slow_close
+        trackers.TensorBoard.close = slow_close
     pretrain(tiny(Path(out, "run"), "train.loggers=[tensorboard]", "train.epochs=1", "train.dist_timeout_min=1"))
     Path(out, f"rank{rank}.returned").write_text(repr(time.time()))
 

@@ -20,7 +20,7 @@ from simclr_cli.cli import app
 from simclr_cli.config import load_config
 from simclr_cli.errors import ConfigError
 from simclr_cli.rundir import scalars
-from simclr_cli.train import loggers, pretrain
+from simclr_cli.train import loggers, pretrain, trackers
 
 from test_watch import TINY, records
 
@@ -264,7 +264,7 @@ def test_a_logger_failing_mid_run_is_one_warning_and_the_run_goes_on(tmp_path, m
     def disk_full(self, record, numbers):
         calls.append(record["step"])
         raise OSError(28, "No space left on device")
-    monkeypatch.setattr(loggers.TensorBoard, "write", disk_full)
+    monkeypatch.setattr(trackers.TensorBoard, "write", disk_full)
     events = []
     summary = pretrain(config(tmp_path, "tensorboard"), callback=lambda event, data: events.append((event, data)))
     notices = [d["message"] for e, d in events if e == "notice" and "logging stopped" in d["message"]]
@@ -342,7 +342,7 @@ def test_a_logger_taking_5_s_a_record_never_holds_up_the_step(tmp_path, monkeypa
     def slow(self, record, numbers):
         sent.append(record["step"])
         release.wait(5)  # 5 s a record, unless the test is over
-    monkeypatch.setattr(loggers.TensorBoard, "write", slow)
+    monkeypatch.setattr(trackers.TensorBoard, "write", slow)
     monkeypatch.setattr(loggers.Loggers, "QUEUE_RECORDS", 4)
     monkeypatch.setattr(loggers.Loggers, "CLOSE_WAIT_S", 1.0)
     events = []

@@ -12,7 +12,6 @@ state dict. Every file loads with `torch.load(path, weights_only=True)`.
 from __future__ import annotations
 
 import json
-import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -139,16 +138,7 @@ def check_file_description(meta: Any, path: Path, kind: str) -> None:
     """A file's description of its model, checked whole before anything is built (`models.spec`): a
     keyword, type or size it may not ask for is one line naming the field."""
     try:
-        check_description(meta, meta.get("image_size") if isinstance(meta, dict) else None)
-        if "image_size" not in meta:
-            raise DescriptionError("image_size", "is missing")
-        for key in ("mean", "std"):  # per-channel: three finite numbers, a positive std
-            value = meta.get(key)
-            if value is not None and not (isinstance(value, (list, tuple)) and len(value) == 3 and all(
-                    isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and (key == "mean" or v > 0)
-                    for v in value)):
-                raise DescriptionError(key, f"must be 3 finite numbers{', each > 0' if key == 'std' else ''}, not "
-                                       f"{_what(value)}")
+        check_description(meta, meta.get("image_size") if isinstance(meta, dict) else None, input_too=True)
     except DescriptionError as err:
         raise CheckpointError(f"{path}: this {kind}'s model description is refused ({err}): use a file `simclr "
                               "extract` wrote, or write this one again with it") from None

@@ -126,11 +126,20 @@ def check_kwargs(kwargs: Any, field: str = "kwargs") -> dict:
     return dict(kwargs)
 
 
-def check_description(spec: Any, image_size: Any = None) -> None:
+def check_description(spec: Any, image_size: Any = None, input_too: bool = False) -> None:
     """An encoder description (and its image size and head, where given): the shape of every entry, the
-    keywords and every size, before anything is built. Raises DescriptionError naming the field."""
+    keywords and every size, before anything is built. `input_too`: a file's, which must also give its
+    image size, and its normalisation as three numbers each (a positive std) where it gives one. Raises
+    DescriptionError naming the field."""
     if not isinstance(spec, dict):
         raise DescriptionError("model", f"must be a mapping (arch, stem, ...), not {_shown(spec)}")
+    if input_too:
+        if "image_size" not in spec:
+            raise DescriptionError("image_size", "is missing")
+        for key, rule in (("mean", Keyword(float, -1e3, 1e3)), ("std", Keyword(float, 1e-6, 1e3))):
+            value = spec.get(key)
+            if value is not None and (not isinstance(value, (list, tuple)) or len(value) != 3 or any(map(rule.problem, value))):
+                raise DescriptionError(key, f"must be 3 numbers in [{rule.low:g}, {rule.high:g}], not {_shown(value)}")
     for key in ("arch", "stem"):
         if key not in spec:
             raise DescriptionError(key, "is missing")

@@ -2,6 +2,7 @@
 start or resume may do (`preflight.py`), the kNN monitor, the live loggers (`loggers.py`), optimisers and
 schedules, the loss read-back, stops by signal, and `--nproc` (`launch.py`)."""
 
-from simclr_cli.train.loop import Trainer, pretrain
+from simclr_cli.train.loop import Trainer
+from simclr_cli.train.start import pretrain
 
 __all__ = ["Trainer", "pretrain"]

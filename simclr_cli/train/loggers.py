@@ -22,187 +22,19 @@ from __future__ import annotations
 
 import json
 import queue
-import secrets
 import threading
 import time
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable, Iterator
 
-from simclr_cli.config import Config, config_to_dict, dump_config
-from simclr_cli.errors import LoggerError, MissingExtraError
+from simclr_cli.config import Config
 from simclr_cli.files import atomic_write_text
 from simclr_cli.rundir import RunDir, scalars
 from simclr_cli.runtime import DistInfo
 from simclr_cli.train.agree import together
 from simclr_cli.train.interrupt import StopRequested
-
-# name -> (module it imports, extra that installs it)
-PACKAGES = {"tensorboard": ("torch.utils.tensorboard", "tensorboard"), "wandb": ("wandb", "wandb"),
-            "mlflow": ("mlflow", "mlflow")}
-DATABASE_SCHEMES = ("sqlite", "postgresql", "mysql", "mssql")  # MLflow stores behind SQLAlchemy
-
-
-def check_loggers(names: list[str]) -> None:
-    """Each logger's package imports; MLflow's database store has its driver. One line naming the fix."""
-    for name in names:
-        module, extra = PACKAGES[name]
-        try:
-            __import__(module)
-        except ImportError as err:
-            raise MissingExtraError(f"train.loggers has {name}, which needs the {extra} package ({err}): pip install "
-                                    f"'simclr-cli[{extra}]', or take {name} out of train.loggers") from None
-    if "mlflow" in names:
-        import mlflow
-
-        uri = mlflow.get_tracking_uri()
-        if uri.split(":", 1)[0].split("+", 1)[0] in DATABASE_SCHEMES:
-            try:
-                import alembic  # noqa: F401
-                import sqlalchemy  # noqa: F401
-            except ImportError:
-                raise MissingExtraError(f"MLflow's tracking store {uri} is a database, which needs the full mlflow "
-                                        "package, not mlflow-skinny alone: pip install 'simclr-cli[mlflow]', or "
-                                        "set MLFLOW_TRACKING_URI to your tracking server") from None
-
-
-def flat(cfg: Config) -> dict[str, str | int | float | bool]:
-    """The resolved config as section.key -> value; lists, mappings and null as their JSON text."""
-    out = {}
-    for section, values in config_to_dict(cfg).items():
-        for key, value in values.items():
-            simple = isinstance(value, (str, int, float, bool))
-            out[f"{section}.{key}"] = value if simple else json.dumps(value)
-    return out
-
-
-class TensorBoard:
-    """Event files in RUN_DIR/tensorboard (`tensorboard --logdir RUN_DIR/tensorboard`)."""
-
-    name = "tensorboard"
-
-    def __init__(self, rundir: RunDir, cfg: Config, facts: dict, start_step: int) -> None:
-        from torch.utils.tensorboard import SummaryWriter
-        from torch.utils.tensorboard.summary import hparams
-
-        folder = rundir.path / "tensorboard"
-        if start_step == 0:  # a new run: an earlier attempt's events go, as its metrics.jsonl does
-            for old in folder.glob("events.out.tfevents.*"):
-                old.unlink()
-        # purge_step: TensorBoard hides what an earlier attempt logged past the checkpoint
-        self.writer = SummaryWriter(str(folder), purge_step=start_step + 1 if start_step else None)
-        self.folder, self.after = folder, start_step
-        if start_step == 0:
-            for summary in hparams(flat(cfg), {"eval/knn_top1": 0}):  # the HParams tab
-                self.writer.file_writer.add_summary(summary)
-        self.writer.add_text("config", "```\n" + dump_config(cfg) + "```", start_step)  # each (re)start's
-        self.writer.add_text("start", "\n".join(f"- **{k}**: {v}" for k, v in facts.items()), start_step)
-        self.writer.flush()
-
-    def where(self) -> str:
-        return f"tensorboard --logdir {self.folder}"
-
-    def write(self, record: dict, numbers: dict[str, float]) -> None:
-        for tag, value in numbers.items():
-            self.writer.add_scalar(tag, value, record["step"])
-        if record.get("kind") == "warning":
-            self.writer.add_text("warnings", record["message"], record["step"])
-        self.writer.flush()
-
-    def close(self, status: str) -> None:
-        self.writer.close()
-
-
-class WandB:
-    """A Weights & Biases run (project train.log_project, named after the run directory); its local files in
-    RUN_DIR/wandb. WANDB_MODE=offline writes them only, for `wandb sync` later."""
-
-    name = "wandb"
-
-    def __init__(self, rundir: RunDir, cfg: Config, facts: dict, start_step: int, saved: dict) -> None:
-        import wandb
-
-        self.wandb = wandb
-        self.run = wandb.init(project=cfg.train.log_project, name=rundir.path.resolve().name,
-                              id=saved.get("id") or secrets.token_hex(4), resume="allow", dir=str(rundir.path),
-                              config={**config_to_dict(cfg), "start": facts}, reinit="create_new",
-                              settings=wandb.Settings(silent=True, console="off"))
-        saved.update(id=self.run.id, project=cfg.train.log_project)
-        # Our step is every chart's x axis, sent with each record, which W&B then writes at once (with log's
-        # step=, it would hold a step's row back until a later step came). A resumed online run's summary
-        # has the last step it holds; offline it is empty, and the resumed segment repeats the steps after
-        # the checkpoint (with an exact resume, the same values).
-        self.run.define_metric("step", hidden=True)
-        self.run.define_metric("*", step_metric="step")
-        self.after = max(start_step, int(self.run.summary.get("step", 0)))
-
-    def where(self) -> str:
-        if self.run.settings.mode == "offline":
-            return f"offline; to upload: wandb sync {Path(self.run.dir).parent}"
-        return str(self.run.url)
-
-    def write(self, record: dict, numbers: dict[str, float]) -> None:
-        if numbers:
-            self.run.log({**numbers, "step": record["step"]})
-        if record.get("kind") == "warning":
-            self.run.summary["warning"] = record["message"]
-            self.run.alert(title="simclr: representation collapse?", text=record["message"],
-                           level=self.wandb.AlertLevel.WARN)
-
-    def close(self, status: str) -> None:
-        self.run.finish(exit_code=0 if status == "done" else 1)  # W&B: finished, else failed until resumed
-
-
-class MLflow:
-    """An MLflow run in experiment train.log_project, at MLFLOW_TRACKING_URI (MLflow's default without it);
-    the config as parameters, the start facts as tags."""
-
-    name = "mlflow"
-    STATUS = {"done": "FINISHED", "stopped": "KILLED"}  # anything else: FAILED
-
-    def __init__(self, rundir: RunDir, cfg: Config, facts: dict, start_step: int, saved: dict) -> None:
-        import mlflow
-        from mlflow.entities import Metric, Param
-        from mlflow.tracking import MlflowClient
-
-        self.Metric, self.experiment = Metric, saved.get("experiment") or cfg.train.log_project
-        uri = saved.get("tracking_uri") or mlflow.get_tracking_uri()  # a resumed run stays where it began
-        self.client = client = MlflowClient(uri)
-        self.run_id = saved.get("run_id")
-        self.after = start_step
-        if self.run_id:
-            client.update_run(self.run_id, status="RUNNING")
-            for key in ("train/loss", "epoch/loss"):  # the steps it holds from before the stop
-                self.after = max([self.after] + [m.step for m in client.get_metric_history(self.run_id, key)])
-        else:
-            experiment = client.get_experiment_by_name(self.experiment)
-            ident = experiment.experiment_id if experiment else client.create_experiment(self.experiment)
-            self.run_id = client.create_run(ident, run_name=rundir.path.resolve().name).info.run_id
-        held = client.get_run(self.run_id).data.params  # parameters cannot change: a resume adds new keys only
-        params = [Param(k, str(v)) for k, v in flat(cfg).items() if k not in held]
-        for i in range(0, len(params), 100):  # MLflow takes at most 100 parameters a call
-            client.log_batch(self.run_id, params=params[i:i + 100])
-        for key, value in facts.items():
-            client.set_tag(self.run_id, key, str(value))
-        saved.update(tracking_uri=uri, run_id=self.run_id, experiment=self.experiment)
-
-    def where(self) -> str:
-        uri = self.client.tracking_uri
-        if uri.split(":", 1)[0] in ("sqlite", "file"):  # a store on this disk: say how to open it
-            return f"run {self.run_id} in experiment {self.experiment}; to see it: mlflow ui --backend-store-uri {uri}"
-        return f"run {self.run_id} in experiment {self.experiment} at {uri}"
-
-    def write(self, record: dict, numbers: dict[str, float]) -> None:
-        now = int(time.time() * 1000)
-        if numbers:
-            self.client.log_batch(self.run_id, metrics=[self.Metric(k, v, now, record["step"])
-                                                        for k, v in numbers.items()])
-        if record.get("kind") == "warning":
-            self.client.set_tag(self.run_id, "warning", record["message"])
-
-    def close(self, status: str) -> None:
-        self.client.set_terminated(self.run_id, self.STATUS.get(status, "FAILED"))
-
+from simclr_cli.train.trackers import open_tracker, why_failed
 
 class Loggers:
     """The open loggers of one run (none on ranks other than 0). `write(record)` queues a record and returns:
@@ -288,7 +120,7 @@ class Loggers:
                 logger.write(record, numbers)
             except Exception as err:  # a logger's fault (network, disk, its service) never stops training
                 self.loggers.remove(logger)
-                self.notices.put(f"{logger.name} logging stopped at step {record['step']} ({_why(err)}); the run "
+                self.notices.put(f"{logger.name} logging stopped at step {record['step']} ({why_failed(err)}); the run "
                                  "goes on and metrics.jsonl keeps every record (simclr report --tensorboard "
                                  "draws them)")
                 try:
@@ -301,7 +133,7 @@ class Loggers:
             try:
                 logger.close(self.status)
             except Exception as err:
-                self.notices.put(f"{logger.name} did not close cleanly ({_why(err)})")
+                self.notices.put(f"{logger.name} did not close cleanly ({why_failed(err)})")
         self.loggers = []
 
     def _say(self) -> None:
@@ -315,11 +147,6 @@ class Loggers:
 
 
 _CLOSE = object()  # the queue's last item: close the loggers
-
-
-def _why(err: BaseException) -> str:
-    text = str(err).strip().splitlines()
-    return f"{type(err).__name__}: {text[0]}" if text else type(err).__name__
 
 
 @contextmanager
@@ -350,7 +177,7 @@ def _open_all(cfg: Config, rundir: RunDir, facts: dict, start_step: int, emit) -
     opened = []
     try:
         for name in cfg.train.loggers:
-            opened.append(_open(name, rundir, cfg, facts, start_step, saved.setdefault(name, {})))
+            opened.append(open_tracker(name, rundir, cfg, facts, start_step, saved.setdefault(name, {})))
         atomic_write_text(json.dumps({k: v for k, v in saved.items() if v}, indent=1) + "\n", state_file)
     except BaseException:
         for logger in opened:  # those that did open, closed as failed: the error raised says why
@@ -360,21 +187,6 @@ def _open_all(cfg: Config, rundir: RunDir, facts: dict, start_step: int, emit) -
                 pass
         raise
     return Loggers(opened, emit)
-
-
-def _open(name: str, rundir: RunDir, cfg: Config, facts: dict, start_step: int, saved: dict):
-    """One logger, or one line naming why it could not start and the fix."""
-    try:
-        if name == "tensorboard":
-            return TensorBoard(rundir, cfg, facts, start_step)
-        return (WandB if name == "wandb" else MLflow)(rundir, cfg, facts, start_step, saved)
-    except Exception as err:
-        fix = {"tensorboard": "check that the run directory can be written",
-               "wandb": "run `wandb login` or set WANDB_API_KEY, or WANDB_MODE=offline to keep the run on disk "
-                        "for `wandb sync`",
-               "mlflow": "check MLFLOW_TRACKING_URI and that its server or store is reachable"}[name]
-        raise LoggerError(f"{name} could not start ({_why(err)}): {fix}, or take {name} out of train.loggers"
-                          ) from None
 
 
 def _read_state(path: Path) -> dict:

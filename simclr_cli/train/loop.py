@@ -1,6 +1,7 @@
 """The pretraining loop: data on the device, the method's views and loss, checkpoints, the kNN monitor.
 
-`pretrain(cfg, resume=..., callback=...)` runs under the CLI, a test or a notebook alike; it reports
+`pretrain(cfg, resume=..., callback=...)` (`start.py`: new run or resume, the process group, then this
+Trainer) runs under the CLI, a test or a notebook alike; it reports
 through `callback(event, data)` and never prints. Events: start, notice, cache, log, epoch, eval,
 checkpoint, end. The loss is read back to the host every `train.log_every` steps, not every step, so the
 device never waits on the host in between. What the step computes is the method's (`methods/`), what a
@@ -10,7 +11,6 @@ every logged record also goes to the live loggers of `train.loggers` (`loggers.p
 
 from __future__ import annotations
 
-import os
 import time
 
 import torch
@@ -20,21 +20,39 @@ from simclr_cli.augment import Augmenter, view_size_at
 from simclr_cli.config import Config
 from simclr_cli.data import load_train_set, normalization_for
 from simclr_cli.data.batches import Batches
-from simclr_cli.errors import UserError
 from simclr_cli.methods import build_networks
 from simclr_cli.models.encoder_file import encoder_meta, encoder_payload
 from simclr_cli.rundir import RunDir
 from simclr_cli.runtime import (Callback, DistInfo, autocast, broadcast_buffers, configure_cuda, init_distributed,
-                                is_main_process, resolve_precision, shutdown_distributed, wrap_ddp)
+                                resolve_precision, wrap_ddp)
 from simclr_cli.train.agree import together
 from simclr_cli.train.interrupt import RankAgreedStop, StopFlag, StopRequested, stop_guard
 from simclr_cli.train.loggers import Loggers, open_loggers
 from simclr_cli.train.monitor import Monitor, load_monitor
 from simclr_cli.train.optim import build_optimizer, build_scheduler
 from simclr_cli.train.panel import end_summary, start_panel
-from simclr_cli.train.preflight import check_names, check_resume_config, check_world, preflight, start_together
+from simclr_cli.train.preflight import check_names, check_resume_config, check_world
 from simclr_cli.train.readback import LossWindow, advice, check_finite_weights, read_back
 from simclr_cli.train.state import Parts, RunState, check_same_step, checkpoint, restore
+
+
+def optimization(cfg: Config, model: torch.nn.Module, steps_per_epoch: int, precision: str, device: torch.device):
+    """(optimizer, scheduler, GradScaler or None) as `optim` says; the scaler for fp16 only."""
+    o = cfg.optim
+    optimizer = build_optimizer(model, o.name, o.lr, o.weight_decay, o.momentum, o.nesterov, tuple(o.betas),
+                                grad_scaler=precision == "fp16")
+    scheduler = build_scheduler(optimizer, o.schedule, cfg.train.epochs * steps_per_epoch,
+                                round(o.warmup_epochs * steps_per_epoch), o.min_lr, o.plateau_factor,
+                                o.plateau_patience)
+    return optimizer, scheduler, torch.amp.GradScaler(device.type) if precision == "fp16" else None
+
+
+def wrap_for_step(method, cfg: Config, ranks: DistInfo, device: torch.device) -> torch.nn.Module:
+    """The model as the step runs it: DDP across ranks (after SyncBatchNorm when asked), then compiled."""
+    if ranks.enabled and cfg.model.sync_bn:
+        method.convert_sync_batchnorm()
+    net = wrap_ddp(method.model, device) if ranks.enabled else method.model
+    return torch.compile(net) if cfg.train.compile else net
 
 
 class Trainer:
@@ -67,14 +85,9 @@ class Trainer:
         self.steps_per_epoch = len(self.data) // cfg.train.batch_size
         self.batches = Batches(self.data.images, cfg.train.batch_size, self.ranks.rank, self.local_batch,
                                self.device, self.data.mapped, cfg.data.read_ahead)
-        o = cfg.optim
-        self.optimizer = build_optimizer(self.method.model, o.name, o.lr, o.weight_decay, o.momentum, o.nesterov,
-                                         tuple(o.betas), grad_scaler=self.precision == "fp16")
-        self.scheduler = build_scheduler(self.optimizer, o.schedule, cfg.train.epochs * self.steps_per_epoch,
-                                         round(o.warmup_epochs * self.steps_per_epoch), o.min_lr,
-                                         o.plateau_factor, o.plateau_patience)
-        self.scaler = torch.amp.GradScaler(self.device.type) if self.precision == "fp16" else None
-        self.net = self._wrap()
+        self.optimizer, self.scheduler, self.scaler = optimization(cfg, self.model, self.steps_per_epoch,
+                                                                   self.precision, self.device)
+        self.net = wrap_for_step(self.method, cfg, self.ranks, self.device)
         self.state = RunState()
         self.stop: StopFlag | RankAgreedStop | None = None  # what run() asks between steps and monitor batches
         self.monitor: Monitor | None | bool = False  # False: not loaded yet; None: no labelled held-out split
@@ -84,13 +97,6 @@ class Trainer:
     @property
     def model(self) -> torch.nn.Module:
         return self.method.model
-
-    def _wrap(self) -> torch.nn.Module:
-        """The model as the step runs it: DDP across ranks (after SyncBatchNorm when asked), then compiled."""
-        if self.ranks.enabled and self.cfg.model.sync_bn:
-            self.method.convert_sync_batchnorm()
-        net = wrap_ddp(self.model, self.device) if self.ranks.enabled else self.model
-        return torch.compile(net) if self.cfg.train.compile else net
 
     def parts(self) -> Parts:
         return Parts(self.model, self.method, self.optimizer, self.scheduler, self.scaler, self.generator)
@@ -210,10 +216,8 @@ class Trainer:
 
     def run(self, stop: StopFlag | None = None) -> dict:
         """Train to train.epochs. `stop` is the flag of a `stop_guard()` the caller holds; None installs one.
-
-        The live loggers close last: after the checkpoint a stop writes (torchrun's SIGKILL comes 30 s after
-        its SIGTERM) and, on several ranks, after the closing barrier, the last collective (a W&B upload or an
-        MLflow server's retries then keep no rank waiting)."""
+        The live loggers close last: after a stop's checkpoint (torchrun's SIGKILL comes 30 s after SIGTERM)
+        and after the closing barrier, the last collective (a slow upload keeps no rank waiting)."""
         if stop is None:
             with stop_guard() as stop:
                 return self.run(stop)
@@ -262,45 +266,3 @@ class Trainer:
         if s.epoch == cfg.epochs or (cfg.eval_every and s.epoch % cfg.eval_every == 0):
             self.evaluate()  # every rank: each extracts its share
 
-
-def pretrain(cfg: Config, resume: bool = False, callback: Callback | None = None) -> dict:
-    """Train as `cfg` says; with `resume`, continue from the run directory's checkpoint.pt.
-
-    `preflight` decides new vs resume before any data or model is built, so a wrong resume fails in a
-    second. On several ranks rank 0 decides, from the files as its node sees them, and every rank starts as
-    it decided (`start_together`: its config, whether to resume, and from which step). Ctrl-C / SIGTERM
-    from here on raise StopRequested: during set-up at once, during training once the current step is done
-    and the checkpoint written. The run's last collective is the barrier at the end of `Trainer.run`, so
-    the ranks leave together: a rank tearing down while another still sends can abort it.
-    """
-    several = int(os.environ.get("WORLD_SIZE", 1)) > 1
-    ckpt, refusal = None, None
-    if is_main_process():  # the other ranks read the checkpoint once rank 0 has decided
-        try:
-            ckpt = preflight(cfg, resume)
-        except UserError as err:
-            if not several:
-                raise
-            refusal = err  # said on every rank once they have joined, not on rank 0 alone
-    owns_group = not (dist.is_available() and dist.is_initialized())  # else a caller's group: leave it up
-    try:
-        with stop_guard() as stop:
-            try:
-                with stop.at_once():  # set-up has nothing to save: a signal ends it where it is
-                    check_names(cfg)  # before joining the group, on every rank alike
-                    joined = init_distributed(cfg.train.device, cfg.train.dist_timeout_min)
-                if joined[0].enabled:  # (a signal meanwhile is taken on entering the set-up below)
-                    cfg, ckpt = start_together(joined[0], cfg, resume, ckpt, refusal)
-                with stop.at_once():
-                    trainer = Trainer(cfg, callback, resuming=ckpt is not None, joined=joined)
-            except StopRequested as request:
-                if ckpt is None:
-                    raise
-                raise StopRequested(request.signal_name, str(RunDir(cfg.train.output_dir).checkpoint),
-                                    ckpt["epoch"], ckpt["step"]) from None
-            if ckpt is not None:
-                trainer.resume(ckpt)
-            return trainer.run(stop)
-    finally:
-        if owns_group:  # NCCL warns on every rank at exit about a group never destroyed
-            shutdown_distributed()

@@ -19,6 +19,7 @@ from simclr_cli.evaluate.knn import knn_accuracy
 from simclr_cli.models.features import eval_mode, extract_features
 from simclr_cli.runtime import DistInfo, autocast
 from simclr_cli.train.interrupt import StopRequested
+from simclr_cli.train.readback import NonFiniteLoss
 
 
 class Monitor:
@@ -66,19 +67,35 @@ class Monitor:
                 raise StopRequested(stop.signal_name)
         bank = self.features(encoder, self.bank, check)
         queries = self.features(encoder, self.queries, check)
+        self.check_finite(bank, queries)  # every rank holds every feature: all stop together
         if not self.ranks.is_main:
             return None
         if projection is not None and len(queries) >= 2:  # a spread needs two images
             self.last_health = self.health(encoder, projection, queries, augment)
-            self.warning = collapse_warning(self.first_health, self.last_health)  # relative to this process's first
+            self.warning = (collapse_warning(self.first_health, self.last_health)  # relative to this process's first
+                            if self.last_health is not None else self.warning)
             self.first_health = self.first_health or self.last_health
         # The vote runs where the encoder does (a GPU does the 50,000 x 5,000 similarities in milliseconds)
         return knn_accuracy(bank, self.bank.labels, queries, self.queries.labels, len(self.queries.classes),
                             self.knn_k, self.knn_temperature)
 
+    def check_finite(self, *features: torch.Tensor) -> None:
+        """The weights were checked finite before the evaluation (the loop); features that are not come from an
+        activation that overflowed in eval mode: the encoder gives Inf / NaN where it will be used, so the run
+        stops here with one line, not in the health figures' SVD."""
+        for f in features:
+            bad = int((~torch.isfinite(f)).any(dim=1).sum())
+            if bad:
+                fix = ("use train.precision=bf16 (or fp32) instead of fp16, or lower optim.lr"
+                       if self.precision == "fp16" else "lower optim.lr")
+                raise NonFiniteLoss(f"the kNN monitor's features became non-finite ({bad} of {len(f)} images give "
+                                    "NaN or Inf in h) though the weights are finite: an activation overflowed in eval "
+                                    f"mode. Hint: {fix}; checkpoints already written are kept")
+
     @torch.no_grad()
-    def health(self, encoder: torch.nn.Module, projection: torch.nn.Module, h: torch.Tensor, augment) -> dict:
-        """`evaluate.health` of the held-out features h (N, D) and their projections; eval mode for the pass."""
+    def health(self, encoder: torch.nn.Module, projection: torch.nn.Module, h: torch.Tensor, augment) -> dict | None:
+        """`evaluate.health` of the held-out features h (N, D) and their projections; eval mode for the pass.
+        None, with `warning` saying why, where the projections are not finite (h is: `check_finite`)."""
         with eval_mode(encoder, projection):
             z = projection(h.float())
             pair = None
@@ -87,6 +104,10 @@ class Monitor:
                 views = augment(x, torch.Generator(device=self.device).manual_seed(0))[:2]  # the same views each time
                 with autocast(self.device, self.precision):
                     pair = [projection(encoder(v)).float().cpu() for v in views]
+        if not all(bool(torch.isfinite(t).all()) for t in [z, *(pair or [])]):
+            self.warning = ("health figures skipped: the projection head's z is non-finite (NaN or Inf) on the "
+                            "held-out images though h is finite: an activation in the head overflowed")
+            return None
         return health(h.cpu(), z.float().cpu(), *(pair or (None, None)))
 
 

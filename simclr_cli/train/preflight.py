@@ -20,7 +20,7 @@ from simclr_cli.models import check_model
 from simclr_cli.rundir import RunDir
 from simclr_cli.runtime import DistInfo
 from simclr_cli.train.agree import together
-from simclr_cli.train.loggers import check_loggers
+from simclr_cli.train.trackers import check_loggers
 from simclr_cli.train.state import check_same_step, load_checkpoint
 
 
