@@ -4,6 +4,7 @@ the README's onnxruntime snippet reproducing `simclr embed`'s rows."""
 
 from __future__ import annotations
 
+import inspect
 import json
 import subprocess
 import sys
@@ -21,8 +22,9 @@ from simclr_cli.errors import CheckpointError, MissingExtraError, OptionError
 from simclr_cli.evaluate import export_onnx, portable
 from simclr_cli.evaluate.embed import embed_images
 from simclr_cli.evaluate.export import extract_encoder
+from simclr_cli.evaluate.export_portable import write_torchscript
 from simclr_cli.evaluate.probe import run_probe
-from simclr_cli.models.encoder_file import load_encoder
+from simclr_cli.models.encoder_file import LoadedEncoder, load_encoder
 from simclr_cli.train import pretrain
 
 onnxruntime = pytest.importorskip("onnxruntime")  # the test extra installs onnx, onnxruntime, onnxscript
@@ -30,6 +32,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 TINY = ["data.dataset=synthetic", "data.synthetic_size=32", "data.image_size=32", "train.batch_size=16",
         "train.epochs=1", "train.device=cpu", "train.eval_every=0", "data.val_size=8"]
+DYNAMO = "dynamo" in inspect.signature(torch.onnx.export).parameters  # torch.export's ONNX exporter
 MODELS = {"built-in ResNet": ["model.arch=resnet18", "model.width=8"],
           "MobileNet": ["model.arch=torchvision:mobilenet_v3_small"]}
 
@@ -228,3 +231,154 @@ def test_an_onnx_file_that_takes_no_image_batch_is_refused(tmp_path):
     with pytest.raises(CheckpointError, match=r"does not take a batch of RGB images \(N, 3, H, W\) but x \[2, 10\]"):
         embed_images(tmp_path / "images", tmp_path / "linear.onnx", tmp_path / "h.npy", device="cpu")
     assert not (tmp_path / "h.npy").exists()
+
+
+# --- the parity check: relative to the output's own scale, constant output refused, a second size ------------
+
+
+def test_zeros_against_a_tiny_scale_reference_are_refused():
+    """An untrained MobileNet's h is ~3e-9: against a floor of 1, a file giving zeros passed."""
+    reference = 3e-9 * torch.randn(4, 16, generator=torch.Generator().manual_seed(0))
+    with pytest.raises(CheckpointError, match=r"differs from the PyTorch encoder by .*more than 0.0001 x its largest"):
+        portable.check(reference, torch.zeros(4, 16), "the ONNX file")
+
+
+def test_a_tiny_scale_reference_that_matches_passes():
+    """fp32's own rounding at that scale (1e-6 relative, measured 6e-7 for the MobileNet) is well inside."""
+    reference = 3e-9 * torch.randn(4, 16, generator=torch.Generator().manual_seed(0))
+    got = reference * (1 + 1e-6 * torch.randn(4, 16, generator=torch.Generator().manual_seed(1)))
+    assert 0 < portable.check(reference, got, "the ONNX file") < 1e-5 * 3e-9 * 4
+    zero = torch.zeros(1, 16)  # one image: nothing to tell apart, and zero matches zero exactly
+    assert portable.check(zero, zero.clone(), "the ONNX file with a batch of one") == 0.0
+
+
+def test_a_constant_output_is_refused():
+    """Rows that differ by 1e-5 of their size (as the 1-epoch MobileNet's: 1.8e-9 in 2.9e-4) are within the
+    tolerance of their shared mean; a file giving that mean for every image is still refused."""
+    g = torch.Generator().manual_seed(0)
+    shared = torch.rand(1, 16, generator=g) * 3e-4
+    reference = shared + 2e-9 * torch.randn(4, 16, generator=g)
+    constant = reference.mean(0, keepdim=True).expand(4, 16)
+    with pytest.raises(CheckpointError, match=r"the ONNX file gives one and the same output for 4 different images "
+                                              r"\(the PyTorch encoder does not\): nothing was written"):
+        portable.check(reference, constant, "the ONNX file")
+    with pytest.raises(CheckpointError, match="the PyTorch encoder gives one and the same output for 4 different"):
+        portable.check(shared.expand(4, 16), shared.expand(4, 16).clone(), "the ONNX file")
+
+
+class Pooled(torch.nn.Module):
+    """A convolution, ReLU and a global average pool, times `scale`: 1e-9 is an untrained MobileNet's |h|
+    (measured 2.8e-9 at 32 pixels)."""
+
+    convolutional, feature_dim = True, 4
+
+    def __init__(self, scale: float = 1.0):
+        super().__init__()
+        self.conv, self.scale = torch.nn.Conv2d(3, 4, 3, padding=1), scale
+
+    def forward(self, x):
+        return self.scale * torch.nn.functional.adaptive_avg_pool2d(torch.relu(self.conv(x)), 1).flatten(1)
+
+    def describe(self):
+        return {"arch": "pooled", "stem": "cifar", "feature_dim": 4}
+
+
+class SizeInTheTrace(torch.nn.Module):
+    """A global average pool whose kernel is read off the feature map as Python ints: right at every size in
+    PyTorch, but a trace (TorchScript, the TorchScript-based ONNX exporter) keeps the training size's kernel."""
+
+    convolutional, feature_dim = True, 4
+
+    def __init__(self):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(3, 4, 3, padding=1)
+        self.mix = torch.nn.Conv2d(4, 4, 1)
+
+    def forward(self, x):
+        y = self.mix(torch.relu(self.conv(x)))
+        return torch.nn.functional.avg_pool2d(y, (int(y.shape[-2]), int(y.shape[-1]))).flatten(1)
+
+    def describe(self):
+        return {"arch": "size-in-the-trace", "stem": "cifar", "feature_dim": 4}
+
+
+class FixedSize(SizeInTheTrace):
+    """Convolutional, but its linear layer takes 16x16 maps alone: PyTorch itself refuses another size."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = torch.nn.Linear(4 * 16 * 16, 4)
+
+    def forward(self, x):
+        return self.fc(self.mix(torch.relu(self.conv(x))).flatten(1))
+
+
+def toy(kind: type, *args) -> LoadedEncoder:
+    """`kind(*args)`, seeded, as a 16-pixel encoder file's contents."""
+    torch.manual_seed(0)
+    return LoadedEncoder(kind(*args).eval(), 16, (0.5, 0.5, 0.5), (0.25, 0.25, 0.25), "toy encoder")
+
+
+def test_a_torchscript_trace_that_keeps_the_training_size_is_not_written(tmp_path):
+    with pytest.raises(CheckpointError, match=r"the TorchScript file at 24x32 pixels gives \(2, 8\), the PyTorch "
+                                              r"encoder \(2, 4\): nothing was written"):
+        write_torchscript(toy(SizeInTheTrace), tmp_path / "e.pt")
+    assert not list(tmp_path.iterdir())
+
+
+def test_an_onnx_file_that_declares_a_free_size_it_does_not_take_is_not_written(tmp_path, monkeypatch):
+    """torch's TorchScript-based exporter declares height and width dynamic and keeps the traced kernel."""
+    real = torch.onnx.export
+
+    def traced_export(model, args, f, dynamo=None, dynamic_shapes=None, external_data=None, dynamic_axes=None, **kw):
+        axes = {"images": {0: "batch", 2: "height", 3: "width"}, kw["output_names"][0]: {0: "batch"}}
+        return real(model, args, f, **({"dynamo": False} if DYNAMO else {}), dynamic_axes=axes, **kw)
+    monkeypatch.setattr(torch.onnx, "export", traced_export)
+    with pytest.raises(CheckpointError, match=r"the ONNX file at 24x32 pixels gives \(2, 8\)"):
+        export_onnx.write(toy(SizeInTheTrace), tmp_path / "e.onnx")
+    assert not list(tmp_path.iterdir())
+
+
+@pytest.mark.skipif(not DYNAMO, reason="torch.export's exporter (torch 2.5 and later)")
+def test_an_onnx_file_that_fixed_its_size_says_so(tmp_path):
+    """torch.export turns int(y.shape[-1]) into the training size: the file takes 16x16 alone, and says so."""
+    info = export_onnx.write(toy(SizeInTheTrace), tmp_path / "e.onnx")
+    assert info["dynamic"] == ["batch"]
+    assert export_onnx.OnnxEncoder(tmp_path / "e.onnx").input_shape[2:] == [16, 16]
+
+
+def test_a_convolutional_model_that_takes_one_size_exports_at_that_size(tmp_path):
+    """PyTorch refuses 24x32 itself: the ONNX file is written with a fixed size, not refused for it."""
+    info = export_onnx.write(toy(FixedSize), tmp_path / "e.onnx")
+    assert info["dynamic"] == ["batch"] and info["parity"] < portable.TOLERANCE
+    assert write_torchscript(toy(FixedSize), tmp_path / "e.pt")["parity"] < portable.TOLERANCE
+
+
+def test_an_export_of_a_tiny_scale_encoder_passes_and_one_giving_zeros_is_not_written(tmp_path, monkeypatch):
+    """h of ~1e-9: the true file agrees to ~1e-7 of that and is kept; zeros from onnxruntime are refused."""
+    loaded = toy(Pooled, 1e-9)
+    _, reference = portable.parity_batch(loaded)
+    for fmt, write in (("onnx", export_onnx.write), ("pt", write_torchscript)):
+        info = write(loaded, tmp_path / f"e.{fmt}")
+        assert 0 <= info["parity"] < 1e-5 * float(reference.abs().max()), fmt
+    real = onnxruntime.InferenceSession.run
+    monkeypatch.setattr(onnxruntime.InferenceSession, "run",
+                        lambda self, *args, **kw: [np.zeros_like(o) for o in real(self, *args, **kw)])
+    with pytest.raises(CheckpointError, match=r"the ONNX file differs from the PyTorch encoder by .*: nothing was"):
+        export_onnx.write(loaded, tmp_path / "zeros.onnx")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["e.onnx", "e.pt"]
+
+
+def test_the_runtime_failing_at_the_second_size_is_one_line(tmp_path, monkeypatch):
+    real = onnxruntime.InferenceSession.run
+
+    def training_size_only(self, names, feeds, *args, **kw):
+        if next(iter(feeds.values())).shape[-1] != 16:
+            raise RuntimeError("[ONNXRuntimeError] : 2 : INVALID_ARGUMENT : Got invalid dimensions\nindex: 3")
+        return real(self, names, feeds, *args, **kw)
+    monkeypatch.setattr(onnxruntime.InferenceSession, "run", training_size_only)
+    with pytest.raises(CheckpointError, match=r"the ONNX file does not run at 24x32 pixels \(RuntimeError: "
+                                              r"\[ONNXRuntimeError\] : 2 : INVALID_ARGUMENT : Got invalid dimensions "
+                                              r"index: 3\): nothing was written"):
+        export_onnx.write(toy(Pooled), tmp_path / "e.onnx")
+    assert not list(tmp_path.iterdir())

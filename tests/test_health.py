@@ -129,3 +129,76 @@ def test_dimensional_collapse_is_flagged_against_the_start():
     assert message is not None and message.startswith("representation collapse? effective rank of z fell from")
     assert f"to {now['rank_z']:.1f} (of 128 possible)" in message and "predictor" in message
     assert "std" not in message.split(";")[1]  # the rank alone fell: no std complaint
+
+
+# --- non-finite features: one line, never the SVD's LinAlgError -------------------------------------------------
+
+TINY = ["data.dataset=synthetic", "data.synthetic_size=48", "data.image_size=16", "model.width=8",
+        "train.batch_size=16", "train.precision=fp32", "train.device=cpu", "train.log_every=2", "train.epochs=2",
+        "train.eval_every=1", "train.checkpoint_every=2"]  # an evaluation after epoch 1 with no checkpoint before it
+
+
+def test_effective_rank_of_non_finite_rows_is_a_value_error_naming_them():
+    x = torch.randn(8, 4)
+    x[2, 1], x[5, 0] = float("nan"), float("inf")
+    with pytest.raises(ValueError, match="effective rank of non-finite features: 2 of 8 rows hold NaN or Inf"):
+        effective_rank(x)
+
+
+def poison_after_step(monkeypatch, step: int, value: float) -> None:
+    """The update of `step` (epoch 1's last of 3) leaves the first weight `value`; its loss, computed before
+    the update, is finite, so the loss read-back does not see it: the evaluation after the epoch is first."""
+    from simclr_cli.train import Trainer
+
+    original = Trainer.train_step
+
+    def train_step(self, x):
+        loss = original(self, x)
+        if self.state.step + 1 == step:
+            next(self.model.parameters()).data.fill_(value)
+        return loss
+    monkeypatch.setattr(Trainer, "train_step", train_step)
+
+
+def test_non_finite_weights_at_a_health_evaluation_are_the_one_line(tmp_path, monkeypatch):
+    from typer.testing import CliRunner
+
+    from simclr_cli.cli import app
+
+    poison_after_step(monkeypatch, 3, float("inf"))
+    sets = [arg for kv in TINY for arg in ("--set", kv)]
+    result = CliRunner().invoke(app, ["pretrain", *sets, "-o", str(tmp_path)])
+    assert result.exit_code == 3, result.output
+    assert "Traceback" not in result.output + result.stderr and "LinAlgError" not in result.output + result.stderr
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: weights became non-finite (") and ") by step 3 (lr " in last
+    assert last.endswith("no checkpoint was written. Hint: lower optim.lr (now 0.06) and run again")
+    assert not (tmp_path / "checkpoint.pt").exists() and not (tmp_path / "encoder.pth").exists()
+
+
+def test_features_that_overflow_with_finite_weights_stop_the_run_in_one_line(tmp_path, monkeypatch):
+    """A weight of 1e37 is finite (the check before the evaluation passes) but h overflows to Inf."""
+    from simclr_cli.config import load_config
+    from simclr_cli.train import pretrain
+    from simclr_cli.train.readback import NonFiniteLoss
+
+    poison_after_step(monkeypatch, 3, 1e37)
+    with pytest.raises(NonFiniteLoss, match=r"^the kNN monitor's features became non-finite \(\d+ of \d+ images "
+                                            r"give NaN or Inf in h\) though the weights are finite: .* Hint: lower "
+                                            r"optim.lr; checkpoints already written are kept"):
+        pretrain(load_config(None, [*TINY, f"train.output_dir={tmp_path}"]))
+
+
+def test_a_non_finite_projection_skips_the_health_figures_with_a_warning():
+    """h finite, z not (the head overflowed): kNN top-1 is still measured; the health figures are skipped."""
+    from simclr_cli.data.synthetic import make_synthetic
+    from simclr_cli.train.monitor import Monitor
+
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(width=8), 16)
+    monitor = Monitor(make_synthetic(40, 16, 0, "train"), make_synthetic(20, 16, 0, "test"), (0.5,) * 3,
+                      (0.25,) * 3, 16, torch.device("cpu"), "fp32", 5, 0.1)
+    model.head.blocks[-1][0].bias.data.fill_(float("inf"))  # the head gives Inf; h, the encoder's, is finite
+    knn = monitor(model.encoder, projection=model.head)
+    assert 0 <= knn <= 1 and monitor.last_health is None
+    assert monitor.warning.startswith("health figures skipped: the projection head's z is non-finite")

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import importlib.util
 import inspect
-import json
 from pathlib import Path
 
 import numpy as np
@@ -20,13 +19,13 @@ import torch
 from simclr_cli.errors import CheckpointError, MissingExtraError
 from simclr_cli.evaluate import portable
 from simclr_cli.files import atomic_path
-from simclr_cli.models import is_convolutional
 from simclr_cli.models.encoder_file import LoadedEncoder
 from simclr_cli.models.features import preprocess
 
-# what exporting needs: torch.export's exporter (torch 2.5 and later) writes through onnxscript
-NEEDS = ("onnx", "onnxruntime", *(("onnxscript",) if "dynamo" in inspect.signature(torch.onnx.export).parameters
-                                  else ()))
+DYNAMO = "dynamo" in inspect.signature(torch.onnx.export).parameters  # torch.export's exporter: torch 2.5 and later
+# what exporting needs: torch.export's exporter writes through onnxscript
+NEEDS = ("onnx", "onnxruntime", *(("onnxscript",) if DYNAMO else ()))
+FIX = "export the encoder again with `simclr extract --format onnx`"  # what a file whose metadata is refused needs
 OPSET = 18  # the default: onnxruntime 1.16 and later run it
 MIN_OPSET = 13  # what this exporter path can write (the dynamo exporter wants 18 and converts down)
 
@@ -41,7 +40,7 @@ def require(*modules: str) -> None:
 def _export(encoder: torch.nn.Module, x: torch.Tensor, path: Path, opset: int, dynamic_size: bool,
             output: str) -> None:
     names = {"input_names": ["images"], "output_names": [output], "opset_version": opset, "verbose": False}
-    if "dynamo" in inspect.signature(torch.onnx.export).parameters:  # torch 2.5 and later
+    if DYNAMO:
         dims = {0: torch.export.Dim("batch", min=1, max=65536)}
         if dynamic_size:
             dims.update({2: torch.export.Dim("height", min=8, max=4096), 3: torch.export.Dim("width", min=8, max=4096)})
@@ -58,8 +57,9 @@ def _first_line(err: BaseException) -> str:
 
 
 def write(loaded: LoadedEncoder, path: Path, options: dict | None = None) -> dict:
-    """Export, stamp the metadata, run it with onnxruntime on the parity batch (and on one image, the batch
-    axis being dynamic), keep it only within the tolerance. options: {"opset": N} (default OPSET)."""
+    """Export, stamp the metadata, run it with onnxruntime on `portable.checks`' batches (the parity batch, one
+    image, and where height and width are dynamic another size), keep it only within the tolerance.
+    options: {"opset": N} (default OPSET)."""
     opset = (options or {}).get("opset", OPSET)
     require(*NEEDS)
     import onnx
@@ -69,10 +69,10 @@ def write(loaded: LoadedEncoder, path: Path, options: dict | None = None) -> dic
         raise CheckpointError(f"opset {opset} is not one this exporter writes: use --opset {MIN_OPSET} to {newest}")
     encoder = loaded.encoder.eval().float()
     x, reference = portable.parity_batch(loaded)
-    dynamic_size = is_convolutional(encoder)  # a ViT's position embeddings fix its image size
+    sized = portable.size_batch(loaded)  # None: a ViT's position embeddings (or the model) fix its image size
     with atomic_path(path) as tmp:
         try:
-            _export(encoder, x, tmp, opset, dynamic_size, portable.output_of(loaded))
+            _export(encoder, x, tmp, opset, sized is not None, portable.output_of(loaded))
         except Exception as err:  # the exporter names the operator or module it could not convert
             raise CheckpointError(f"{encoder.describe()['arch']} could not be exported to ONNX opset {opset} "
                                   f"({type(err).__name__}: {_first_line(err)}): nothing was written") from None
@@ -81,8 +81,10 @@ def write(loaded: LoadedEncoder, path: Path, options: dict | None = None) -> dic
         entry.key, entry.value = portable.KEY, portable.dumps(loaded)
         onnx.save(model, str(tmp))
         runner = OnnxEncoder(tmp, expect=None)
-        diff = portable.check(reference, runner.run(x.numpy()), "the ONNX file")
-        portable.check(reference[:1], runner.run(x[:1].numpy()), "the ONNX file with a batch of one")
+        # torch.export may fix a size the model reads as a number (int(x.shape[-1])): the file says what it takes
+        dynamic_size = sized is not None and not any(isinstance(d, int) for d in runner.input_shape[2:])
+        diff = portable.verify(lambda batch: runner.outputs(batch.numpy()),
+                               portable.checks(x, reference, sized if dynamic_size else None), "the ONNX file")
     return {"parity": diff, "opset": opset, "dynamic": ["batch", "height", "width"] if dynamic_size else ["batch"]}
 
 
@@ -112,24 +114,46 @@ class OnnxEncoder:
         if meta is None:
             raise CheckpointError(f"{self.path} carries no simclr-cli metadata (image size, normalisation): export the "
                                   "encoder with `simclr extract --format onnx`")
-        info = json.loads(meta)
-        if expect is not None and info.get("output", "h") != expect:
+        info = portable.read_metadata(meta, str(self.path), FIX)  # every field checked, or one line naming it
+        if expect is not None and info["output"] != expect:
             raise CheckpointError(f"{self.path} is an exported classifier (it gives {info['output']}, not h): give the "
                                   "encoder's .onnx, or use the classifier.pth with simclr predict")
-        self.input = inputs[0].name
-        self.image_size, self.feature_dim = int(info["image_size"]), int(info["output_dim"])
-        self.mean, self.std = tuple(info["mean"]), tuple(info["std"])
-        self.provenance, self.model = info.get("provenance", {}), info.get("model", {})
+        self.input, self.input_shape = inputs[0].name, shape
+        self.image_size, self.feature_dim = info["image_size"], info["output_dim"]
+        self.mean, self.std = tuple(map(float, info["mean"])), tuple(map(float, info["std"]))
+        self.provenance, self.model = info["provenance"], info["model"]
         self.notes = ["ONNX runs in fp32 through onnxruntime whatever --precision says"]
+        self._check_graph()
+
+    def _check_graph(self) -> None:
+        """The sizes the graph fixes agree with the metadata: the input's height and width, the output's size."""
+        fixed = [d for d in self.input_shape[2:] if isinstance(d, int)]
+        if any(d != self.image_size for d in fixed):
+            raise CheckpointError(f"{self.path}: its {portable.KEY} metadata's 'image_size' is {self.image_size}, but "
+                                  f"the model takes {self.input_shape[2]}x{self.input_shape[3]} images: {FIX}")
+        out = self.session.get_outputs()[0].shape
+        known = isinstance(out, list) and len(out) > 0  # [] or None: the graph does not say; `run` checks
+        if known and (len(out) != 2 or (isinstance(out[1], int) and out[1] != self.feature_dim)):
+            raise CheckpointError(f"{self.path}: its {portable.KEY} metadata's 'output_dim' is {self.feature_dim}, but "
+                                  f"the model gives {out}: {FIX}")
 
     def describe(self) -> dict:
         """What `simclr probe` shows of an encoder file."""
-        return {**self.model, "kind": self.kind, "image_size": self.image_size, "mean": list(self.mean),
-                "std": list(self.std), "head_layers": None, "provenance": self.provenance, "notes": self.notes}
+        return {**self.model, "feature_dim": self.feature_dim, "kind": self.kind, "image_size": self.image_size,
+                "mean": list(self.mean), "std": list(self.std), "head_layers": None, "provenance": self.provenance,
+                "notes": self.notes}
+
+    def outputs(self, x: np.ndarray) -> np.ndarray:
+        """What the graph gives for float32 (B, 3, H, W), unchecked (`write` compares it with PyTorch's)."""
+        return self.session.run(None, {self.input: np.ascontiguousarray(x, dtype=np.float32)})[0]
 
     def run(self, x: np.ndarray) -> np.ndarray:
         """float32 (B, 3, S, S), already normalised -> h (B, feature_dim)."""
-        return self.session.run(None, {self.input: np.ascontiguousarray(x, dtype=np.float32)})[0]
+        h = self.outputs(x)
+        if h.shape != (len(x), self.feature_dim):  # a graph whose output size is not fixed: seen only now
+            raise CheckpointError(f"{self.path} gives {h.shape} for {len(x)} images, not (N, output_dim = "
+                                  f"{self.feature_dim}) as its {portable.KEY} metadata says: {FIX}")
+        return h
 
     def features(self, images_u8: torch.Tensor) -> torch.Tensor:
         """uint8 (B, 3, H, W) -> float32 h (B, D), preprocessed as `models.features.extract_features` does."""

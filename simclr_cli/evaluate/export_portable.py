@@ -3,6 +3,8 @@ Hugging Face standard, each checked before it is kept (`portable.check`).
 
 torchscript: `torch.jit.trace` of the encoder in eval mode, saved with the metadata as `simclr-cli.json`
 inside the archive; `torch.jit.load(path)` runs it with torch alone (no simclr_cli, no torchvision, no timm).
+A trace keeps every size the model read as a number, so a convolutional encoder's file is also checked at
+another height and width (`portable.size_batch`), as it will be fed.
 safetensors: the state dict the model's library loads (torchvision's or timm's keys; a built-in ResNet's are
 torchvision's), with the metadata as the file's "simclr-cli" entry; checked by loading it into the model
 rebuilt from that metadata. `models.encoder_file.load_encoder` reads it back, so probe and embed take it.
@@ -28,6 +30,7 @@ TORCHSCRIPT_EXTRA = "simclr-cli.json"  # the metadata's name inside a TorchScrip
 def write_torchscript(loaded: LoadedEncoder, path: Path, options: dict | None = None) -> dict:
     encoder = loaded.encoder.eval().float()
     x, reference = portable.parity_batch(loaded)
+    sized = portable.size_batch(loaded)  # None: a model fixed to its size, checked at that size alone
     with atomic_path(path) as tmp, warnings.catch_warnings():
         warnings.filterwarnings("ignore", "`torch.jit", FutureWarning)  # recent torch marks torch.jit deprecated (README)
         try:
@@ -39,9 +42,7 @@ def write_torchscript(loaded: LoadedEncoder, path: Path, options: dict | None = 
         with open(tmp, "wb") as f:  # a file object: the archive's folder is "archive", not the temporary name
             torch.jit.save(traced, f, _extra_files={TORCHSCRIPT_EXTRA: portable.dumps(loaded)})
         again = torch.jit.load(str(tmp), map_location="cpu")
-        with torch.no_grad():
-            diff = portable.check(reference, again(x), "the TorchScript file")
-            portable.check(reference[:1], again(x[:1]), "the TorchScript file with a batch of one")
+        diff = portable.verify(again, portable.checks(x, reference, sized), "the TorchScript file")
     return {"parity": diff}
 
 

@@ -43,8 +43,13 @@ def effective_rank(x: torch.Tensor) -> float:
     self-supervised representations by their rank"): exp of the entropy of the singular values of x (N, D)
     normalised to sum 1, p_k = s_k / sum(s) + eps. The embeddings are used as they are, not centred, as in
     the paper: a shared offset counts as one direction. Between 1 (one direction, or all zero) and
-    min(N, D) (all singular values equal, an orthogonal frame); computed in float64 on the CPU."""
-    s = torch.linalg.svdvals(x.detach().to("cpu", torch.float64))  # (min(N, D),)
+    min(N, D) (all singular values equal, an orthogonal frame); computed in float64 on the CPU. NaN or Inf
+    in x is a ValueError naming the rows (the SVD would not converge: LinAlgError)."""
+    x = x.detach().to("cpu", torch.float64)
+    bad = int((~torch.isfinite(x)).any(dim=-1).sum())  # rows (N, D) -> how many hold NaN or Inf
+    if bad:
+        raise ValueError(f"effective rank of non-finite features: {bad} of {x.shape[0]} rows hold NaN or Inf")
+    s = torch.linalg.svdvals(x)  # (min(N, D),)
     total = s.sum()
     if s.numel() == 0 or total <= 0:
         return 1.0  # no direction at all: as collapsed as one direction
