@@ -107,7 +107,7 @@ def load_classifier(path: str | Path, obj: object = None) -> LoadedClassifier:
         raise CheckpointError(f"{path}: this classifier file's description is refused ({problem}): fine-tune again "
                               "(simclr finetune ENCODER -o classifier.pth)")
     try:
-        loaded = read_encoder({**obj, "format": ENCODER_FORMAT}, path)
+        loaded = read_encoder({**obj, "format": ENCODER_FORMAT}, path, "classifier file")
         model = Classifier(loaded.encoder, loaded.head, int(section["head_layer"]), len(section["classes"]))
         model.fc.load_state_dict(section["state_dict"], strict=True)
     except (KeyError, TypeError, RuntimeError) as err:

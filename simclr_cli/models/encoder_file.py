@@ -171,14 +171,14 @@ def _build(meta: dict, weights: dict, head_weights: dict | None, path: Path, kin
                               "again with `simclr extract`") from None
 
 
-def _from_native(payload: dict, path: Path) -> LoadedEncoder:
+def _from_native(payload: dict, path: Path, kind: str = "native encoder file") -> LoadedEncoder:
     head = payload.get("head") or None
     if head is not None and not isinstance(head, dict):
-        raise CheckpointError(f"{path}: this native encoder file's model description is refused ('head' must be a "
+        raise CheckpointError(f"{path}: this {kind}'s model description is refused ('head' must be a "
                               f"mapping (hidden, out, layers, state_dict), not {_what(head)}): use a file `simclr "
                               "extract` wrote, or write this one again with it")
     return _build({**payload, "head": head}, payload.get("state_dict"), head.get("state_dict") if head else None,
-                  path, "native encoder file", [])
+                  path, kind, [])
 
 
 def _checkpoint_meta(ckpt: dict) -> dict:
@@ -282,14 +282,14 @@ def load_encoder(path: str | Path) -> LoadedEncoder:
     return read_encoder(safe_load(path), path)
 
 
-def read_encoder(obj: Any, path: Path) -> LoadedEncoder:
-    """`load_encoder` on what `files.safe_load(path)` returned (a caller that read the file already)."""
+def read_encoder(obj: Any, path: Path, kind: str = "native encoder file") -> LoadedEncoder:
+    """`load_encoder` on what `files.safe_load(path)` returned; `kind`: a native file's name in its lines."""
     if not isinstance(obj, dict) or not obj:
         raise CheckpointError(f"{path} holds {_what(obj)}, not an encoder: give an encoder.pth, a checkpoint.pt "
                               "or a ResNet state dict")
     fmt = obj.get("format")
     if fmt == ENCODER_FORMAT:
-        return _from_native(obj, path)
+        return _from_native(obj, path, kind)
     if fmt == CHECKPOINT_FORMAT:
         return _from_checkpoint(obj, path)
     if fmt == CLASSIFIER_FORMAT:
