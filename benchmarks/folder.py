@@ -133,11 +133,9 @@ def views_per_s(cfg, steps: int, rounds: int) -> dict[str, tuple[float, float]]:
             for way, runs in measured.items()}
 
 
-MEMORY_PROBE = """
-import json, sys, threading, time
-from pathlib import Path
-from simclr_cli.config import load_config
-from simclr_cli.train import Trainer
+# Both probes run in a fresh process, sampling their own peak resident memory (MB) every 50 ms.
+PEAK_SAMPLER = """
+import threading, time
 peak = {"RssAnon": 0, "RssFile": 0}
 def sample():
     while True:
@@ -147,6 +145,13 @@ def sample():
                 peak[key] = max(peak[key], int(line.split()[1]) // 1024)
         time.sleep(0.05)
 threading.Thread(target=sample, daemon=True).start()
+"""
+
+MEMORY_PROBE = PEAK_SAMPLER + """
+import json, sys
+from pathlib import Path
+from simclr_cli.config import load_config
+from simclr_cli.train import Trainer
 args = json.loads(sys.argv[1])
 t0 = time.perf_counter()
 trainer = Trainer(load_config(None, args["config"]))
@@ -159,20 +164,11 @@ print(json.dumps({"images": len(trainer.data), "setup_s": setup, **peak}))
 """
 
 
-FINETUNE_PROBE = """
-import json, sys, tempfile, threading, time
+FINETUNE_PROBE = PEAK_SAMPLER + """
+import json, sys, tempfile
 from pathlib import Path
 from simclr_cli.evaluate import finetune_loop
 from simclr_cli.evaluate.finetune import FinetuneOptions, FinetuneRun
-peak = {"RssAnon": 0, "RssFile": 0}
-def sample():
-    while True:
-        for line in open("/proc/self/status"):
-            key = line.split(":")[0]
-            if key in peak:
-                peak[key] = max(peak[key], int(line.split()[1]) // 1024)
-        time.sleep(0.05)
-threading.Thread(target=sample, daemon=True).start()
 args = json.loads(sys.argv[1])
 class Enough(Exception):
     pass
