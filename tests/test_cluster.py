@@ -203,7 +203,7 @@ def test_sync_bn_converts_every_network_the_method_runs(tmp_path, monkeypatch, m
     trainer = Trainer(tiny(tmp_path, f"method.name={method}", "model.sync_bn=true"))
     monkeypatch.setattr(train, "wrap_ddp", lambda net, device: net)
     trainer.ranks = DistInfo(0, 2)
-    trainer.net = trainer._wrap()
+    trainer.net = train.wrap_for_step(trainer.method, trainer.cfg, trainer.ranks, trainer.device)
     networks = [trainer.model, trainer.net] + ([trainer.method.target.net] if method != "simclr" else [])
     plain = [type(m).__name__ for net in networks for m in net.modules()
              if isinstance(m, torch.nn.modules.batchnorm._BatchNorm) and not isinstance(m, torch.nn.SyncBatchNorm)]
