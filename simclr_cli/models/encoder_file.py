@@ -173,10 +173,7 @@ def _build(meta: dict, weights: dict, head_weights: dict | None, path: Path, kin
 
 def _from_native(payload: dict, path: Path, kind: str = "native encoder file") -> LoadedEncoder:
     head = payload.get("head") or None
-    if head is not None and not isinstance(head, dict):
-        raise CheckpointError(f"{path}: this {kind}'s model description is refused ('head' must be a "
-                              f"mapping (hidden, out, layers, state_dict), not {_what(head)}): use a file `simclr "
-                              "extract` wrote, or write this one again with it")
+    check_file_description({**payload, "head": head}, path, kind)  # a head that is no mapping, before .get
     return _build({**payload, "head": head}, payload.get("state_dict"), head.get("state_dict") if head else None,
                   path, kind, [])
 
