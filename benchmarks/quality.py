@@ -42,10 +42,10 @@ DEADLINE_USE = 0.97  # re-plans aim the last step here: room for the last log wi
 # projector and predictor 256 wide (the width-8 encoder's h has 64 dimensions).
 METHOD_SETTINGS = {
     "simclr": [],
-    "moco": ["method.name=moco", "loss.temperature=0.1", "method.queue_size=4096", "method.momentum=0.99",
-             "method.momentum_end=0.999"],
-    "byol": ["method.name=byol", "model.head_hidden=256", "method.predictor_hidden=256", "method.momentum=0.99",
-             "method.momentum_end=0.999"],
+    "moco": ["method.name=moco", "loss.temperature=0.1", "method.moco.queue_size=4096",
+             "method.moco.momentum=0.99", "method.moco.momentum_end=0.999"],
+    "byol": ["method.name=byol", "model.head_hidden=256", "method.byol.predictor_hidden=256",
+             "method.byol.momentum=0.99", "method.byol.momentum_end=0.999"],
 }
 
 

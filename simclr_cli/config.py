@@ -21,8 +21,10 @@ from typing import Any, Union, get_args, get_origin, get_type_hints
 import yaml
 
 from simclr_cli.errors import ConfigError
-from simclr_cli.typed import build
+from simclr_cli.owned import checked_options, option_hint, settings
+from simclr_cli.registry import METHODS, SOURCES
 from simclr_cli.runtime import PRECISIONS
+from simclr_cli.typed import build
 
 
 @dataclass
@@ -39,6 +41,9 @@ class DataConfig:
     skip_bad: bool = False  # folder: leave out files that do not decode (else they are named and the run stops)
     val_size: int = 5000  # labelled training images held out as the validation split (capped at a tenth)
     read_ahead: int = 2  # folder through the cache: batches read on a background thread ahead of the step (0: off)
+    # The named source's own settings, written `data.NAME.KEY`: an instance of its Options dataclass (a plugin's
+    # source; the built-in ones read the keys above); None for a source without any.
+    options: Any = None
 
 
 @dataclass
@@ -68,11 +73,10 @@ class ModelConfig:
 
 @dataclass
 class MethodConfig:
-    name: str = "simclr"  # a name of methods.METHODS: simclr | moco (EMA key encoder + queue: MoCo v2 / SimCLR v2) | byol
-    momentum: float = 0.99  # moco, byol: EMA momentum of the target network at step 0
-    momentum_end: float = 1.0  # moco, byol: ... at the last step, on a cosine (= momentum: constant)
-    queue_size: int = 4096  # moco: past keys kept as negatives (every rank's, gathered)
-    predictor_hidden: int | None = None  # byol: predictor hidden units; None -> the projector's hidden size
+    name: str = "simclr"  # a name of registry.METHODS: simclr | moco (EMA key encoder + queue: MoCo v2 / SimCLR v2) | byol
+    # The named method's own settings, written `method.NAME.KEY` (method.moco.queue_size): an instance of the
+    # method's Options dataclass, which holds their defaults (methods/NAME.py); None for a method without any.
+    options: Any = None
 
 
 @dataclass
@@ -131,9 +135,8 @@ class Config:
 # model.stem auto: the ImageNet stem (7x7 stride-2 conv + max-pool, 4x fewer pixels after it) from 64 px up;
 # below that its downsampling leaves too little: a 32 px CIFAR image would be 8x8 after the stem.
 IMAGENET_STEM_FROM = 64
-# data.dataset, model.arch and method.name name entries of the wings' registries (data.SOURCES,
-# models.ENCODERS, methods.METHODS), which check them, with a close match, before a run is set up
-# (`train.preflight.check_names`): adding an entry there is all a new one needs.
+# data.dataset, model.arch and method.name name entries of the registries (`registry.py`), which check them,
+# with a close match; a method's own settings and rules are its entry's (`method_section`, `check_method`).
 CHOICES = {
     "augment.preset": ("simclr", "baseline"),
     "model.stem": ("auto", "cifar", "imagenet"),
@@ -184,10 +187,6 @@ RULES = [
     ("model.head_out", lambda v: v >= 1, ">= 1"),
     ("model.head_layers", lambda v: v in (2, 3), "2 or 3"),
     ("model.head_hidden", lambda v: v is None or v >= 1, ">= 1 or null"),
-    ("method.momentum", lambda v: 0 <= v < 1, "in [0, 1)"),
-    ("method.momentum_end", lambda v: 0 <= v <= 1, "in [0, 1]"),
-    ("method.queue_size", lambda v: v >= 1, ">= 1"),
-    ("method.predictor_hidden", lambda v: v is None or v >= 1, ">= 1 or null"),
     ("data.image_size", lambda v: v >= 8, ">= 8"),
     ("data.num_workers", lambda v: v >= 0, ">= 0"),
     ("data.synthetic_size", lambda v: v >= 2, ">= 2"),
@@ -215,19 +214,35 @@ def validate(cfg: Config) -> Config:
     if cfg.augment.view_size_start is not None and cfg.augment.view_size_start > final:
         raise ConfigError(f"'augment.view_size_start' ({cfg.augment.view_size_start}) must not exceed the final view "
                           f"size ({final}, augment.view_size or data.image_size): progressive views grow")
-    if cfg.augment.small_crops and (cfg.method.name, cfg.augment.preset) != ("simclr", "simclr"):
-        raise ConfigError(f"'augment.small_crops' (multi-crop) needs method.name=simclr and augment.preset=simclr; "
-                          f"got {cfg.method.name} with {cfg.augment.preset}: set augment.small_crops=0")
-    if cfg.data.dataset == "folder" and not cfg.data.root:
-        raise ConfigError("the folder dataset needs 'data.root' set to a folder of images")
+    method, cfg.method.options = checked_options(METHODS, "method", cfg.method.name, cfg.method.options)
+    if cfg.augment.small_crops and not (method.multi_crop and cfg.augment.preset == "simclr"):
+        takes = ", ".join(n for n in METHODS.names() if getattr(METHODS[n], "multi_crop", False))
+        raise ConfigError(f"'augment.small_crops' (multi-crop) needs a method that takes it ({takes}) and "
+                          f"augment.preset=simclr; got {cfg.method.name} with {cfg.augment.preset}: set "
+                          "augment.small_crops=0")
+    if cfg.data.dataset in SOURCES:  # an unknown name is the data wing's one line (`data.check_source`)
+        source, cfg.data.options = checked_options(SOURCES, "data", cfg.data.dataset, cfg.data.options)
+        source.check(cfg.data)
     if cfg.optim.nesterov and (cfg.optim.name not in ("sgd", "lars") or cfg.optim.momentum == 0):
         raise ConfigError(f"'optim.nesterov' needs optim.name sgd or lars with optim.momentum > 0; got "
                           f"{cfg.optim.name} with momentum {cfg.optim.momentum:g}: set optim.nesterov=false")
     return cfg
 
 
-def _field_hint(section: str, name: str) -> Any:
+def method_section(raw: Any) -> MethodConfig:
+    """The `method:` mapping -> MethodConfig: `name`, and the named method's own settings (`owned.settings`)."""
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ConfigError("'method' must be a mapping of keys to values")
+    name = build(MethodConfig, {"name": raw.get("name", MethodConfig.name)}).name
+    return MethodConfig(name, settings(METHODS, "method", raw, name))
+
+
+def _field_hint(section: str, name: str, *more: str) -> Any:
     """The type of Config.section.name, or None when there is no such key (validation names it later)."""
+    if more:  # method.NAME.KEY, data.NAME.KEY: an entry's own setting
+        return option_hint({"method": METHODS, "data": SOURCES}[section], name, more[0])
     sections = get_type_hints(Config)
     if section not in sections:
         return None
@@ -239,13 +254,14 @@ def _is_text(hint: Any) -> bool:
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:
-    """'optim.lr=0.5' -> (['optim', 'lr'], 0.5). The value is read as YAML (numbers, true/false, lists, null),
+    """'optim.lr=0.5' -> (['optim', 'lr'], 0.5); an entry's own setting has three (method.moco.queue_size). The value is read as YAML (numbers, true/false, lists, null),
     except for a key that holds text (a path, a device, a name): there it is the text as typed, so
     `train.output_dir=runs/exp #3` keeps its '#3' and `train.output_dir=42` is the folder '42'."""
     key, sep, value = text.partition("=")
     parts = key.strip().split(".")
-    if not sep or len(parts) != 2 or not all(parts):
-        raise ConfigError(f"override '{text}' must look like section.key=value, e.g. optim.lr=0.5")
+    if not sep or not (len(parts) == 2 or (len(parts) == 3 and parts[0] in ("method", "data"))) or not all(parts):
+        raise ConfigError(f"override '{text}' must look like section.key=value, e.g. optim.lr=0.5 (a method's "
+                          "or source's own setting: method.NAME.KEY=value, data.NAME.KEY=value)")
     hint = _field_hint(*parts)
     if _is_text(hint):
         optional = hint is not str
@@ -281,16 +297,29 @@ def merge_overrides(raw: dict, overrides: list[str], values: dict[str, Any] | No
     taken as they are, never parsed). The caller's dict stays as it was."""
     raw = copy.deepcopy(raw)  # YAML may hold dates, bytes or sets: validation names them, a copy must not fail
     pairs = [parse_override(text) for text in overrides] + [(key.split("."), v) for key, v in (values or {}).items()]
-    for (section, name), value in pairs:
-        node = raw.setdefault(section, {})
-        if not isinstance(node, dict):
-            raise ConfigError(f"'{section}' must be a mapping of keys to values")
-        node[name] = value
+    for parts, value in pairs:
+        node = raw
+        for depth, part in enumerate(parts[:-1]):
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"'{'.'.join(parts[:depth + 1])}' must be a mapping of keys to values")
+        node[parts[-1]] = value
     return raw
 
 
 def config_from_dict(raw: dict | None) -> Config:
-    return validate(build(Config, raw))
+    if not isinstance(raw, dict):
+        return validate(build(Config, raw))
+    raw = dict(raw)
+    method = method_section(raw.pop("method", None))
+    data, own = raw.get("data"), None
+    if isinstance(data, dict) and isinstance(data.get(data.get("dataset", DataConfig.dataset)), dict):
+        data = dict(data)  # data.NAME.*: a source's own settings
+        own = data.pop(data.get("dataset", DataConfig.dataset))
+        raw["data"] = data
+    cfg = dataclasses.replace(build(Config, raw), method=method)
+    cfg.data.options = own
+    return validate(cfg)
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None,
@@ -301,7 +330,13 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
 
 
 def config_to_dict(cfg: Config) -> dict:
-    return dataclasses.asdict(cfg)
+    """The config as plain data, as YAML holds it: an entry's own settings under method.NAME, data.NAME."""
+    out = dataclasses.asdict(cfg)
+    for section, name in (("method", cfg.method.name), ("data", cfg.data.dataset)):
+        options = out[section].pop("options")
+        if options:
+            out[section][name] = options
+    return out
 
 
 def dump_config(cfg: Config) -> str:

@@ -84,7 +84,6 @@ BAD_VALUES = {
     "optim.plateau_patience": "-1", "augment.crop_scale_min": "0", "augment.jitter_strength": "-1",
     "augment.view_size": "4", "augment.view_size_start": "4", "augment.small_crops": "-1",
     "augment.small_crop_size": "4", "augment.small_crop_scale": "[0.5, 0.2]", "train.seed": "20000000000000", "train.output_dir": "",
-    "method.momentum": "1", "method.momentum_end": "1.5", "method.queue_size": "0", "method.predictor_hidden": "0",
     "model.width": "2", "model.head_out": "0", "model.head_layers": "4", "model.head_hidden": "0",
     "data.image_size": "4", "data.num_workers": "-1", "data.synthetic_size": "1", "data.size_dataset_train": "1", "data.val_size": "0",
     "data.read_ahead": "-1", "train.dist_timeout_min": "0", "train.loggers": "[neptune]", "train.log_project": " ",

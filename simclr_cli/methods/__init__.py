@@ -1,38 +1,31 @@
-"""Pretraining methods, one file each, in one registry: METHODS maps `method.name` to a class that builds its
-networks from the config (after torch.manual_seed) and follows `methods.base.Method`.
+"""Pretraining methods, one file each, in one registry: `registry.METHODS` maps `method.name` to a class that
+builds its networks from the config (after torch.manual_seed), follows `methods.base.Method` and declares
+its own options (`method.NAME.*`), their rules, whether it takes multi-crop and its health head.
 
 simclr: NT-Xent over the batch. moco: an EMA key encoder and a queue of past keys as negatives (MoCo v2,
 the momentum encoder of SimCLR v2). byol: an EMA target and a predictor, no negatives.
 
-A new method: a file here with a `Method` subclass, one line in METHODS, and its tests (copy
-tests/test_methods.py's loss oracle, exact-resume and two-rank cases).
+A new method: a file here with a `Method` subclass, one line in `registry.METHODS` (or an entry point in the
+`simclr_cli.methods` group of another package), and its tests (copy tests/test_methods.py's loss oracle,
+exact-resume and two-rank cases).
 """
 
 from __future__ import annotations
 
-import difflib
 from dataclasses import replace
 
 import torch
 
 from simclr_cli.augment import view_sizes
 from simclr_cli.config import Config
-from simclr_cli.errors import ConfigError
 from simclr_cli.methods.base import Method, Views
-from simclr_cli.methods.byol import BYOLMethod
-from simclr_cli.methods.moco import MoCoMethod
-from simclr_cli.methods.simclr import SimCLRMethod
 from simclr_cli.models import LibraryEncoder, is_convolutional
-
-METHODS: dict[str, type[Method]] = {"simclr": SimCLRMethod, "moco": MoCoMethod, "byol": BYOLMethod}
+from simclr_cli.registry import METHODS
 
 
 def check_method(name: str) -> None:
     """An unknown `method.name` is one line naming the closest method."""
-    if name not in METHODS:
-        close = difflib.get_close_matches(name, METHODS, n=1)
-        hint = f" (did you mean {close[0]!r}?)" if close else ""
-        raise ConfigError(f"'method.name' must be one of {', '.join(METHODS)}; got {name!r}{hint}")
+    METHODS.check(name)
 
 
 def build_method(cfg: Config, warm_start: bool = True) -> Method:

@@ -1,5 +1,12 @@
 """What every method is: the networks it trains, the views it asks of a batch, its loss, its after-step.
 
+A method also declares its policy, so nothing outside it lists methods or branches on their names:
+
+    Options                             a dataclass of its own settings, `method.NAME.*` in the config (None:
+                                        it has none); RULES checks them: (option, test, what it must be)
+    multi_crop                          whether it takes multi-crop's small views (augment.small_crops)
+    health_head()                       the network after the encoder that the health monitor reads
+
 The training loop calls these and never branches on which method runs:
 
     method.model                        the module the optimiser trains; `.encoder` is exported, `.head`
@@ -16,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass
+from typing import Any, Callable, ClassVar
 
 import torch
 
@@ -30,6 +38,13 @@ class Views:
 
 class Method:
     model: torch.nn.Module
+    Options: ClassVar[type | None] = None  # the dataclass of `method.NAME.*`; an instance is cfg.method.options
+    RULES: ClassVar[list[tuple[str, Callable[[Any], bool], str]]] = []  # (option, test, what it must be)
+    multi_crop: ClassVar[bool] = False  # takes augment.small_crops (its loss scores the small views)
+
+    def health_head(self) -> torch.nn.Module | None:
+        """The network after the encoder whose outputs the health monitor reads (the exported head)."""
+        return getattr(self.model, "head", None)
 
     def views(self, augment: Augmenter, x: torch.Tensor, generator: torch.Generator, size: int) -> Views:
         return Views(augment.pair(x, generator, size))

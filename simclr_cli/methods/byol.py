@@ -4,14 +4,15 @@ an EMA target network's projection of the other view. No negatives.
 With p the online prediction and z' the target projection, per pair (the paper's eq. 2):
     loss = || p/||p|| - z'/||z'|| ||^2 = 2 - 2 cos(p, z')
 summed over both view orders (eq. 3's symmetrised loss), averaged over the batch. The target, online
-encoder + projector in EMA, gets no gradient; its momentum rises from `method.momentum` to
-`method.momentum_end` (the paper: 0.996 to 1) on a cosine.
+encoder + projector in EMA, gets no gradient; its momentum rises from `method.byol.momentum` to
+`method.byol.momentum_end` (the paper: 0.996 to 1) on a cosine.
 Projector and predictor are Linear-BN-ReLU-Linear, as in the paper. The exported encoder is the online one.
 """
 
 from __future__ import annotations
 
 import contextlib
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -19,7 +20,7 @@ from torch import nn
 
 from simclr_cli.config import Config
 from simclr_cli.methods.base import Views
-from simclr_cli.methods.ema import EmaTarget, WithTarget, momentum_at
+from simclr_cli.methods.ema import MOMENTUM_RULES, EmaTarget, MomentumOptions, WithTarget, momentum_at
 from simclr_cli.models import build_encoder
 
 
@@ -47,16 +48,27 @@ class Projected(nn.Module):
         return h, self.predictor(z) if self.predictor is not None else z
 
 
+@dataclass
+class BYOLOptions(MomentumOptions):
+    predictor_hidden: int | None = None  # predictor hidden units; None -> the projector's hidden size
+
+
 class BYOLMethod(WithTarget):
+    Options = BYOLOptions
+    RULES = [*MOMENTUM_RULES, ("predictor_hidden", lambda v: v is None or v >= 1, ">= 1 or null")]
+
     def __init__(self, cfg: Config) -> None:
-        m = cfg.model
+        m, options = cfg.model, cfg.method.options
         encoder = build_encoder(m, cfg.data.image_size)
         hidden = m.head_hidden or encoder.feature_dim
         projector = mlp(encoder.feature_dim, hidden, m.head_out)
         self.target = EmaTarget(Projected(encoder, projector))  # encoder + projector, before the predictor
-        self.model = Projected(encoder, projector, mlp(m.head_out, cfg.method.predictor_hidden or hidden, m.head_out))
-        self.momentum = (cfg.method.momentum, cfg.method.momentum_end)
+        self.model = Projected(encoder, projector, mlp(m.head_out, options.predictor_hidden or hidden, m.head_out))
+        self.momentum = (options.momentum, options.momentum_end)
         self.averaged = Projected(encoder, projector)  # the online part the target follows (shares the modules)
+
+    def health_head(self) -> nn.Module:
+        return self.model.projector  # no head is exported; the projector is what follows the encoder
 
     def loss(self, net: torch.nn.Module, views: Views, ctx: contextlib.AbstractContextManager) -> torch.Tensor:
         """views.pair (2B, ...): each view's prediction against the target's projection of the other view."""

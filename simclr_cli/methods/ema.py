@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import math
+from dataclasses import dataclass
 
 import torch
 
@@ -22,6 +23,18 @@ def momentum_at(step: int, total_steps: int, start: float, end: float) -> float:
     """m after `step` of `total_steps` optimiser steps: `start` at 0, `end` at total_steps and beyond."""
     progress = min(1.0, step / max(1, total_steps))
     return end - (end - start) * (math.cos(math.pi * progress) + 1) / 2
+
+
+@dataclass
+class MomentumOptions:
+    momentum: float = 0.99  # EMA momentum of the target network at step 0
+    momentum_end: float = 1.0  # ... at the last step, on a cosine (= momentum: constant)
+
+
+MOMENTUM_RULES = [
+    ("momentum", lambda v: 0 <= v < 1, "in [0, 1)"),
+    ("momentum_end", lambda v: 0 <= v <= 1, "in [0, 1]"),
+]
 
 
 class EmaTarget:

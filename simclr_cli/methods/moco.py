@@ -1,7 +1,7 @@
 """A momentum encoder with a queue of negatives (MoCo v2, Chen et al. 2020; the memory SimCLR v2 adds).
 
 The online encoder + projection head maps one view to a query q; an EMA copy of them maps the other view to
-its key k+. Negatives are the last `queue_size` keys of earlier batches, so their number does not depend on
+its key k+. Negatives are the last `method.moco.queue_size` keys of earlier batches, so their number does not depend on
 the batch size. With q, k unit vectors and tau the temperature, per query (MoCo's Algorithm 1):
     loss = -log( exp(q.k+ / tau) / (exp(q.k+ / tau) + sum_{k- in queue} exp(q.k- / tau)) )
 Both view orders are scored and averaged (symmetric, as SimCLR v2 and MoCo v3 do); after the optimiser
@@ -12,6 +12,7 @@ enqueued. The queue lives in fp32 whatever the autocast precision.
 from __future__ import annotations
 
 import contextlib
+from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
@@ -19,7 +20,7 @@ import torch.nn.functional as F
 
 from simclr_cli.config import Config
 from simclr_cli.methods.base import Views
-from simclr_cli.methods.ema import EmaTarget, WithTarget, momentum_at
+from simclr_cli.methods.ema import MOMENTUM_RULES, EmaTarget, MomentumOptions, WithTarget, momentum_at
 from simclr_cli.models import build_model
 
 
@@ -56,13 +57,22 @@ def gather_rows(x: torch.Tensor) -> torch.Tensor:
     return out
 
 
+@dataclass
+class MoCoOptions(MomentumOptions):
+    queue_size: int = 4096  # past keys kept as negatives (every rank's, gathered)
+
+
 class MoCoMethod(WithTarget):
+    Options = MoCoOptions
+    RULES = [*MOMENTUM_RULES, ("queue_size", lambda v: v >= 1, ">= 1")]
+
     def __init__(self, cfg: Config) -> None:
+        options: MoCoOptions = cfg.method.options
         self.model = build_model(cfg.model, cfg.data.image_size)  # online: encoder + projection head, the queries
         self.target = EmaTarget(self.model)  # keys
-        self.queue = KeyQueue(cfg.method.queue_size, cfg.model.head_out)
+        self.queue = KeyQueue(options.queue_size, cfg.model.head_out)
         self.temperature = cfg.loss.temperature
-        self.momentum = (cfg.method.momentum, cfg.method.momentum_end)
+        self.momentum = (options.momentum, options.momentum_end)
         self._keys: torch.Tensor | None = None  # this step's keys, enqueued after the optimiser step
 
     def to(self, device: torch.device, memory_format: torch.memory_format) -> MoCoMethod:

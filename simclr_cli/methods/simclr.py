@@ -23,6 +23,8 @@ from simclr_cli.models import build_model
 
 
 class SimCLRMethod(Method):
+    multi_crop = True
+
     def __init__(self, cfg: Config) -> None:
         self.model = build_model(cfg.model, cfg.data.image_size)  # encoder + 2- or 3-layer head (SimCLR v1 / v2)
         self.temperature = cfg.loss.temperature
