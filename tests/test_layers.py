@@ -13,7 +13,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "simclr_cli"
 # The ground floor, in its own order (each module may import the ones before it), then the wings along the
 # data flow: config -> data -> augment -> models -> methods, with evaluation (which the training loop's
 # monitor uses) before the loop itself, and the command line last.
-GROUND = ["__init__", "errors", "runtime", "files", "typed", "config", "rundir"]
+GROUND = ["__init__", "errors", "runtime", "files", "typed", "registry", "owned", "artifacts", "config", "rundir"]
 WINGS = ["data", "augment", "models", "methods", "evaluate", "train", "cli"]
 MAX_MODULE_LINES, MAX_FUNCTION_LINES = 300, 50
 

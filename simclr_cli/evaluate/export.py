@@ -1,131 +1,122 @@
-"""`simclr extract`: the encoder of a pretraining checkpoint, alone, in one of the formats of EXPORTS.
+"""`simclr extract`: the encoder of a pretraining checkpoint, alone, in one of the formats of
+`registry.EXPORTS` (each an `artifacts.ExportFormat`: suffix, what it takes, writer, reader, load hint).
 
 native: the self-describing encoder file (description, input, weights, projection head, provenance).
 torchvision: the plain state dict that torchvision's model loads with strict=True, its classifier set to
 nn.Identity() (and a built-in ResNet's stem as trained). timm: the state dict of a timm model, which
 `timm.create_model(NAME, num_classes=0, **kwargs)` loads with strict=True. These load with
-`torch.load(path, weights_only=True)`. onnx, torchscript, safetensors: for other runtimes, each written with
-the preprocessing it needs and checked against the PyTorch encoder before it is kept (`portable.py`,
-`export_onnx.py`, `export_portable.py`). Every file is written atomically.
+`torch.load(path, weights_only=True)`; which state dicts an encoder has, and the line that loads them, its
+backbone family says (`models.library.LibraryFamily`). onnx, torchscript, safetensors: for other runtimes,
+each written with the preprocessing it needs and checked against the PyTorch encoder before it is kept
+(`portable.py`, `export_onnx.py`, `export_portable.py`). Every file is written atomically.
 
-A new format: a function (LoadedEncoder, path, options) -> {facts} that writes the file atomically, in a file here,
-one line in EXPORTS, and its tests (copy tests/test_exports.py's round trip).
+A new format: an `ExportFormat` in a file of its own (its `write(LoadedEncoder, path, options) -> {facts}`
+writes the file atomically), one line in `registry.EXPORTS` or an entry point of the group
+`simclr_cli.exports`, and its tests (copy tests/test_exports.py's round trip).
 """
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Callable
 
+from simclr_cli.artifacts import (Artifact, Checkpoint, ClassifierFile, EncoderFile, ExportFormat, StateDict,
+                                  of_content)
 from simclr_cli.errors import CheckpointError
-from simclr_cli.evaluate import export_onnx
-from simclr_cli.evaluate.export_portable import write_safetensors, write_torchscript
-from simclr_cli.files import (CHECKPOINT_FORMAT, CLASSIFIER_FORMAT, ENCODER_FORMAT, atomic_save, check_output_path,
-                              safe_load)
-from simclr_cli.models import LibraryEncoder
+from simclr_cli.evaluate.export_onnx import OPSET
+from simclr_cli.files import atomic_save, check_output_path, safe_load
+from simclr_cli.models import family_of
 from simclr_cli.models.classifier import as_encoder, load_classifier
-from simclr_cli.models.encoder_file import LoadedEncoder, read_encoder
-from simclr_cli.models.library import library_state_dict
+from simclr_cli.models.encoder_file import LoadedEncoder, encoder_of
+from simclr_cli.registry import EXPORTS
 
 
-def native(loaded: LoadedEncoder) -> dict:
-    return loaded.payload()
+def library_state(encoder, fmt: str) -> dict:
+    """The state dict of library format `fmt` (torchvision, timm), as the encoder's family lays it out; a
+    family that has no such state dict is one line naming the formats it has."""
+    arch = encoder.describe()["arch"]
+    family = family_of(arch)
+    if fmt not in family.formats:
+        raise CheckpointError(f"{arch} is not a {fmt} model: use --format native"
+                              + "".join(f" or --format {other}" for other in family.formats))
+    return family.library_state(encoder, fmt)
 
 
-def torchvision(loaded: LoadedEncoder) -> dict:
-    """torchvision's own state dict: of a torchvision:NAME model (classifier removed), or of a built-in ResNet
-    at width 64 (torchvision's ResNet with its stem as trained and fc = nn.Identity())."""
-    encoder, spec = loaded.encoder, loaded.encoder.describe()
-    if isinstance(encoder, LibraryEncoder):
-        if not spec["arch"].startswith("torchvision:"):
-            raise CheckpointError(f"{spec['arch']} is not a torchvision model: use --format native or "
-                                  f"--format {spec['arch'].split(':')[0]}")
-        return library_state_dict(encoder)
-    if spec.get("width") != 64:
-        raise CheckpointError(f"the torchvision format needs width 64 (torchvision's ResNet); this encoder has width "
-                              f"{spec.get('width')}: use --format native")
-    return {k: v.detach().cpu() for k, v in encoder.state_dict().items()}
+def load_line(path: Path) -> str:
+    return f"load_state_dict(torch.load('{path}', weights_only=True), strict=True)"
 
 
-def timm(loaded: LoadedEncoder) -> dict:
-    """timm's own state dict of a timm:NAME model: `timm.create_model(NAME, num_classes=0, **kwargs)` loads it."""
-    spec = loaded.encoder.describe()
-    if not spec["arch"].startswith("timm:"):
-        raise CheckpointError(f"{spec['arch']} is not a timm model: use --format native"
-                              + (" or --format torchvision" if spec["arch"].startswith(("torchvision:", "resnet")) else ""))
-    return library_state_dict(loaded.encoder)
-
-
-def saved(state: Callable[[LoadedEncoder], dict]) -> Callable[[LoadedEncoder, Path, dict], dict]:
-    """A format that is what torch.save writes."""
+def library_format(name: str, help: str) -> ExportFormat:
+    """A library's own state dict (torch.save): `name` is one of the `formats` a backbone family declares."""
     def write(loaded: LoadedEncoder, path: Path, options: dict) -> dict:
-        atomic_save(state(loaded), path)
+        atomic_save(library_state(loaded.encoder, name), path)
         return {}
-    return write
+
+    def hint(encoder, path: Path) -> str:
+        return family_of(encoder.describe()["arch"]).load_hint(encoder, name, load_line(path))
+
+    return ExportFormat(name, "pth", help, write, hint, reads_as=StateDict)
 
 
-# format -> write(loaded, path, options) -> facts; options: {"opset": N} (ONNX's)
-EXPORTS: dict[str, Callable[[LoadedEncoder, Path, dict], dict]] = {
-    "native": saved(native), "torchvision": saved(torchvision), "timm": saved(timm),
-    "onnx": export_onnx.write, "torchscript": write_torchscript, "safetensors": write_safetensors,
-}
+def _write_native(loaded: LoadedEncoder, path: Path, options: dict) -> dict:
+    atomic_save(loaded.payload(), path)
+    return {}
+
+
+NATIVE = ExportFormat("native", "pth", "self-describing encoder file with head and provenance", _write_native,
+                      lambda encoder, path: None, reads_as=EncoderFile, with_head=True)
+TORCHVISION = library_format("torchvision", "torchvision's own state dict (a built-in ResNet: width 64)")
+TIMM = library_format("timm", "timm's own state dict")
+
+
+def formats() -> list[ExportFormat]:
+    """Every export format that imports (a plugin that does not is a warning, and left out)."""
+    return [f for f in (EXPORTS.load(entry) for entry in EXPORTS.entries()) if f is not None]
+
+
+def _listed(names: list[str], last: str) -> str:
+    return ", ".join(names[:-1]) + f" {last} {names[-1]}" if len(names) > 1 else "".join(names)
+
+
+def _check_source(artifact: Artifact, export: ExportFormat) -> None:
+    """The file is one `export` takes (a checkpoint, or an encoder or classifier file), or one line."""
+    path, taking = artifact.path, lambda kind: [f.name for f in formats() if kind in f.takes]
+    if isinstance(artifact, ClassifierFile):
+        if ClassifierFile not in export.takes:
+            raise CheckpointError(f"{path} is a classifier file (simclr finetune): it exports with --format "
+                                  f"{_listed(taking(ClassifierFile), 'or')}; the .pth itself is what simclr predict reads")
+    elif isinstance(artifact, EncoderFile):
+        if EncoderFile not in export.takes:
+            raise CheckpointError(f"{path} is already an encoder file; use it directly (probe and embed take it), or "
+                                  f"export it with --format {_listed(taking(EncoderFile), 'or')}")
+    elif not isinstance(artifact, Checkpoint):
+        raise CheckpointError(f"{path} is not a checkpoint that `simclr pretrain` wrote: give a run's checkpoint.pt"
+                              f" (or, for {_listed(taking(EncoderFile), 'and')}, its encoder.pth)")
 
 
 def extract_encoder(checkpoint_path: str | Path, out_path: str | Path, fmt: str = "native",
-                    opset: int = export_onnx.OPSET) -> dict:
+                    opset: int = OPSET) -> dict:
     """Write the encoder of a pretraining checkpoint alone, atomically, in format `fmt` (`opset`: ONNX's);
     the portable formats also take a native encoder file. Returns a summary."""
     path, out = Path(checkpoint_path), Path(out_path).expanduser()
     if fmt not in EXPORTS:
         raise CheckpointError(f"unknown encoder format {fmt!r}: use {', '.join(EXPORTS)}")
-    check_output_path(out, f"encoder.{SUFFIX.get(fmt, 'pth')}")
-    if fmt == "onnx":
-        export_onnx.require(*export_onnx.NEEDS)  # one line naming the extra, before the checkpoint is read
-    obj = safe_load(path)
-    kind = obj.get("format") if isinstance(obj, dict) else None
-    if kind == ENCODER_FORMAT and fmt in ("native", "torchvision", "timm"):
-        raise CheckpointError(f"{path} is already an encoder file; use it directly (probe and embed take it), or "
-                              "export it with --format onnx, torchscript or safetensors")
-    if kind == CLASSIFIER_FORMAT and fmt not in ("onnx", "torchscript"):
-        raise CheckpointError(f"{path} is a classifier file (simclr finetune): it exports with --format onnx or "
-                              "torchscript; the .pth itself is what simclr predict reads")
-    if kind not in (CHECKPOINT_FORMAT, ENCODER_FORMAT, CLASSIFIER_FORMAT):
-        raise CheckpointError(f"{path} is not a checkpoint that `simclr pretrain` wrote: give a run's checkpoint.pt"
-                              " (or, for onnx, torchscript and safetensors, its encoder.pth)")
+    export: ExportFormat = EXPORTS[fmt]
+    check_output_path(out, f"encoder.{export.suffix}")
+    export.needs()  # one line naming the extra, before the checkpoint is read
+    artifact = of_content(safe_load(path), path)
+    _check_source(artifact, export)
     if out.resolve() == path.resolve():
         raise CheckpointError(f"-o {out} would overwrite the checkpoint itself: choose another output path")
     # the weights fit the architecture, or one line
-    loaded = as_encoder(load_classifier(path, obj)) if kind == CLASSIFIER_FORMAT else read_encoder(obj, path)
-    facts = EXPORTS[fmt](loaded, out, {"opset": opset})
-    return {**facts, "path": str(out), "format": fmt, "has_head": fmt == "native" and loaded.head is not None,
+    loaded = as_encoder(load_classifier(path, artifact.data)) if isinstance(artifact, ClassifierFile) else \
+        encoder_of(artifact)
+    facts = export.write(loaded, out, {"opset": opset})
+    return {**facts, "path": str(out), "format": fmt, "has_head": export.with_head and loaded.head is not None,
             "bytes": out.stat().st_size,
             **loaded.encoder.describe(), "image_size": loaded.image_size, "mean": list(loaded.mean),
-            "std": list(loaded.std), "provenance": loaded.provenance, "load": load_hint(loaded.encoder, fmt, out)}
-
-
-SUFFIX = {"onnx": "onnx", "torchscript": "pt", "safetensors": "safetensors"}  # for the hint of a folder given as -o
+            "std": list(loaded.std), "provenance": loaded.provenance, "load": export.hint(loaded.encoder, out)}
 
 
 def load_hint(encoder, fmt: str, path: Path) -> str | None:
     """The Python line that loads the written file into its library's own model (None for the native file)."""
-    spec, load = encoder.describe(), f"load_state_dict(torch.load('{path}', weights_only=True), strict=True)"
-    family, _, name = spec["arch"].rpartition(":")
-    kwargs = "".join(f", {k}={v!r}" for k, v in (spec.get("kwargs") or {}).items())
-    stem = "  (trained with the small-image stem: see README Backbones)" if spec["stem"] == "cifar" else ""
-    if fmt == "torchvision" and not family:  # a built-in ResNet
-        cifar = ("; m.conv1 = torch.nn.Conv2d(3, 64, 3, 1, 1, bias=False); m.maxpool = torch.nn.Identity()"
-                 if spec["stem"] == "cifar" else "")
-        return f"m = torchvision.models.{spec['arch']}(){cifar}; m.fc = torch.nn.Identity(); m.{load}"
-    if fmt == "torchvision":
-        return (f"m = torchvision.models.get_model({name!r}{kwargs}); m.{encoder.removed} = torch.nn.Identity(); "
-                f"m.{load}{stem}")
-    if fmt == "timm":
-        return f"m = timm.create_model({name!r}, num_classes=0{kwargs}); m.{load}{stem}"
-    if fmt == "onnx":
-        return (f"onnxruntime.InferenceSession('{path}').run(None, {{'images': x}})[0], x float32 (N, 3, H, W) "
-                "preprocessed as the file's 'simclr-cli' metadata says (README: Using the encoder elsewhere)")
-    if fmt == "torchscript":
-        return f"m = torch.jit.load('{path}'); h = m(x)  (torch alone; the metadata: _extra_files={{'simclr-cli.json': ''}})"
-    if fmt == "safetensors":
-        return f"safetensors.torch.load_file('{path}'), the model's own keys; `simclr embed --encoder {path}` reads it too"
-    return None
+    return EXPORTS[fmt].hint(encoder, path)

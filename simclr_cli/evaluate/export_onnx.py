@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from simclr_cli.artifacts import Checkpoint, ClassifierFile, EncoderFile, ExportFormat, OnnxExport
 from simclr_cli.errors import CheckpointError, MissingExtraError
 from simclr_cli.evaluate import portable
 from simclr_cli.files import atomic_path
@@ -159,3 +160,13 @@ class OnnxEncoder:
         """uint8 (B, 3, H, W) -> float32 h (B, D), preprocessed as `models.features.extract_features` does."""
         x = preprocess(images_u8, self.mean, self.std, self.image_size)
         return torch.from_numpy(self.run(x.numpy()))
+
+
+def hint(encoder: torch.nn.Module, path: Path) -> str:
+    return (f"onnxruntime.InferenceSession('{path}').run(None, {{'images': x}})[0], x float32 (N, 3, H, W) "
+            "preprocessed as the file's 'simclr-cli' metadata says (README: Using the encoder elsewhere)")
+
+
+ONNX = ExportFormat("onnx", "onnx", "for onnxruntime (extra onnx), with the preprocessing inside, checked against "
+                    "PyTorch before it is kept", write, hint, takes=(Checkpoint, EncoderFile, ClassifierFile),
+                    reads_as=OnnxExport, needs=lambda: require(*NEEDS))

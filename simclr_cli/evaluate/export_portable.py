@@ -17,6 +17,8 @@ from pathlib import Path
 
 import torch
 
+from simclr_cli.artifacts import (Checkpoint, ClassifierFile, EncoderFile, ExportFormat, SafetensorsExport,
+                                  TorchScriptExport)
 from simclr_cli.errors import CheckpointError
 from simclr_cli.evaluate import portable
 from simclr_cli.files import atomic_path
@@ -63,3 +65,17 @@ def write_safetensors(loaded: LoadedEncoder, path: Path, options: dict | None = 
         with torch.no_grad():
             diff = portable.check(reference, again.encoder.eval()(x), "the safetensors file")
     return {"parity": diff}
+
+
+TORCHSCRIPT = ExportFormat(
+    "torchscript", "pt", "for torch.jit.load without simclr-cli, with the preprocessing inside, checked against "
+    "PyTorch before it is kept", write_torchscript,
+    lambda encoder, path: (f"m = torch.jit.load('{path}'); h = m(x)  (torch alone; the metadata: "
+                           f"_extra_files={{'{TORCHSCRIPT_EXTRA}': ''}})"),
+    takes=(Checkpoint, EncoderFile, ClassifierFile), reads_as=TorchScriptExport)
+SAFETENSORS = ExportFormat(
+    "safetensors", "safetensors", "the library's own keys with the preprocessing as metadata, checked against "
+    "PyTorch before it is kept", write_safetensors,
+    lambda encoder, path: (f"safetensors.torch.load_file('{path}'), the model's own keys; `simclr embed --encoder "
+                           f"{path}` reads it too"),
+    takes=(Checkpoint, EncoderFile), reads_as=SafetensorsExport)

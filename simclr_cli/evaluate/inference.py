@@ -16,8 +16,9 @@ from typing import Callable
 
 import torch
 
+from simclr_cli.artifacts import OnnxExport, identify
 from simclr_cli.evaluate.export_onnx import OnnxEncoder
-from simclr_cli.models.encoder_file import LoadedEncoder, load_encoder
+from simclr_cli.models.encoder_file import LoadedEncoder, encoder_of
 from simclr_cli.models.features import check_layer, extract_features, for_inference
 from simclr_cli.runtime import INFERENCE_PRECISIONS, pick_device, resolve_precision
 
@@ -28,9 +29,10 @@ class Inference:
         self.precision = resolve_precision(precision, self.device, INFERENCE_PRECISIONS)
 
     def load(self, path: str | Path) -> LoadedEncoder | OnnxEncoder:
-        if Path(path).suffix.lower() == ".onnx":
+        artifact = identify(path)  # what the file is, decided in one place
+        if isinstance(artifact, OnnxExport):
             return OnnxEncoder(path)
-        return self.ready(load_encoder(path))
+        return self.ready(encoder_of(artifact))
 
     def ready(self, loaded: LoadedEncoder) -> LoadedEncoder:
         """The same encoder file's description with its encoder and head on the device, ready to extract."""

@@ -6,9 +6,11 @@
 in `describe()` what rebuilds it; the encoder file records that, so an encoder is rebuilt from the file
 alone (`encoder_from_spec`). `model.init` warm-starts it (`models.warm`).
 
-A new family: a file here with a class that has `prefix`, `names()`, `check(name)` and `build(name, kwargs,
-stem, image_size, pretrained)`, one line in ENCODERS, and its tests (copy the family cases of
-tests/test_backbones.py). A new built-in architecture: a module in resnet.py's way, and a name in BUILT_IN.
+A new family: a file here with an object that has `prefix`, `names()`, `check(name)`, `check_kwargs(name,
+kwargs)` and `build(name, kwargs, stem, image_size, pretrained)`, and declares its policy as
+`library.LibraryFamily` does (`formats`, `classifier_keys`, `library_state`, `from_library_keys`,
+`warm_state`, `load_hint`), one line in `registry.ENCODERS` (or an entry point of the group
+`simclr_cli.encoders`), and its tests (copy the family cases of tests/test_backbones.py). A new built-in architecture: a module in resnet.py's way, and a name in BUILT_IN.
 """
 
 from __future__ import annotations
@@ -20,13 +22,13 @@ from torch import nn
 from simclr_cli.config import ModelConfig
 from simclr_cli.errors import ConfigError
 from simclr_cli.models.heads import EncoderWithHead, ProjectionHead
-from simclr_cli.models.library import LibraryEncoder, Timm, Torchvision
+from simclr_cli.models.library import LibraryEncoder, family_of
 from simclr_cli.models.resnet import ResNetEncoder
 from simclr_cli.models.spec import DescriptionError, check_description
 from simclr_cli.models.warm import PRETRAINED, built_in_pretrained, warm_start
+from simclr_cli.registry import ENCODERS  # model.arch FAMILY:NAME -> the family that builds NAME
 
 BUILT_IN: dict[str, type[nn.Module]] = {"resnet18": ResNetEncoder, "resnet34": ResNetEncoder, "resnet50": ResNetEncoder}
-ENCODERS = {"torchvision": Torchvision(), "timm": Timm()}  # model.arch FAMILY:NAME -> the family that builds NAME
 
 
 def check_encoder(arch: str) -> None:
@@ -110,4 +112,4 @@ def is_convolutional(encoder: nn.Module) -> bool:
 
 __all__ = ["BUILT_IN", "ENCODERS", "EncoderWithHead", "LibraryEncoder", "ProjectionHead", "ResNetEncoder",
            "build_encoder", "build_model", "check_encoder", "check_model", "check_spec", "encoder_from_spec",
-           "is_convolutional"]
+           "family_of", "is_convolutional"]

@@ -16,8 +16,9 @@ import torch
 from torch import nn
 
 from simclr_cli.errors import CheckpointError
-from simclr_cli.files import CLASSIFIER_FORMAT, ENCODER_FORMAT, safe_load
-from simclr_cli.models.encoder_file import LoadedEncoder, read_encoder
+from simclr_cli.artifacts import Checkpoint, ClassifierFile, EncoderFile, Foreign, of_content
+from simclr_cli.files import safe_load
+from simclr_cli.models.encoder_file import LoadedEncoder, encoder_of
 from simclr_cli.models.features import check_layer
 from simclr_cli.models.heads import ProjectionHead
 
@@ -72,11 +73,9 @@ def classifier_payload(loaded: LoadedEncoder, model: Classifier, classes: list[s
     head = loaded.head if model.head_layer else None  # its first blocks are the neck: fine-tuned in place
     enc = LoadedEncoder(model.encoder, loaded.image_size, loaded.mean, loaded.std, loaded.kind, head,
                         loaded.provenance, [], loaded.head_spec if head is not None else None)
-    payload = enc.payload()
-    payload["format"] = CLASSIFIER_FORMAT
-    payload["classifier"] = {**info, "head_layer": model.head_layer, "classes": list(classes),
-                             "state_dict": {k: v.detach().cpu() for k, v in model.fc.state_dict().items()}}
-    return payload
+    return ClassifierFile.with_section(enc.payload(), {
+        **info, "head_layer": model.head_layer, "classes": list(classes),
+        "state_dict": {k: v.detach().cpu() for k, v in model.fc.state_dict().items()}})
 
 
 def as_encoder(loaded: LoadedClassifier) -> LoadedEncoder:
@@ -90,13 +89,14 @@ def as_encoder(loaded: LoadedClassifier) -> LoadedEncoder:
 def load_classifier(path: str | Path, obj: object = None) -> LoadedClassifier:
     """The classifier file at `path` (`obj`: what `files.safe_load(path)` returned, for a caller that read it)."""
     path = Path(path)
-    obj = safe_load(path) if obj is None else obj
-    kind = obj.get("format") if isinstance(obj, dict) else None
-    if kind != CLASSIFIER_FORMAT:
-        what = "an encoder file" if kind == ENCODER_FORMAT else "a pretraining checkpoint" if kind else "not a classifier"
+    artifact = of_content(safe_load(path) if obj is None else obj, path)
+    if not isinstance(artifact, ClassifierFile):
+        other_format = isinstance(artifact, Checkpoint) or (isinstance(artifact, Foreign) and artifact.why == "format")
+        what = "an encoder file" if isinstance(artifact, EncoderFile) else "a pretraining checkpoint" if other_format \
+            else "not a classifier"
         raise CheckpointError(f"{path} is {what}: simclr predict takes the classifier file `simclr finetune` wrote "
                               "(simclr finetune ENCODER -o classifier.pth)")
-    section = obj.get("classifier")
+    section = artifact.section
     problem = ("'classifier' must be a mapping (head_layer, classes, state_dict)" if not isinstance(section, dict) else
                "'classifier.classes' must be a non-empty list of class names" if not (
                    isinstance(section.get("classes"), list) and section["classes"]
@@ -107,7 +107,7 @@ def load_classifier(path: str | Path, obj: object = None) -> LoadedClassifier:
         raise CheckpointError(f"{path}: this classifier file's description is refused ({problem}): fine-tune again "
                               "(simclr finetune ENCODER -o classifier.pth)")
     try:
-        loaded = read_encoder({**obj, "format": ENCODER_FORMAT}, path, "classifier file")
+        loaded = encoder_of(artifact.encoder_part(), "classifier file")
         model = Classifier(loaded.encoder, loaded.head, int(section["head_layer"]), len(section["classes"]))
         model.fc.load_state_dict(section["state_dict"], strict=True)
     except (KeyError, TypeError, RuntimeError) as err:

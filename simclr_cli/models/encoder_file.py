@@ -6,12 +6,13 @@ size and normalisation it was trained with, its weights, its projection head and
 checkpoint carries the same description beside its model (`encoder_meta`, written by `train.state`), so an
 encoder is read out of a checkpoint as it is out of its own file. `load_encoder` takes either, a
 torchvision-style ResNet state dict, or the original design's `nn.Sequential(*list(resnet18.children())[:-1])`
-state dict. Every file loads with `torch.load(path, weights_only=True)`.
+state dict, or a safetensors export. What a file is, and the keys it holds, `artifacts` decides and spells
+(`identify`, `EncoderFile`, `Checkpoint`); this module builds and checks the encoder each kind holds. Every
+file loads with `torch.load(path, weights_only=True)`.
 """
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -22,9 +23,10 @@ from torch import nn
 from simclr_cli import __version__
 from simclr_cli.config import Config, ModelConfig, config_digest, config_from_dict
 from simclr_cli.errors import CheckpointError, UserError
-from simclr_cli.files import (CHECKPOINT_FORMAT, CLASSIFIER_FORMAT, ENCODER_FORMAT, is_safetensors, is_torchscript,
-                              safe_load)
-from simclr_cli.models import encoder_from_spec
+from simclr_cli.artifacts import (PORTABLE_KEY, Artifact, Checkpoint, ClassifierFile, EncoderFile, Foreign, OnnxExport,
+                                  SafetensorsExport, StateDict, TorchScriptExport, first_line, identify, of_content, what)
+from simclr_cli.files import safe_load
+from simclr_cli.models import encoder_from_spec, family_of
 from simclr_cli.models.heads import EncoderWithHead, ProjectionHead
 from simclr_cli.models.resnet import infer_resnet, sequential_to_torchvision
 from simclr_cli.models.spec import DescriptionError, check_description
@@ -67,12 +69,7 @@ def encoder_payload(encoder: nn.Module, cfg: Config, head: ProjectionHead | None
                     **provenance: Any) -> dict:
     """The native encoder file of a built encoder (and head); `cfg` is the config they were built from."""
     meta = encoder_meta(encoder, cfg, head, mean, std, **provenance)
-    payload = {"format": ENCODER_FORMAT, "format_version": 1, **meta, "state_dict": _weights(encoder)}
-    if head is not None:
-        payload["head"] = {**meta["head"], "state_dict": _weights(head)}
-    else:
-        del payload["head"]
-    return payload
+    return EncoderFile.payload(meta, _weights(encoder), _weights(head) if head is not None else None)
 
 
 @dataclass
@@ -101,21 +98,12 @@ class LoadedEncoder:
 
     def payload(self) -> dict:
         """This encoder as a native encoder file (what `simclr extract` writes)."""
-        payload = {"format": ENCODER_FORMAT, "format_version": 1, **self.encoder.describe(),
-                   "image_size": self.image_size, "mean": list(self.mean), "std": list(self.std),
-                   "state_dict": _weights(self.encoder), "provenance": dict(self.provenance)}
-        if self.head is not None:
-            payload["head"] = {**self.head_spec, "state_dict": _weights(self.head)}
-        return payload
+        meta = {**self.encoder.describe(), "image_size": self.image_size, "mean": list(self.mean),
+                "std": list(self.std), "provenance": dict(self.provenance), "head": self.head_spec}
+        return EncoderFile.payload(meta, _weights(self.encoder), _weights(self.head) if self.head is not None else None)
 
 
-def _what(obj: Any) -> str:
-    return "an empty dict" if obj == {} else f"a {type(obj).__name__}"
-
-
-def _first_line(err: BaseException) -> str:
-    text = str(err).strip()
-    return " ".join(text.split()) if len(text) < 200 else text.splitlines()[0][:200]
+_what, _first_line = what, first_line  # their old names
 
 
 def _load_strict(module: torch.nn.Module, state: Any, path: Path, what: str) -> None:
@@ -171,17 +159,16 @@ def _build(meta: dict, weights: dict, head_weights: dict | None, path: Path, kin
                               "again with `simclr extract`") from None
 
 
-def _from_native(payload: dict, path: Path, kind: str = "native encoder file") -> LoadedEncoder:
-    head = payload.get("head") or None
-    check_file_description({**payload, "head": head}, path, kind)  # a head that is no mapping, before .get
-    return _build({**payload, "head": head}, payload.get("state_dict"), head.get("state_dict") if head else None,
-                  path, kind, [])
+def _from_native(native: EncoderFile, kind: str = "native encoder file") -> LoadedEncoder:
+    description, path = native.description, native.path
+    check_file_description(description, path, kind)  # a head that is no mapping, before its weights are read
+    return _build(description, native.weights, native.head_weights, path, kind, [])
 
 
-def _checkpoint_meta(ckpt: dict) -> dict:
+def _checkpoint_meta(ckpt: Checkpoint) -> dict:
     """The encoder description of a checkpoint written before checkpoints carried one (simclr-cli 0.1): read
     from its config as it is, without today's validation, so a tightened rule never stops an old file."""
-    raw = ckpt["config"]
+    raw = ckpt.config
     model, data = {**vars(ModelConfig()), **raw.get("model", {})}, raw.get("data", {})
     stem = model["stem"] if model["stem"] != "auto" else "cifar"
     dataset = data.get("dataset", "cifar10")
@@ -194,32 +181,32 @@ def _checkpoint_meta(ckpt: dict) -> dict:
     return {"arch": model["arch"], "stem": stem, "width": model["width"], "kwargs": model.get("kwargs") or {},
             "image_size": data.get("image_size", 32),
             "mean": mean, "std": std, "head": head,
-            "provenance": {"simclr_cli": ckpt.get("simclr_cli"), "method": raw.get("method", {}).get("name", "simclr"),
+            "provenance": {"simclr_cli": ckpt.version, "method": raw.get("method", {}).get("name", "simclr"),
                            "dataset": dataset, "seed": raw.get("train", {}).get("seed", 0), "config_digest": digest}}
 
 
-def _from_checkpoint(ckpt: dict, path: Path) -> LoadedEncoder:
+def _from_checkpoint(ckpt: Checkpoint) -> LoadedEncoder:
     """The encoder of a pretraining checkpoint, read from its model's state dict; a method's other networks
     (byol's projector and predictor) stay behind."""
+    path = ckpt.path
     try:
-        meta = ckpt["encoder"] if isinstance(ckpt.get("encoder"), dict) else _checkpoint_meta(ckpt)
-        weights, head_weights = EncoderWithHead.split_state(ckpt["model"])
+        meta = ckpt.encoder if ckpt.encoder is not None else _checkpoint_meta(ckpt)
+        weights, head_weights = EncoderWithHead.split_state(ckpt.model)
         if not weights:
             raise ValueError("no encoder weights")
-        provenance = {**meta["provenance"], "epoch": ckpt.get("epoch"), "step": ckpt.get("step"), "source": str(path)}
+        provenance = {**meta["provenance"], **ckpt.position(), "source": str(path)}
     except (KeyError, TypeError, ValueError, AttributeError) as err:
         raise CheckpointError(f"{path} is a damaged or incomplete checkpoint ({type(err).__name__}: "
                               f"{_first_line(err)}): use another checkpoint of the run") from None
     return _build({**meta, "provenance": provenance}, weights, head_weights or None, path, "pretraining checkpoint", [])
 
 
-def _from_state_dict(state: dict, path: Path) -> LoadedEncoder:
-    if not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items()):
-        raise CheckpointError(f"{path} is not an encoder: neither a simclr-cli file nor a state dict of tensors")
+def _from_state_dict(artifact: StateDict) -> LoadedEncoder:
+    state, path = artifact.state, artifact.path
     if "conv1.weight" in state:
         kind = "torchvision state dict"
         state = {k: v for k, v in state.items() if not k.startswith("fc.")}  # the classifier is not the encoder
-    elif all(k.split(".", 1)[0].isdigit() for k in state):
+    elif artifact.sequential:
         kind = "original design state dict (nn.Sequential of resnet18 children)"
         state = sequential_to_torchvision(state, path)
     else:
@@ -234,34 +221,17 @@ def _from_state_dict(state: dict, path: Path) -> LoadedEncoder:
     return _build(meta, state, None, path, kind, notes)
 
 
-PORTABLE_KEY = "simclr-cli"  # where an exported file keeps its description (evaluate.portable writes it)
-
-
-def _from_safetensors(path: Path) -> LoadedEncoder:
-    """A safetensors file `simclr extract --format safetensors` wrote: the model's own keys and, under
-    PORTABLE_KEY, its description."""
-    from safetensors import safe_open
-
-    try:
-        with safe_open(str(path), "pt") as f:
-            meta = json.loads((f.metadata() or {}).get(PORTABLE_KEY) or "null")
-            weights = {k: f.get_tensor(k) for k in f.keys()}
-    except (OSError, ValueError, RuntimeError, json.JSONDecodeError) as err:
-        raise CheckpointError(f"{path} is not a readable safetensors file ({_first_line(err)})") from None
-    if not isinstance(meta, dict) or "model" not in meta:
-        raise CheckpointError(f"{path} carries no simclr-cli description: export it with `simclr extract --format "
-                              "safetensors`")
-    missing = [k for k in ("image_size", "mean", "std") if k not in meta]
-    if not isinstance(meta["model"], dict) or missing:
-        field = f"'{missing[0]}' is missing" if missing else f"'model' is {_what(meta['model'])}, not a mapping"
-        raise CheckpointError(f"{path}: its {PORTABLE_KEY} description is damaged ({field}): export it again with "
-                              "`simclr extract --format safetensors`")
+def _from_safetensors(export: SafetensorsExport) -> LoadedEncoder:
+    """A safetensors file `simclr extract --format safetensors` wrote: the model's own keys (its family's
+    layout) and, under PORTABLE_KEY, its description."""
+    meta, weights = export.read()
     spec = dict(meta["model"])
-    if isinstance(spec.get("arch"), str) and ":" in spec["arch"]:  # a library model: the library's keys, ours wrap it as `net`
-        weights = {f"net.{k}": v for k, v in weights.items()}
+    family = family_of(spec.get("arch"))
+    if family is not None:  # None: no arch a family owns, which the description check refuses by name
+        weights = family.from_library_keys(weights)
     desc = {**spec, "image_size": meta["image_size"], "mean": meta["mean"], "std": meta["std"], "head": None,
             "provenance": meta.get("provenance")}
-    return _build(desc, weights, None, path, "safetensors file", [])
+    return _build(desc, weights, None, export.path, "safetensors file", [])
 
 
 def load_encoder(path: str | Path) -> LoadedEncoder:
@@ -269,29 +239,37 @@ def load_encoder(path: str | Path) -> LoadedEncoder:
     safetensors file `simclr extract` wrote (recognised by its content, not its name), a torchvision-style
     ResNet state dict (fc.* ignored), or the original design's state dict of
     nn.Sequential(*list(resnet18.children())[:-1]). What to build comes from the file (the last two: from
-    the weights' shapes)."""
-    path = Path(path)
-    if path.is_file() and is_safetensors(path):
-        return _from_safetensors(path)
-    if path.is_file() and is_torchscript(path):
-        raise CheckpointError(f"{path} is a TorchScript file, for torch.jit.load without simclr-cli: give simclr the "
-                              "encoder.pth it came from, or an .onnx or .safetensors export")
-    return read_encoder(safe_load(path), path)
+    the weights' shapes); what the file is, `artifacts.identify`."""
+    artifact = identify(path)
+    if isinstance(artifact, OnnxExport):  # onnxruntime runs it (`evaluate.inference`); here it is read as a torch
+        artifact = of_content(safe_load(artifact.path), artifact.path)  # file, as any other name is
+    return encoder_of(artifact)
 
 
 def read_encoder(obj: Any, path: Path, kind: str = "native encoder file") -> LoadedEncoder:
     """`load_encoder` on what `files.safe_load(path)` returned; `kind`: a native file's name in its lines."""
-    if not isinstance(obj, dict) or not obj:
-        raise CheckpointError(f"{path} holds {_what(obj)}, not an encoder: give an encoder.pth, a checkpoint.pt "
-                              "or a ResNet state dict")
-    fmt = obj.get("format")
-    if fmt == ENCODER_FORMAT:
-        return _from_native(obj, path, kind)
-    if fmt == CHECKPOINT_FORMAT:
-        return _from_checkpoint(obj, path)
-    if fmt == CLASSIFIER_FORMAT:
+    return encoder_of(of_content(obj, path), kind)
+
+
+def encoder_of(artifact: Artifact, kind: str = "native encoder file") -> LoadedEncoder:
+    """The encoder in a file of any kind that holds one, or one line saying what to give instead."""
+    path = artifact.path
+    if isinstance(artifact, SafetensorsExport):
+        return _from_safetensors(artifact)
+    if isinstance(artifact, TorchScriptExport):
+        raise artifact.refuse()
+    if isinstance(artifact, ClassifierFile):
         raise CheckpointError(f"{path} is a classifier file (simclr finetune): use it with simclr predict, or give the "
                               "encoder file it was fine-tuned from")
-    if isinstance(fmt, str):
-        raise CheckpointError(f"{path} has format {fmt!r}, which simclr-cli {__version__} does not read")
-    return _from_state_dict(obj, path)
+    if isinstance(artifact, EncoderFile):
+        return _from_native(artifact, kind)
+    if isinstance(artifact, Checkpoint):
+        return _from_checkpoint(artifact)
+    if isinstance(artifact, StateDict):
+        return _from_state_dict(artifact)
+    if isinstance(artifact, Foreign) and artifact.why == "empty":
+        raise CheckpointError(f"{path} holds {_what(artifact.obj)}, not an encoder: give an encoder.pth, a "
+                              "checkpoint.pt or a ResNet state dict")
+    if isinstance(artifact, Foreign) and artifact.why == "format":
+        raise artifact.refuse()
+    raise CheckpointError(f"{path} is not an encoder: neither a simclr-cli file nor a state dict of tensors")

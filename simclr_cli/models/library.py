@@ -13,6 +13,12 @@ CIFAR stem of the built-in ResNets (3x3 stride-1 conv1, no max-pool); another co
 convolution at stride 1 and its first max-pool removed; a ViT (one convolution, the patch embedding) takes
 its image and patch size from `model.kwargs`. What was done, and the size of the last feature map, is
 recorded in `notes`: the start panel says when a network would see a 1x1 map.
+
+Each family declares its policy (`LibraryFamily`): the export formats its state dict is, the classifier keys
+a warm start leaves out, its layout of the weights and the line that loads them in the library.
+
+Longer than 300 lines: the encoder the libraries give and the two families that build it, with their policy,
+are one concept; the families share LibraryEncoder's probe and stem adaptation.
 """
 
 from __future__ import annotations
@@ -21,13 +27,16 @@ import difflib
 import importlib.util
 import inspect
 from collections import OrderedDict
+from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
 from simclr_cli.errors import ConfigError, MissingExtraError
+from simclr_cli.models.resnet import RESNETS
 from simclr_cli.models.spec import DescriptionError
+from simclr_cli.registry import ENCODERS
 
 
 def _set_module(root: nn.Module, path: str, module: nn.Module) -> None:
@@ -183,10 +192,61 @@ def fetch_failed(arch: str, err: Exception) -> ConfigError:
                        "network, give model.init a weights file instead")
 
 
-class Torchvision:
+class LibraryFamily:
+    """What a family of library models declares besides building them: the export formats its state dict is
+    (`formats`), the keys of the classifier it drops (`classifier_keys`), the layout of its weights in the
+    library's own keys (`library_state`, `from_library_keys`, `warm_state`) and the line that loads them
+    there (`load_hint`). Its model is our LibraryEncoder's `net`."""
+
+    prefix = ""
+    formats: tuple[str, ...] = ()
+    # timm's classifier names (and torchvision's most common ones): weights a warm start leaves out as the
+    # encoder left the classifier out
+    head_keys = ("head.", "fc.", "classifier.")
+
+    def classifier_keys(self, encoder: LibraryEncoder) -> tuple[str, ...]:
+        """The key prefixes, in the library's keys, of the classifier this encoder has not."""
+        return ((f"{encoder.removed}.",) if encoder.removed else ()) + self.head_keys
+
+    def library_state(self, encoder: LibraryEncoder, fmt: str) -> dict[str, Any]:
+        """The state dict of format `fmt` (one of `formats`): the library's own."""
+        return library_state_dict(encoder)
+
+    @staticmethod
+    def from_library_keys(state: dict) -> dict:
+        """`library_state`'s keys back to the encoder's (its model is our `net`)."""
+        return {f"net.{k}": v for k, v in state.items()}
+
+    def warm_state(self, state: dict, encoder: LibraryEncoder, path: Path) -> dict:
+        """The weights of a state dict (the library's keys, or ours) for `encoder`, its classifier left out."""
+        expected = set(encoder.state_dict())
+        classifier = tuple(f"net.{p}" for p in self.classifier_keys(encoder))
+        state = {k if k.startswith("net.") else f"net.{k}": v for k, v in state.items()}
+        return {k: v for k, v in state.items() if k in expected or not k.startswith(classifier)}
+
+    def load_hint(self, encoder: LibraryEncoder, fmt: str, load: str) -> str:
+        """The Python line that loads `library_state` (`load`: `load_state_dict(...)` of the file) into the
+        library's model built as the encoder was."""
+        raise NotImplementedError
+
+    @staticmethod
+    def _hint_parts(spec: dict) -> tuple[str, str, str]:
+        """(NAME, ", key=value" of its kwargs, the note on the small-image stem)."""
+        kwargs = "".join(f", {k}={v!r}" for k, v in (spec.get("kwargs") or {}).items())
+        stem = "  (trained with the small-image stem: see README Backbones)" if spec["stem"] == "cifar" else ""
+        return spec["arch"].rpartition(":")[2], kwargs, stem
+
+
+class Torchvision(LibraryFamily):
     """`torchvision:NAME`: the classification models of torchvision.models."""
 
     prefix = "torchvision"
+    formats = ("torchvision",)
+
+    def load_hint(self, encoder: LibraryEncoder, fmt: str, load: str) -> str:
+        name, kwargs, stem = self._hint_parts(encoder.describe())
+        return (f"m = torchvision.models.get_model({name!r}{kwargs}); m.{encoder.removed} = torch.nn.Identity(); "
+                f"m.{load}{stem}")
 
     @staticmethod
     def names() -> list[str]:
@@ -235,10 +295,15 @@ class Torchvision:
         return LibraryEncoder(arch, net, kwargs, stem, removed, notes, image_size)
 
 
-class Timm:
+class Timm(LibraryFamily):
     """`timm:NAME`: any timm model, built with num_classes=0 (the extra `timm`)."""
 
     prefix = "timm"
+    formats = ("timm",)
+
+    def load_hint(self, encoder: LibraryEncoder, fmt: str, load: str) -> str:
+        name, kwargs, stem = self._hint_parts(encoder.describe())
+        return f"m = timm.create_model({name!r}, num_classes=0{kwargs}); m.{load}{stem}"
 
     @staticmethod
     def _timm():
@@ -278,3 +343,17 @@ def library_state_dict(encoder: LibraryEncoder) -> dict[str, Any]:
     """The library's own state dict of the model (classifier removed): what its constructor, with the same
     keywords, the same stem change and the classifier set to nn.Identity(), loads with strict=True."""
     return {k: v.detach().cpu() for k, v in encoder.net.state_dict().items()}
+
+
+TORCHVISION, TIMM = Torchvision(), Timm()  # the entries of registry.ENCODERS
+
+
+def family_of(arch: object) -> Any:
+    """The family that owns `model.arch` ARCH's policy: FAMILY:NAME's, the built-in ResNets' for a plain
+    name; None for an arch that is no string or names no family (the description check refuses it)."""
+    if not isinstance(arch, str):
+        return None
+    family, sep, _ = arch.partition(":")
+    if not sep:
+        return RESNETS
+    return ENCODERS[family] if family in ENCODERS else None

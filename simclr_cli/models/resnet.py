@@ -149,3 +149,44 @@ def infer_resnet(state: dict, path: Path) -> tuple[str, str, int]:
         if spec == (block, depths):
             return arch, stem, int(w.shape[0])
     raise CheckpointError(f"{path}: a ResNet with {depths} {block} blocks per stage is none of {', '.join(ARCHS)}")
+
+
+class BuiltInResNets:
+    """The policy of the built-in ResNets (model.arch resnet18, resnet34, resnet50), as a family declares
+    its own (`models.library.LibraryFamily`): at width 64 their state dict is torchvision's ResNet's, whose
+    classifier is `fc`."""
+
+    prefix = ""
+    formats = ("torchvision",)
+
+    @staticmethod
+    def classifier_keys(encoder: nn.Module) -> tuple[str, ...]:
+        return ("fc.",)
+
+    @staticmethod
+    def library_state(encoder: nn.Module, fmt: str) -> dict:
+        width = encoder.describe().get("width")
+        if width != 64:
+            raise CheckpointError(f"the torchvision format needs width 64 (torchvision's ResNet); this encoder has width "
+                                  f"{width}: use --format native")
+        return {k: v.detach().cpu() for k, v in encoder.state_dict().items()}
+
+    @staticmethod
+    def from_library_keys(state: dict) -> dict:
+        return state  # torchvision's keys are ours
+
+    def warm_state(self, state: dict, encoder: nn.Module, path: Path) -> dict:
+        """torchvision's ResNet state dict (or the original design's nn.Sequential one) without its classifier."""
+        if all(k.split(".", 1)[0].isdigit() for k in state):
+            state = sequential_to_torchvision(state, path)
+        return {k: v for k, v in state.items() if not k.startswith(self.classifier_keys(encoder))}
+
+    @staticmethod
+    def load_hint(encoder: nn.Module, fmt: str, load: str) -> str:
+        spec = encoder.describe()
+        cifar = ("; m.conv1 = torch.nn.Conv2d(3, 64, 3, 1, 1, bias=False); m.maxpool = torch.nn.Identity()"
+                 if spec["stem"] == "cifar" else "")
+        return f"m = torchvision.models.{spec['arch']}(){cifar}; m.fc = torch.nn.Identity(); m.{load}"
+
+
+RESNETS = BuiltInResNets()

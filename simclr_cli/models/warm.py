@@ -5,7 +5,9 @@ checkpoint, a torchvision or timm state dict of the same model (its classifier's
 classifier is), or a built-in ResNet's torchvision state dict. A key missing, unexpected or of another
 shape is one line listing them. `model.init: pretrained` takes the library's own weights (torchvision's
 `weights="DEFAULT"`, timm's `pretrained=True`; for a built-in ResNet, torchvision's of the same name),
-which needs the network: offline, one line says what could not be fetched.
+which needs the network: offline, one line says what could not be fetched. What the file is, `artifacts`
+says; how a state dict's keys map onto the encoder and which are its classifier's, the encoder's backbone
+family (`warm_state`).
 """
 
 from __future__ import annotations
@@ -16,38 +18,27 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from simclr_cli.artifacts import Checkpoint, ClassifierFile, EncoderFile, Foreign, StateDict, of_content
 from simclr_cli.errors import CheckpointError, ConfigError
-from simclr_cli.files import CHECKPOINT_FORMAT, ENCODER_FORMAT, safe_load
+from simclr_cli.files import safe_load
 from simclr_cli.models.heads import EncoderWithHead
-from simclr_cli.models.library import LibraryEncoder, fetch_failed
-from simclr_cli.models.resnet import sequential_to_torchvision
+from simclr_cli.models.library import fetch_failed, family_of
 
 PRETRAINED = "pretrained"
 
 
 def _encoder_state(obj: object, path: Path, encoder: nn.Module) -> dict:
     """The weights in a file, keyed as `encoder.state_dict()` keys them."""
-    if not isinstance(obj, dict) or not obj:
+    artifact = of_content(obj, path)
+    if isinstance(artifact, Foreign) and artifact.why == "empty":
         raise CheckpointError(f"model.init {path} holds no weights: give an encoder file, a checkpoint or a state dict")
-    if obj.get("format") == ENCODER_FORMAT:
-        return obj["state_dict"]
-    if obj.get("format") == CHECKPOINT_FORMAT:
-        return EncoderWithHead.split_state(obj["model"])[0]
-    if not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in obj.items()):
+    if isinstance(artifact, EncoderFile) and not isinstance(artifact, ClassifierFile):
+        return artifact.weights
+    if isinstance(artifact, Checkpoint):
+        return EncoderWithHead.split_state(artifact.model)[0]
+    if not isinstance(artifact, StateDict):
         raise CheckpointError(f"model.init {path} is not a state dict of tensors")
-    if isinstance(encoder, LibraryEncoder):  # the library's own keys: its model is our `net`
-        expected = set(encoder.state_dict())
-        state = {k if k.startswith("net.") else f"net.{k}": v for k, v in obj.items()}
-        return {k: v for k, v in state.items() if k in expected or not _is_classifier(k, encoder)}
-    if all(k.split(".", 1)[0].isdigit() for k in obj):  # the original design's nn.Sequential of resnet children
-        obj = sequential_to_torchvision(obj, path)
-    return {k: v for k, v in obj.items() if not k.startswith("fc.")}  # torchvision's ResNet: its classifier
-
-
-def _is_classifier(key: str, encoder: LibraryEncoder) -> bool:
-    """A weight of the classifier this encoder removed (torchvision), or of a timm model's head."""
-    removed = f"net.{encoder.removed}." if encoder.removed else None
-    return (removed is not None and key.startswith(removed)) or key.startswith(("net.head.", "net.fc.", "net.classifier."))
+    return family_of(encoder.describe()["arch"]).warm_state(artifact.state, encoder, path)
 
 
 def mismatch(module: nn.Module, state: dict) -> tuple[dict, list[str], list[str], list[str]]:

@@ -16,6 +16,7 @@ import time
 import torch
 import torch.distributed as dist
 
+from simclr_cli.artifacts import Checkpoint
 from simclr_cli.augment import Augmenter, view_size_at
 from simclr_cli.config import Config
 from simclr_cli.data import load_train_set, normalization_for
@@ -103,7 +104,7 @@ class Trainer:
 
     def resume(self, ckpt: dict) -> None:
         """Continue from a loaded checkpoint; one line refuses a checkpoint that does not fit this run."""
-        for change in check_resume_config(ckpt["config"], self.cfg):
+        for change in check_resume_config(Checkpoint(self.rundir.checkpoint, ckpt).config, self.cfg):
             self.emit("notice", {"message": f"resume changes {change}"})
         self.state = together(self.ranks, lambda: restore(
             ckpt, self.cfg, self.parts(), ranks=self.ranks, rundir=self.rundir, train_images=len(self.data),
@@ -198,8 +199,7 @@ class Trainer:
             return None
         t0, s, m = time.perf_counter(), self.state, self.model
         check_finite_weights(m, s.step, self.lr(), self._why)  # every rank, as before a save: not NaN features
-        self.last_knn = self.monitor(m.encoder, self.stop, getattr(m, "head", None) or getattr(m, "projector", None),
-                                     self.augment)
+        self.last_knn = self.monitor(m.encoder, self.stop, self.method.health_head(), self.augment)
         if self.ranks.is_main:
             self._log({"kind": "eval", "epoch": s.epoch, "step": s.step, "knn_top1": self.last_knn,
                        **(self.monitor.last_health or {}), "split": self.cfg.train.eval_split,

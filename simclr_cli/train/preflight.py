@@ -12,6 +12,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from simclr_cli.artifacts import Checkpoint
 from simclr_cli.config import Config, config_from_dict, config_to_dict, load_config, merge_overrides, read_yaml
 from simclr_cli.data import check_source
 from simclr_cli.errors import CheckpointError, ConfigError, RuntimeSetupError, UserError
@@ -69,8 +70,9 @@ def _flatten(d: dict, prefix: str = "") -> dict:
 
 def check_resume_config(saved: dict, cfg: Config) -> list[str]:
     """Changed keys between the checkpoint's config and this run's; refuse any that are not safe."""
-    old, new, default = _flatten(saved), _flatten(config_to_dict(cfg)), _flatten(config_to_dict(Config()))
-    # A key the saved config lacks (written before the key existed) had its default then.
+    # Read as this version reads it: a method's own settings in their place (method.NAME.KEY), and a key the
+    # saved config lacks (written before the key existed) with the default it had then.
+    old, new, default = (_flatten(config_to_dict(c)) for c in (config_from_dict(saved), cfg, Config()))
     changed = sorted(k for k in new if old.get(k, default.get(k)) != new[k])
     unsafe = [k for k in changed if k not in RESUMABLE_KEYS]
     if unsafe:
@@ -100,14 +102,16 @@ def start_together(ranks: DistInfo, cfg: Config, resume: bool, ckpt: dict | None
     the others resume, and the replicas would part silently. So rank 0 (`ckpt`: what its `preflight` loaded,
     or `refusal`: its one-line refusal) decides for all, each other rank reads the checkpoint itself, and a
     rank that cannot, or reads another step, stops every rank with one line. Collective."""
-    decision = [config_to_dict(cfg), resume, ckpt["step"] if ckpt else None, refusal] if ranks.is_main else [None] * 4
+    step = Checkpoint(RunDir(cfg.train.output_dir).checkpoint, ckpt).step if ckpt else None
+    decision = [config_to_dict(cfg), resume, step, refusal] if ranks.is_main else [None] * 4
     dist.broadcast_object_list(decision, src=0, group=ranks.control)
     saved, resume, step, refusal = decision
     if refusal is not None:
         raise refusal  # rank 0's line, on every rank
     cfg, mine = config_from_dict(saved), ckpt
     loaded = together(ranks, lambda: mine if ranks.is_main else _as_rank_0_decided(cfg, resume, step, ranks.rank))
-    check_same_step(ranks, loaded["step"] if loaded else None, RunDir(cfg.train.output_dir).checkpoint)
+    path = RunDir(cfg.train.output_dir).checkpoint
+    check_same_step(ranks, Checkpoint(path, loaded).step if loaded else None, path)
     return cfg, loaded
 
 
@@ -142,8 +146,8 @@ def preflight(cfg: Config, resume: bool, load: bool = True) -> dict | None:
         raise CheckpointError(f"nothing to resume: {path} does not exist (drop --resume to start a new run)")
     if not load:
         return None
-    ckpt = load_checkpoint(path)
-    if not isinstance(ckpt.get("config"), dict):
+    ckpt = Checkpoint(path, load_checkpoint(path))
+    if not ckpt.has_config:
         raise CheckpointError(f"{path} holds no config: give the checkpoint.pt that `simclr pretrain` wrote")
-    check_resume_config(ckpt["config"], cfg)
-    return ckpt
+    check_resume_config(ckpt.config, cfg)
+    return ckpt.data

@@ -7,6 +7,7 @@ import os
 
 import torch.distributed as dist
 
+from simclr_cli.artifacts import Checkpoint
 from simclr_cli.config import Config
 from simclr_cli.errors import UserError
 from simclr_cli.rundir import RunDir
@@ -49,8 +50,8 @@ def pretrain(cfg: Config, resume: bool = False, callback: Callback | None = None
             except StopRequested as request:
                 if ckpt is None:
                     raise
-                raise StopRequested(request.signal_name, str(RunDir(cfg.train.output_dir).checkpoint),
-                                    ckpt["epoch"], ckpt["step"]) from None
+                saved = Checkpoint(RunDir(cfg.train.output_dir).checkpoint, ckpt)
+                raise StopRequested(request.signal_name, str(saved.path), saved.epoch, saved.step) from None
             if ckpt is not None:
                 trainer.resume(ckpt)
             return trainer.run(stop)

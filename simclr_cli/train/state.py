@@ -5,6 +5,7 @@ schedule, scaler, method state, counters, losses of the open epoch, RNG streams)
     {format, simclr_cli, config, model, method, optimizer, scheduler, scaler, epoch, step, history,
      epoch_losses, rng, world_size, train_images, encoder}
 
+The keys are spelled once, in `artifacts.Checkpoint` (`payload` writes them, its accessors read them).
 "encoder" describes the encoder inside "model" (`models.encoder_file.encoder_meta`: what rebuilds it, its
 input, its provenance), so an encoder is read out of a checkpoint as out of its own file. What a resume may
 change is `train.preflight`'s; a changed train.epochs moves the schedule's end. On another kind of device the
@@ -20,10 +21,10 @@ from typing import Callable
 import torch
 import torch.distributed as dist
 
-from simclr_cli import __version__
+from simclr_cli.artifacts import Checkpoint, ClassifierFile, EncoderFile, of_content
 from simclr_cli.config import Config, config_to_dict
 from simclr_cli.errors import CheckpointError
-from simclr_cli.files import CHECKPOINT_FORMAT, ENCODER_FORMAT, safe_load
+from simclr_cli.files import safe_load
 from simclr_cli.methods import Method
 from simclr_cli.rundir import RunDir
 from simclr_cli.runtime import DistInfo, capture_rng, restore_rng
@@ -76,33 +77,33 @@ class Parts:
 def checkpoint(cfg: Config, state: RunState, parts: Parts, *, world_size: int, train_images: int,
                encoder: dict) -> dict:
     """The resumable state of a run (see the module's docstring); `encoder`: `encoder_meta` of the model's."""
-    return {
-        "format": CHECKPOINT_FORMAT,
-        "simclr_cli": __version__,
-        "config": config_to_dict(cfg),
-        "model": {k: v.detach().cpu() for k, v in parts.model.state_dict().items()},
-        "method": parts.method.state_dict(),  # target network, queue and pointer
-        "optimizer": parts.optimizer.state_dict(),
-        "scheduler": parts.scheduler.state_dict(),
-        "scaler": parts.scaler.state_dict() if parts.scaler is not None else None,
-        "epoch": state.epoch,  # epochs completed
-        "step": state.step,  # optimiser steps completed
-        "history": state.history,
-        "epoch_losses": list(state.epoch_losses),
-        "rng": capture_rng(parts.generator),
-        "world_size": world_size,
-        "train_images": train_images,
-        "encoder": encoder,
-    }
+    return Checkpoint.payload(
+        config=config_to_dict(cfg),
+        model={k: v.detach().cpu() for k, v in parts.model.state_dict().items()},
+        method=parts.method.state_dict(),  # target network, queue and pointer
+        optimizer=parts.optimizer.state_dict(),
+        scheduler=parts.scheduler.state_dict(),
+        scaler=parts.scaler.state_dict() if parts.scaler is not None else None,
+        epoch=state.epoch,  # epochs completed
+        step=state.step,  # optimiser steps completed
+        history=state.history,
+        epoch_losses=list(state.epoch_losses),
+        rng=capture_rng(parts.generator),
+        world_size=world_size,
+        train_images=train_images,
+        encoder=encoder,
+    )
 
 
 def load_checkpoint(path: str | Path) -> dict:
-    """A checkpoint.pt that `simclr pretrain` wrote, read with weights_only; anything else is one line."""
-    obj = safe_load(path)
-    if not isinstance(obj, dict) or obj.get("format") != CHECKPOINT_FORMAT:
-        kind = "an encoder file" if isinstance(obj, dict) and obj.get("format") == ENCODER_FORMAT else "not a checkpoint"
+    """A checkpoint.pt that `simclr pretrain` wrote, read with weights_only, as the dict it holds (read its
+    keys through `artifacts.Checkpoint`); anything else is one line."""
+    artifact = of_content(safe_load(path), path)
+    if not isinstance(artifact, Checkpoint):
+        plain_encoder = isinstance(artifact, EncoderFile) and not isinstance(artifact, ClassifierFile)
+        kind = "an encoder file" if plain_encoder else "not a checkpoint"
         raise CheckpointError(f"{path} is {kind}: give the checkpoint.pt that `simclr pretrain` wrote")
-    return obj
+    return artifact.data
 
 
 def restore(ckpt: dict, cfg: Config, parts: Parts, *, ranks: DistInfo, rundir: RunDir, train_images: int,
@@ -117,8 +118,9 @@ def restore(ckpt: dict, cfg: Config, parts: Parts, *, ranks: DistInfo, rundir: R
         raise CheckpointError(f"{rundir.checkpoint} does not fit this run ({reason}): resume it with the "
                               "config it was written with, or start a new run with another --output-dir") from None
     if ranks.is_main:
-        rundir.truncate_metrics(ckpt["step"])
-        rundir.append({"kind": "resume", "epoch": ckpt["epoch"], "step": ckpt["step"]})  # the report marks it
+        saved = Checkpoint(rundir.checkpoint, ckpt)
+        rundir.truncate_metrics(saved.step)
+        rundir.append({"kind": "resume", "epoch": saved.epoch, "step": saved.step})  # the report marks it
     return state
 
 
@@ -137,40 +139,42 @@ def check_same_step(ranks: DistInfo, step: int | None, path: Path) -> None:
                               "start again once every node sees the same file")
 
 
-def _restore(ckpt: dict, cfg: Config, parts: Parts, train_images: int, steps_per_epoch: int,
+def _restore(data: dict, cfg: Config, parts: Parts, train_images: int, steps_per_epoch: int,
              emit: Callable[[str, dict], None]) -> RunState:
-    saved_images = ckpt.get("train_images", train_images)
+    ckpt = Checkpoint(Path(), data)
+    saved_images = ckpt.train_images(train_images)
     if saved_images != train_images:
         raise ValueError(f"the training set now has {train_images} images, the checkpoint's had {saved_images}")
-    parts.model.load_state_dict(ckpt["model"])
-    parts.method.load_state_dict(ckpt.get("method", {}))
-    parts.optimizer.load_state_dict(ckpt["optimizer"])
-    parts.scheduler.load_state_dict(ckpt["scheduler"])
+    parts.model.load_state_dict(ckpt.model)
+    parts.method.load_state_dict(ckpt.method)
+    parts.optimizer.load_state_dict(ckpt.optimizer)
+    parts.scheduler.load_state_dict(ckpt.scheduler)
     total = cfg.train.epochs * steps_per_epoch
     old_total = parts.scheduler.set_total_steps(total)
     if old_total is not None and cfg.optim.schedule == "cosine":
         emit("notice", {"message": f"the cosine schedule now ends at step {total} instead of {old_total}"})
-    if parts.scaler is not None and ckpt.get("scaler"):
-        parts.scaler.load_state_dict(ckpt["scaler"])
-    state = RunState(ckpt["epoch"], ckpt["step"], ckpt.get("history", []), ckpt.get("epoch_losses", []))
+    if parts.scaler is not None and ckpt.scaler:
+        parts.scaler.load_state_dict(ckpt.scaler)
+    state = RunState(ckpt.epoch, ckpt.step, ckpt.history, ckpt.epoch_losses)
     state.mark_saved(steps_per_epoch)
-    if ckpt["epoch"] >= cfg.train.epochs:
-        emit("notice", {"message": f"the checkpoint has already completed {ckpt['epoch']} epochs; raise "
+    if ckpt.epoch >= cfg.train.epochs:
+        emit("notice", {"message": f"the checkpoint has already completed {ckpt.epoch} epochs; raise "
                                    "train.epochs to train further"})
     return state
 
 
-def _restore_streams(ckpt: dict, cfg: Config, generator: torch.Generator, ranks: DistInfo,
+def _restore_streams(data: dict, cfg: Config, generator: torch.Generator, ranks: DistInfo,
                      emit: Callable[[str, dict], None]) -> None:
+    ckpt = Checkpoint(Path(), data)
     # The saved augmentation stream is rank 0's: it fits rank 0 of the same world size only. Other ranks
     # (and other world sizes) take a fresh stream of their own; each epoch start reseeds them all anyway.
-    same_stream = ckpt.get("world_size", 1) == ranks.world_size and ranks.is_main
-    if not restore_rng(ckpt["rng"], generator if same_stream else None):
+    same_stream = ckpt.world_size == ranks.world_size and ranks.is_main
+    if not restore_rng(ckpt.rng, generator if same_stream else None):
         same_stream = False  # saved on another kind of device: its generator state does not fit this one
         emit("notice", {"message": f"resumed on {generator.device.type} from a checkpoint saved on "
-                                   f"{ckpt['rng'].get('augment_device', 'another device')}: weights, optimiser, "
+                                   f"{ckpt.rng.get('augment_device', 'another device')}: weights, optimiser, "
                                    "schedule and data order continue exactly; the augmentation stream is "
                                    "reseeded, so views differ from an unbroken run"})
     if not same_stream:
         rank_seed = 104_729 * (ranks.rank + 1)
-        generator.manual_seed(cfg.train.seed * 1_000_003 + ckpt["step"] * 7919 + rank_seed)
+        generator.manual_seed(cfg.train.seed * 1_000_003 + ckpt.step * 7919 + rank_seed)
