@@ -16,6 +16,7 @@ from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, 
 from rich.table import Table
 
 from simclr_cli import __version__
+from simclr_cli.evaluate.evaluation import table_columns
 
 console = Console(stderr=True)
 
@@ -160,13 +161,12 @@ class ProbeDisplay:
 
 
 def probe_table(report: dict) -> Table:
+    columns = table_columns()
     table = Table(title=f"{report['dataset']['name']} test split ({report['dataset']['test_size']} images)")
-    for col in ("encoder", "linear top-1", "linear top-5", "kNN top-1", "L2 (held-out)", "extract img/s"):
-        table.add_column(col, justify="left" if col == "encoder" else "right")
-    pct = lambda v: "-" if v is None else f"{100 * v:.2f}%"  # noqa: E731
+    for i, header in enumerate(["encoder", *(c.header for c in columns), "extract img/s"]):
+        table.add_column(header, justify="left" if i == 0 else "right")
     for name, r in report["results"].items():
-        table.add_row(name.replace("_", " "), pct(r["linear_top1"]), pct(r["linear_top5"]), pct(r["knn_top1"]),
-                      f"{r['weight_decay']:g}", f"{r['images_per_s']:.0f}")
+        table.add_row(name.replace("_", " "), *(c.cell(r) for c in columns), f"{r['images_per_s']:.0f}")
     return table
 
 

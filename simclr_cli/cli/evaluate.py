@@ -12,7 +12,17 @@ from typing import Annotated, Optional
 import typer
 
 from simclr_cli.cli import display
-from simclr_cli.cli.options import DeviceOption, NumWorkersOption, PrecisionOption, handle_errors, quiet_on_broken_pipe
+from simclr_cli.cli.options import (DataRootOption, DatasetOption, DeviceOption, DownloadOption, NumWorkersOption,
+                                    PrecisionOption, SyntheticSizeOption, handle_errors, quiet_on_broken_pipe)
+from simclr_cli.data import DataOptions
+
+
+def export_help() -> str:
+    """`--format`'s help: each format of registry.EXPORTS (plugins included) with its one line."""
+    from simclr_cli.evaluate.export import formats
+
+    return " | ".join(f"{f.name}: {f.help}" for f in formats()) + "."
+
 
 EXTRACT_EXAMPLE = 'Example: simclr extract runs/simclr/checkpoint.pt -o encoder.pth  (or --format onnx -o encoder.onnx)'
 PROBE_EXAMPLE = 'Example: simclr probe runs/simclr/encoder.pth --dataset cifar10 --baseline --json probe.json'
@@ -24,7 +34,7 @@ NEIGHBORS_EXAMPLE = "Example: simclr neighbors query.jpg --index vectors.npy --p
 def extract(
     checkpoint: Annotated[Path, typer.Argument(help="A checkpoint.pt that `simclr pretrain` wrote (final or mid-run); for onnx, torchscript and safetensors also an encoder.pth, and for onnx and torchscript a classifier.pth from `simclr finetune`.", show_default=False)],
     output: Annotated[Path, typer.Option("--output", "-o", help="Where to write the encoder (atomically).")] = Path("encoder.pth"),
-    fmt: Annotated[str, typer.Option("--format", help="native: self-describing encoder file with head and provenance | torchvision / timm: the library's own state dict (a built-in ResNet: width 64) | onnx (extra onnx), torchscript, safetensors: for other runtimes, with the preprocessing inside, checked against PyTorch before they are kept.")] = "native",
+    fmt: Annotated[str, typer.Option("--format", help=export_help())] = "native",
     opset: Annotated[int, typer.Option("--opset", help="ONNX opset version to write (--format onnx).")] = 18,
 ) -> None:
     """Write the encoder of a pretraining checkpoint alone, for probe, embed, torchvision, timm or other runtimes."""
@@ -37,13 +47,13 @@ def extract(
 
 def probe(
     encoder: Annotated[Path, typer.Argument(help="Encoder file, checkpoint.pt, torchvision ResNet state dict, or the original design's nn.Sequential state dict.", show_default=False)],
-    dataset: Annotated[str, typer.Option("--dataset", help="cifar10 | cifar100 | folder (DIR/train/<class>/*, DIR/test/<class>/*, or DIR/<class>/* split 80/20) | synthetic.")] = "cifar10",
-    data_root: Annotated[Optional[Path], typer.Option("--data-root", "--data-dir", help="Folder holding cifar-10-batches-py/ or cifar-100-python/, or the image folder, as data.root (default: $SIMCLR_DATA_DIR or ~/.cache/simclr-cli/data).", show_default=False)] = None,
+    dataset: DatasetOption = DataOptions.dataset,
+    data_root: DataRootOption = None,
     json_path: Annotated[Optional[Path], typer.Option("--json", help="Also write every figure, the encoder's provenance and timings to this JSON file.", show_default=False)] = None,
     random_init: Annotated[bool, typer.Option("--random-init", help="Probe an untrained encoder of the same architecture instead (seeded like the pretraining).")] = False,
     baseline: Annotated[bool, typer.Option("--baseline", help="Probe the encoder and its random-init twin, side by side.")] = False,
     layer: Annotated[int, typer.Option("--layer", min=0, help="0: the representation h; k: after the first k projection-head blocks.")] = 0,
-    download: Annotated[bool, typer.Option("--download", help="Fetch CIFAR with torchvision when it is missing.")] = False,
+    download: DownloadOption = DataOptions.download,
     device: DeviceOption = None,
     precision: PrecisionOption = None,
     seed: Annotated[Optional[int], typer.Option("--seed", min=0, help="Seed of a flat folder's 80/20 split and of the held-out 10% that picks the L2 strength. Default: the encoder's pretraining train.seed, so the test images are the ones pretraining held out.", show_default=False)] = None,
@@ -51,7 +61,7 @@ def probe(
     split: Annotated[str, typer.Option("--split", help="test: fit on the train split, report on the test split | val: fit on the train split less a fixed 5,000-image validation split and report on that (for choosing recipes; keep test for the final number).")] = "test",
     labels: Annotated[str, typer.Option("--labels", help="Fit on a class-balanced share of the training labels: 1%, 10%, a count per class, or all (the subsets simclr finetune takes).")] = "all",
     labels_seed: Annotated[int, typer.Option("--labels-seed", min=0, help="Seed of the --labels subset (simclr finetune's --seed picks the same one).")] = 0,
-    synthetic_size: Annotated[int, typer.Option("--synthetic-size", min=2, hidden=True, help="Images per split of the synthetic dataset (tests, demos).")] = 2000,
+    synthetic_size: SyntheticSizeOption = DataOptions.synthetic_size,
 ) -> None:
     """Linear probe and kNN on frozen features: fit on the train split, report on the test split."""
     import json

@@ -13,7 +13,9 @@ from rich.table import Table
 
 from simclr_cli import __version__
 from simclr_cli.cli import display
-from simclr_cli.cli.options import DeviceOption, NumWorkersOption, PrecisionOption, handle_errors
+from simclr_cli.cli.options import (DataRootOption, DatasetOption, DeviceOption, DownloadOption, NumWorkersOption,
+                                    PrecisionOption, SyntheticSizeOption, handle_errors)
+from simclr_cli.data import DataOptions
 
 FINETUNE_EXAMPLE = ("Example: simclr finetune runs/cpu/encoder.pth --labels 1% --compare -o classifier.pth  "
                     "(then simclr predict classifier.pth photos/)")
@@ -84,8 +86,8 @@ def finetune(
     encoder: Annotated[Path, typer.Argument(help="The pretrained encoder: an encoder.pth or a run's checkpoint.pt.", show_default=False)],
     output: Annotated[Path, typer.Option("--output", "-o", help="Where to write the classifier file (atomically).")] = Path("classifier.pth"),
     labels: Annotated[str, typer.Option("--labels", help="The labelled training images used, class-balanced: 1%, 10%, a count per class, or all.")] = "10%",
-    dataset: Annotated[str, typer.Option("--dataset", help="cifar10 | cifar100 | folder (labelled: DIR/train/<class>/ and DIR/test/<class>/, or DIR/<class>/ split 80/20) | synthetic.")] = "cifar10",
-    data_root: Annotated[Optional[Path], typer.Option("--data-root", "--data-dir", help="Folder holding the dataset, as for simclr probe.", show_default=False)] = None,
+    dataset: DatasetOption = DataOptions.dataset,
+    data_root: DataRootOption = None,
     split: Annotated[str, typer.Option("--split", help="test: report on the test split (once, for the final number) | val: fit on the train split less its 5,000-image validation split and report on that (for choosing settings).")] = "test",
     compare: Annotated[bool, typer.Option("--compare", help="Also fine-tune a randomly initialised network and fit the linear probe, on the same labels: one table.")] = False,
     from_head_layer: Annotated[int, typer.Option("--from-head-layer", min=0, help="Fine-tune from this layer of the projection head (SimCLR v2: 1); 0: from h.")] = 0,
@@ -97,20 +99,22 @@ def finetune(
     seed: Annotated[int, typer.Option("--seed", min=0, help="Seed of the label subset (simclr probe --labels-seed picks the same), the new layer and the augmentations.")] = 0,
     resume: Annotated[bool, typer.Option("--resume", help="Continue the interrupted fine-tune of --output from its last epoch.")] = False,
     json_path: Annotated[Optional[Path], typer.Option("--json", help="Also write every figure to this JSON file.", show_default=False)] = None,
-    download: Annotated[bool, typer.Option("--download", help="Fetch CIFAR with torchvision when it is missing.")] = False,
+    download: DownloadOption = DataOptions.download,
     device: DeviceOption = None,
     precision: PrecisionOption = None,
-    num_workers: NumWorkersOption = 2,
-    synthetic_size: Annotated[int, typer.Option("--synthetic-size", min=2, hidden=True, help="Images per split of the synthetic dataset (tests, demos).")] = 2000,
+    num_workers: NumWorkersOption = DataOptions.num_workers,
+    synthetic_size: SyntheticSizeOption = DataOptions.synthetic_size,
 ) -> None:
     """Fine-tune the whole encoder and a linear classifier on a few labels; write a classifier for simclr predict."""
     from simclr_cli.evaluate.finetune import FinetuneOptions, partial_path, run_finetune
     from simclr_cli.files import atomic_write_text, check_output_path
 
     shown = FinetuneDisplay()
-    opts = FinetuneOptions(labels, dataset, None if data_root is None else str(data_root), download, synthetic_size,
-                           num_workers, split, seed, epochs, batch_size, lr, 0.9, weight_decay, crop_scale_min,
-                           from_head_layer, compare, device or "auto", precision or "auto", resume)
+    opts = FinetuneOptions(dataset=dataset, root=None if data_root is None else str(data_root), download=download,
+                           synthetic_size=synthetic_size, num_workers=num_workers, labels=labels, split=split,
+                           seed=seed, epochs=epochs, batch_size=batch_size, lr=lr, momentum=0.9,
+                           weight_decay=weight_decay, crop_scale_min=crop_scale_min, head_layer=from_head_layer,
+                           compare=compare, device=device or "auto", precision=precision or "auto", resume=resume)
     with handle_errors():
         if json_path is not None:
             check_output_path(json_path, "finetune.json")

@@ -6,17 +6,26 @@ from __future__ import annotations
 import contextlib
 import os
 import sys
+from pathlib import Path
 from typing import Annotated, Iterator, Optional
 
 import typer
 
 from simclr_cli.cli import display
+from simclr_cli.data import sources
 from simclr_cli.errors import USER_ERROR_EXIT, UserError
 
 # Shared options, defined once. A flag for a config key has that key's name (data.root: --data-root).
 SetOption = Annotated[list[str], typer.Option("--set", help="Override a config key, e.g. --set optim.lr=0.5 (repeatable).")]
 DeviceOption = Annotated[Optional[str], typer.Option("--device", help="auto (cuda > mps > cpu) | cpu | cuda | cuda:N | mps. Default: auto (pretrain: the config's train.device).", show_default=False)]
 PrecisionOption = Annotated[Optional[str], typer.Option("--precision", help="auto (bf16 where the hardware runs it fast, else fp32) | fp32 | bf16 (pretrain also fp16). Default: fp32 for embed and predict (the same answer on any machine), auto for probe and finetune (speed), the config's train.precision for pretrain.", show_default=False)]
+# The data an evaluation reads (data.DataOptions), described by the sources themselves: a source added to
+# registry.SOURCES (or by a plugin) shows up here.
+_SOURCES = sources()
+DatasetOption = Annotated[str, typer.Option("--dataset", help="The data source, as data.dataset: " + " | ".join(f"{name} ({s.help})" for name, s in _SOURCES.items()) + ".")]
+DataRootOption = Annotated[Optional[Path], typer.Option("--data-root", "--data-dir", help="The data root, as data.root: the folder the source reads (cifar10: the one holding cifar-10-batches-py/; folder: the image folder). Default: $SIMCLR_DATA_DIR or ~/.cache/simclr-cli/data.", show_default=False)]
+DownloadOption = Annotated[bool, typer.Option("--download", help=f"Let a source that downloads ({', '.join(n for n, s in _SOURCES.items() if s.downloads)}) fetch its data when it is missing.")]
+SyntheticSizeOption = Annotated[int, typer.Option("--synthetic-size", min=2, hidden=True, help="Images per split of the synthetic dataset (tests, demos).")]
 NumWorkersOption = Annotated[int, typer.Option("--num-workers", "--workers", min=0, help="Image-decoding worker processes (0: decode in this process), as data.num_workers.")]
 
 

@@ -1,17 +1,19 @@
-"""The data wing: datasets as one uint8 tensor each, in one registry of sources.
+"""The data wing: datasets as one uint8 tensor each, from the data sources of `registry.SOURCES`.
 
-SOURCES maps `data.dataset` to a `Source`: a function giving one split ("train" or "test") as an `ImageSet`
-(uint8 (N, 3, H, W), labels, class names), and the per-channel normalisation of its training images. CIFAR
-comes from its pickle batches (`cifar.py`), an image folder through its decoded cache (`folder.py`,
-`cache.py`, `images.py`), `synthetic` from a formula. Nothing here runs per training step but the batch
-reading of `batches.py`.
+Each source (`source.Source`) gives one split ("train" or "test") as an `ImageSet` (uint8 (N, 3, H, W),
+labels, class names) and declares its own policy: normalisation, whether it needs data.root, has labels,
+downloads, is a map or a stream. CIFAR comes from its pickle batches (`cifar.py`), an image folder through
+its decoded cache (`folder.py`, `cache.py`, `images.py`), `synthetic` from a formula. Nothing here runs per
+training step but the batch reading of `batches.py`.
 
-A new source: a file here with its load function, one line in SOURCES, and its tests (copy
+A new source: a file here (or in a plugin package) with its load function and its `Source`, one line in
+registry.SOURCES (or an entry point in the group `simclr_cli.sources`), and its tests (copy
 tests/test_data.py's cases for its splits, labels and bad input).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 from dataclasses import dataclass
 from typing import Callable
@@ -20,59 +22,64 @@ import torch.distributed as dist
 
 from simclr_cli.config import ConfigError, DataConfig
 from simclr_cli.data.cache import Progress
-from simclr_cli.data.cifar import CIFAR_FOLDERS, default_data_root, loader as cifar_loader
-from simclr_cli.data.folder import has_split_folders, load_folder
+from simclr_cli.data.cifar import CIFAR_FOLDERS, default_data_root
+from simclr_cli.data.folder import has_split_folders
 from simclr_cli.data.imageset import ImageSet, split_validation
 from simclr_cli.data.mapped import MappedImages
+from simclr_cli.data.source import NORMALIZATION, Source
 from simclr_cli.data.synthetic import make_synthetic
 from simclr_cli.errors import DatasetError
+from simclr_cli.owned import checked_options
+from simclr_cli.registry import SOURCES
 from simclr_cli.runtime import Callback, DistInfo
 
 SPLITS = ("train", "test")
-# Per-channel mean and std of pixel/255 over each training set. CIFAR-10's std is over all pixels
-# (0.247, ...); the often-copied (0.2023, 0.1994, 0.2010) is the mean of per-image stds (0.201, 0.199,
-# 0.201 on the offline copy), which understates the spread the encoder sees.
-NORMALIZATION: dict[str, tuple[tuple[float, float, float], tuple[float, float, float]]] = {
-    "cifar10": ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
-    "cifar100": ((0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)),
-    "imagenet": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
-}
 
 
-@dataclass(frozen=True)
-class Source:
-    load: Callable[..., ImageSet]  # (data config, split, image size, seed, progress, notice) -> ImageSet
-    normalization: tuple[tuple[float, ...], tuple[float, ...]]  # (mean, std) per channel of pixel/255
+@dataclass
+class DataOptions:
+    """The data an evaluation command reads (`simclr probe`, `simclr finetune`): --dataset, --data-root,
+    --download, --num-workers and --synthetic-size, the DataConfig keys of the same names."""
 
+    dataset: str = "cifar10"  # a name of registry.SOURCES
+    root: str | None = None  # data.root; None -> the source's default place
+    download: bool = False  # an evaluation fetches CIFAR only when asked (pretraining's data.download: true)
+    synthetic_size: int = DataConfig.synthetic_size  # images per split of the synthetic dataset
+    num_workers: int = DataConfig.num_workers  # image-decoding worker processes
 
-def _synthetic(d: DataConfig, split: str, size: int, seed: int, progress=None, notice=None) -> ImageSet:
-    return make_synthetic(d.synthetic_size, size, seed, split)
-
-
-# Folders and synthetic images get ImageNet's statistics: folders are usually photos, and for synthetic data
-# any statistics near mid-grey work.
-SOURCES: dict[str, Source] = {
-    "cifar10": Source(cifar_loader("cifar10"), NORMALIZATION["cifar10"]),
-    "cifar100": Source(cifar_loader("cifar100"), NORMALIZATION["cifar100"]),
-    "folder": Source(load_folder, NORMALIZATION["imagenet"]),
-    "synthetic": Source(_synthetic, NORMALIZATION["imagenet"]),
-}
+    def data_config(self) -> DataConfig:
+        """These settings over DataConfig's defaults; a source's own settings (data.NAME.*) at their defaults."""
+        source = SOURCES[self.dataset] if self.dataset in SOURCES else None  # unknown: the caller's one line
+        own = source.Options() if source is not None and source.Options is not None else None
+        return DataConfig(dataset=self.dataset, root=None if self.root is None else str(self.root),
+                          download=self.download, num_workers=self.num_workers, synthetic_size=self.synthetic_size,
+                          options=own)
 
 
 def check_source(name: str) -> None:
     """An unknown `data.dataset` is one line naming the closest source."""
     if name not in SOURCES:
-        close = difflib.get_close_matches(name, SOURCES, n=1)
+        close = difflib.get_close_matches(name, SOURCES.names(), n=1)
         hint = f" (did you mean {close[0]!r}?)" if close else ""
-        raise DatasetError(f"unknown dataset {name!r}{hint}: choose one of {', '.join(SOURCES)}")
+        raise DatasetError(f"unknown dataset {name!r}{hint}: choose one of {', '.join(SOURCES.names())}")
+
+
+def source_for(name: str) -> Source:
+    """The Source `data.dataset` names (an unknown name: `check_source`'s line)."""
+    check_source(name)
+    return SOURCES[name]
+
+
+def sources() -> dict[str, Source]:
+    """Every source that can be used, by name: a plugin that fails to import is warned about and left out."""
+    return {e.name: s for e in SOURCES.entries() if (s := SOURCES.load(e)) is not None}
 
 
 def normalization_for(name: str) -> tuple[tuple[float, ...], tuple[float, ...]]:
     """(mean, std) per channel for a dataset name (or "imagenet")."""
     if name in NORMALIZATION:
         return NORMALIZATION[name]
-    check_source(name)
-    return SOURCES[name].normalization
+    return source_for(name).normalization
 
 
 def load_dataset(d: DataConfig, split: str, *, seed: int = 0, image_size: int | None = None,
@@ -81,14 +88,20 @@ def load_dataset(d: DataConfig, split: str, *, seed: int = 0, image_size: int | 
     (default data.image_size). seed: picks the synthetic images and a flat folder's 80/20 split, so pass the
     same seed for both splits. progress(done, total, bad) while a folder's cache is built; notice(message)
     for what the user should know (the folder changed since it was cached)."""
-    check_source(d.dataset)
+    source = source_for(d.dataset)
+    if source.Options is not None and not isinstance(d.options, source.Options):  # built outside load_config
+        d = dataclasses.replace(d, options=checked_options(SOURCES, "data", d.dataset, d.options)[1])
+    if source.kind != "map":
+        raise DatasetError(f"the {d.dataset} data source is a {source.kind} (iterable shards): this version reads "
+                           "map sources (a whole indexable split) only; use one of "
+                           f"{', '.join(n for n, s in sources().items() if s.kind == 'map')}")
     if split not in SPLITS:
         raise DatasetError(f"unknown split {split!r}: use 'train' or 'test'")
     size = image_size or d.image_size
     if size < 1 or d.num_workers < 0 or d.synthetic_size < 1:
         raise DatasetError(f"need image_size >= 1, num_workers >= 0, synthetic_size >= 1; got {size}, "
                            f"{d.num_workers}, {d.synthetic_size}")
-    return SOURCES[d.dataset].load(d, split, size, seed, progress, notice)
+    return source.load(d, split, size, seed, progress, notice)
 
 
 def load_train_set(cfg, dist_info: DistInfo, emit: Callback | None = None) -> ImageSet:
@@ -99,7 +112,7 @@ def load_train_set(cfg, dist_info: DistInfo, emit: Callback | None = None) -> Im
     reports the build."""
     d, emit = cfg.data, emit or (lambda event, data: None)
     shown = dist_info.is_main
-    first = dist_info.enabled and d.dataset in CIFAR_FOLDERS  # a download: one writer per machine
+    first = dist_info.enabled and source_for(d.dataset).downloads  # one writer per machine
     if first and dist_info.local_rank != 0:
         dist.barrier()
     try:
@@ -117,6 +130,6 @@ def load_train_set(cfg, dist_info: DistInfo, emit: Callback | None = None) -> Im
     return data
 
 
-__all__ = ["CIFAR_FOLDERS", "NORMALIZATION", "SOURCES", "ImageSet", "MappedImages", "Source", "check_source",
-           "default_data_root", "has_split_folders", "load_dataset", "load_train_set", "normalization_for",
-           "split_validation"]
+__all__ = ["CIFAR_FOLDERS", "NORMALIZATION", "SOURCES", "DataOptions", "ImageSet", "MappedImages", "Source",
+           "check_source", "default_data_root", "has_split_folders", "load_dataset", "load_train_set",
+           "make_synthetic", "normalization_for", "source_for", "sources", "split_validation"]

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 
 from simclr_cli.config import DataConfig
 from simclr_cli.data.imageset import ImageSet
+from simclr_cli.data.source import NORMALIZATION, Source
 from simclr_cli.errors import DatasetError
 
 
@@ -148,16 +149,36 @@ def default_data_root() -> Path:
     return Path(env).expanduser() if env else Path.home() / ".cache" / "simclr-cli" / "data"
 
 
+def data_root(d: DataConfig) -> Path:
+    """Where CIFAR's archive folders are: data.root, else `default_data_root()`."""
+    return default_data_root() if d.root is None else Path(d.root).expanduser()
+
+
 def loader(name: str):
-    """The source function of CIFAR-10 or CIFAR-100 (`data.SOURCES`): one split, resized from 32 px only when
+    """The load function of CIFAR-10 or CIFAR-100 (`registry.SOURCES`): one split, resized from 32 px only when
     data.image_size differs."""
     def load(d: DataConfig, split: str, size: int, seed: int, progress=None, notice=None) -> ImageSet:
-        root = default_data_root() if d.root is None else Path(d.root).expanduser()
-        images, labels, classes = load_cifar(name, split, root, d.download)
+        images, labels, classes = load_cifar(name, split, data_root(d), d.download)
         if size != images.shape[-1]:
             images = _resize_uint8(images, size)
         return ImageSet(images, labels, classes, f"{name}/{split}")
     return load
+
+
+def _missing(name: str):
+    def missing(d: DataConfig) -> Path | None:
+        folder = data_root(d) / CIFAR_FOLDERS[name]
+        return None if d.download or folder.is_dir() else folder
+    return missing
+
+
+def _source(name: str, classes: int) -> Source:
+    spec = _CIFAR[name]
+    return Source(loader(name), NORMALIZATION[name], f"{spec.title}, {classes} classes, 32 px: {spec.folder}/ in "
+                  "the data root", downloads=True, missing=_missing(name))
+
+
+CIFAR10, CIFAR100 = _source("cifar10", 10), _source("cifar100", 100)  # the entries of registry.SOURCES
 
 
 def _resize_uint8(images: torch.Tensor, size: int, chunk: int = 1024) -> torch.Tensor:

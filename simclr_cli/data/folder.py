@@ -15,6 +15,7 @@ from simclr_cli.data.cache import Progress, load_cached
 from simclr_cli.data.imageset import ImageSet
 from simclr_cli.data.images import IMAGE_EXTENSIONS, decode_all, list_images
 from simclr_cli.data.mapped import MappedImages
+from simclr_cli.data.source import NORMALIZATION, Source
 from simclr_cli.errors import DatasetError
 
 TEST_FRACTION = 0.2  # share of each class held out as "test" when a folder has no train/ and test/
@@ -111,3 +112,10 @@ def load_folder(d: DataConfig, split: str, size: int, seed: int, progress: Progr
         images = decode_all([paths[i] for i in keep], size, d.num_workers)
     tensor_labels = None if labels is None else torch.tensor([labels[i] for i in keep], dtype=torch.int64)
     return ImageSet(images, tensor_labels, classes, f"folder/{split}")
+
+
+# Folders get ImageNet's statistics: they are usually photos.
+FOLDER = Source(load_folder, NORMALIZATION["imagenet"], "an image folder DIR: DIR/train/<class>/* and "
+                "DIR/test/<class>/*, or DIR/<class>/* split 80/20, or unlabelled DIR/* (pretraining only)",
+                needs_root=True, layout="DIR/train/<class>/, DIR/test/<class>/ or DIR/<class>/",
+                seeded_split=lambda root: not has_split_folders(root))  # registry.SOURCES["folder"]

@@ -6,7 +6,9 @@ import math
 
 import torch
 
+from simclr_cli.config import DataConfig
 from simclr_cli.data.imageset import ImageSet
+from simclr_cli.data.source import NORMALIZATION, Source
 
 
 SYNTHETIC_CLASSES = 10
@@ -41,3 +43,12 @@ def make_synthetic(n: int, size: int, seed: int, split: str, chunk: int = 512) -
         img = img * brightness[sl].view(-1, 1, 1, 1) + 0.06 * torch.randn(img.shape, generator=g)
         images[sl] = (img * 255).round_().clamp_(0, 255).to(torch.uint8)
     return ImageSet(images, labels, [f"class{k}" for k in range(SYNTHETIC_CLASSES)], f"synthetic/{split}")
+
+
+def load_synthetic(d: DataConfig, split: str, size: int, seed: int, progress=None, notice=None) -> ImageSet:
+    return make_synthetic(d.synthetic_size, size, seed, split)
+
+
+# For synthetic data any statistics near mid-grey work: ImageNet's.
+SYNTHETIC = Source(load_synthetic, NORMALIZATION["imagenet"], "10 classes of gratings made in memory, "
+                   "data.synthetic_size a split (tests, demos)", uses_root=False)  # the entry of registry.SOURCES

@@ -23,7 +23,7 @@ from typing import Sequence
 import torch
 
 from simclr_cli import __version__
-from simclr_cli.config import DataConfig
+from simclr_cli.data import DataOptions
 from simclr_cli.errors import OptionError
 from simclr_cli.evaluate.finetune_loop import Protocol, accuracy, default_epochs, scaled_lr, train_classifier
 from simclr_cli.evaluate.labels import LabelSpec, label_subset, parse_labels
@@ -39,13 +39,8 @@ STATE_FORMAT = "simclr-cli/finetune-state"
 
 
 @dataclasses.dataclass
-class FinetuneOptions:
+class FinetuneOptions(DataOptions):  # the data it reads: dataset, root, download, synthetic_size, num_workers
     labels: str = "10%"  # "1%", "10%", a count per class, or "all"
-    dataset: str = "cifar10"
-    root: str | None = None
-    download: bool = False
-    synthetic_size: int = 2000
-    num_workers: int = 2
     split: str = "test"  # "val": fit on the training split minus its validation split, score on that
     seed: int = 0  # of the label subset, the network's new layers and the augmentations
     epochs: int | None = None  # None: the paper's (60 for 1% of the labels or fewer, 30 for more)
@@ -119,9 +114,7 @@ class FinetuneRun:
         self.loaded = load_encoder(encoder_path)
         check_layer(self.loaded.head, opts.head_layer, HEAD_LAYER_OPTION)  # before any data is read
         self.seed, notes = split_seed(self.loaded, opts.dataset, opts.root, None)
-        data = DataConfig(dataset=opts.dataset, root=opts.root, download=opts.download, num_workers=opts.num_workers,
-                          synthetic_size=opts.synthetic_size)
-        train, self.test = load_splits(data, self.loaded.image_size, seed=self.seed, split=opts.split)
+        train, self.test = load_splits(opts.data_config(), self.loaded.image_size, seed=self.seed, split=opts.split)
         self.subset = label_subset(train.labels, spec, opts.seed, train.classes)
         self.key = _run_key(encoder_path, opts, self.subset.digest)
         self.state = _read_state(self.partial, output, opts, self.key)

@@ -10,6 +10,7 @@ import torch.nn.functional as F
 
 from simclr_cli.config import TrainConfig
 from simclr_cli.errors import DatasetError
+from simclr_cli.evaluate.evaluation import Column, Evaluation, Features
 
 BLOCK_ELEMENTS = 1 << 24  # similarities held at once: 16 M floats (64 MB), whatever the index's size
 QUERY_BLOCK = 4096  # queries compared per pass over the index
@@ -72,3 +73,12 @@ def knn_accuracy(train_feats: torch.Tensor, train_labels: torch.Tensor, test_fea
                  chunk: int = 1024) -> float:
     preds = knn_classify(train_feats, train_labels, test_feats, num_classes, k, temperature, chunk)
     return (preds.cpu() == test_labels.cpu()).float().mean().item()
+
+
+def knn(f: Features, opts: dict) -> dict:
+    """Weighted kNN top-1 on the test split, the bank the train split (Wu et al. 2018)."""
+    return {"knn_top1": knn_accuracy(f.train, f.train_labels, f.test, f.test_labels, f.num_classes, opts["knn_k"],
+                                     opts["knn_temperature"])}
+
+
+KNN = Evaluation("kNN", knn, (Column("kNN top-1", "knn_top1", position=30),))  # the entry of registry.EVALUATIONS

@@ -10,6 +10,7 @@ from typing import Callable, Sequence
 import torch
 
 from simclr_cli.errors import DatasetError
+from simclr_cli.evaluate.evaluation import Column, Evaluation, Features
 
 WEIGHT_DECAYS = (1e-1, 1e-2, 1e-3, 1e-4, 1e-5, 1e-6)  # L2 grid for the linear probe, strongest first
 
@@ -128,3 +129,16 @@ def _linear_probe(x, y, x_test, y_test, num_classes, weight_decays, val_fraction
             "weight_decay": best, "val_top1": grid[best],
             "train_top1": _topk_accuracy(logits(scale(x), classifier), y, 1),
             "grid": {f"{wd:g}": acc for wd, acc in grid.items()}, "val_size": len(val_idx)}
+
+
+def linear(f: Features, opts: dict) -> dict:
+    """Linear probe top-1 (top-5 with more than 5 classes), its L2 strength chosen on a held-out 10% of train."""
+    result = linear_probe(f.train, f.train_labels, f.test, f.test_labels, f.num_classes, seed=opts["seed"],
+                          device=f.train.device)
+    return {"linear_top1": result["top1"], "linear_top5": result["top5"], "weight_decay": result["weight_decay"],
+            "linear": result}
+
+
+LINEAR = Evaluation("linear probe", linear, (  # the entry of registry.EVALUATIONS
+    Column("linear top-1", "linear_top1", position=10), Column("linear top-5", "linear_top5", position=20),
+    Column("L2 (held-out)", "weight_decay", "g", position=40)))

@@ -5,7 +5,7 @@ Features of the train and test splits are extracted once (no augmentation; the e
 normalisation); then the test split's kNN top-1 (Wu et al. 2018: cosine similarity, k=200, votes weighted
 by exp(sim / 0.1)) and a linear probe (multinomial logistic regression on standardised features, its L2
 strength chosen on a held-out 10% of the train split, never on the test split): the evaluations of
-`evaluate.EVALUATIONS`, in turn. It reports through `callback(event, data)` and never prints.
+`registry.EVALUATIONS`, in turn. It reports through `callback(event, data)` and never prints.
 """
 
 from __future__ import annotations
@@ -18,10 +18,9 @@ import torch
 
 from simclr_cli import __version__
 from simclr_cli.config import DataConfig
-from simclr_cli.data import (CIFAR_FOLDERS, SOURCES, ImageSet, default_data_root, has_split_folders, load_dataset,
-                             split_validation)
+from simclr_cli.data import SOURCES, DataOptions, ImageSet, Source, default_data_root, load_dataset, split_validation
 from simclr_cli.errors import DatasetError, OptionError
-from simclr_cli.evaluate import EVALUATIONS, Features
+from simclr_cli.evaluate.evaluation import Features, evaluations
 from simclr_cli.evaluate.export_onnx import OnnxEncoder
 from simclr_cli.evaluate.inference import Inference
 from simclr_cli.evaluate.knn import KNN_K, KNN_TEMPERATURE
@@ -33,22 +32,28 @@ from simclr_cli.models.heads import ProjectionHead
 from simclr_cli.runtime import Callback
 
 
+def probe_source(name: str) -> Source:
+    """The data source a probe or a fine-tune reads; an unknown name is one line listing them."""
+    if name not in SOURCES:
+        raise DatasetError(f"unknown probe dataset {name!r}: use one of {', '.join(SOURCES.names())}")
+    return SOURCES[name]
+
+
 def load_splits(data: DataConfig, image_size: int, *, seed: int = 0, split: str = "test", progress=None,
                 val_size: int = 5000) -> tuple[ImageSet, ImageSet]:
     """The labelled (fit, evaluate) splits of a probe dataset, at the encoder's image size: (train, test), or
     with split "val" (train minus its validation split, the validation split), for choosing recipes."""
     if split not in ("test", "val"):
         raise OptionError(f"unknown split {split!r}: use test or val")
-    if data.dataset not in SOURCES:
-        raise DatasetError(f"unknown probe dataset {data.dataset!r}: use one of {', '.join(SOURCES)}")
-    if data.dataset == "folder" and data.root is None:
-        raise DatasetError("the folder dataset needs --data-dir DIR (DIR/train/<class>/, DIR/test/<class>/ or "
-                           "DIR/<class>/)")
-    if data.dataset in CIFAR_FOLDERS:
-        root = Path(data.root).expanduser() if data.root else default_data_root()
-        if not data.download and not (root / CIFAR_FOLDERS[data.dataset]).is_dir():
-            raise DatasetError(f"{data.dataset} not found: no {root / CIFAR_FOLDERS[data.dataset]}; pass --data-root "
-                               f"with the folder holding {CIFAR_FOLDERS[data.dataset]}/, or --download")
+    source = probe_source(data.dataset)
+    if not source.has_labels:
+        raise DatasetError(f"the {data.dataset} dataset has no labels: probe and finetune need a labelled dataset")
+    if source.needs_root and data.root is None:
+        raise DatasetError(f"the {data.dataset} dataset needs --data-dir DIR ({source.layout})")
+    missing = source.missing(data) if source.missing is not None else None
+    if missing is not None:
+        raise DatasetError(f"{data.dataset} not found: no {missing}; pass --data-root with the folder holding "
+                           f"{missing.name}/, or --download")
     splits = [load_dataset(data, split, seed=seed, image_size=image_size, progress=progress)
               for split in ("test", "train")]
     splits.reverse()  # test first: a folder without one fails before anything is decoded
@@ -89,8 +94,8 @@ def _evaluate_one(name: str, loaded: LoadedEncoder, train: ImageSet, test: Image
     result = {"feature_dim": feats["train"].shape[1], "extract_s": time.perf_counter() - t0}
     result["images_per_s"] = (len(train) + len(test)) / result["extract_s"]
     features = Features(feats["train"], train.labels, feats["test"], test.labels, len(train.classes))
-    for key, evaluation in EVALUATIONS.items():
-        emit("stage", {"model": name, "message": evaluation.title})
+    for key, evaluation in evaluations().items():
+        emit("stage", {"model": name, "message": evaluation.name})
         t1 = time.perf_counter()
         result.update(evaluation.run(features, opts))
         result[f"{key}_s"] = time.perf_counter() - t1
@@ -104,8 +109,8 @@ def split_seed(loaded: LoadedEncoder, dataset: str, root: str | Path | None, see
     Returns (seed, notes) with a note where that cannot be known."""
     pretrained = loaded.provenance.get("seed")
     chosen = seed if seed is not None else int(pretrained) if isinstance(pretrained, int) else 0
-    notes = []
-    if dataset == "folder" and root is not None and not has_split_folders(Path(root).expanduser()):
+    notes, seeded_split = [], probe_source(dataset).seeded_split
+    if seeded_split is not None and root is not None and seeded_split(Path(root).expanduser()):
         if pretrained is None:
             notes.append(f"the encoder file records no pretraining seed: the folder is split 80/20 with seed "
                          f"{chosen}; if the encoder was pretrained on this folder, its test images may have been "
@@ -128,7 +133,8 @@ def run_probe(encoder_path: str | Path, dataset: str = "cifar10", root: str | Pa
               device: str = "auto", precision: str = "auto", batch_size: int = 512, layer: int = 0,
               random_init: bool = False, baseline: bool = False, knn_k: int = KNN_K,
               knn_temperature: float = KNN_TEMPERATURE,
-              download: bool = False, num_workers: int = 2, synthetic_size: int = 2000, seed: int | None = None,
+              download: bool = DataOptions.download, num_workers: int = DataOptions.num_workers,
+              synthetic_size: int = DataOptions.synthetic_size, seed: int | None = None,
               split: str = "test", labels: str = "all", labels_seed: int = 0, callback: Callback | None = None) -> dict:
     """The probe protocol on one encoder file. random_init: probe an untrained encoder of the same
     architecture instead (seeded by the file's pretraining seed, else 0); baseline: probe both. seed: of a
@@ -147,15 +153,15 @@ def run_probe(encoder_path: str | Path, dataset: str = "cifar10", root: str | Pa
     models = _models(loaded, random_init, baseline)
     init_seed = int(loaded.provenance.get("seed") or 0)
     seed, notes = split_seed(loaded, dataset, root, seed)
-    data = DataConfig(dataset=dataset, root=None if root is None else str(root), download=download,
-                      num_workers=num_workers, synthetic_size=synthetic_size)
+    data = DataOptions(dataset=dataset, root=None if root is None else str(root), download=download,
+                       synthetic_size=synthetic_size, num_workers=num_workers).data_config()
     train, test = load_splits(data, loaded.image_size, seed=seed, split=split,
                               progress=lambda done, total, bad: emit("cache", {"done": done, "total": total, "bad": bad}))
     subset = label_subset(train.labels, spec, labels_seed, train.classes)
     if not spec.everything:
         train = train.take(subset.indices, f"{train.name}[{spec.text}]")
     load_s = time.perf_counter() - t0
-    root = str(root or default_data_root()) if dataset != "synthetic" else None
+    root = str(root or default_data_root()) if SOURCES[dataset].uses_root else None
     info = {"encoder": {"path": str(encoder_path), **loaded.describe()},
             "dataset": {"name": dataset, "root": root, "train_size": len(train),
                         "test_size": len(test), "num_classes": len(train.classes), "split_seed": seed,
