@@ -15,7 +15,11 @@ import typer
 import typer.core
 
 from simclr_cli import __version__
-from simclr_cli.cli import display, evaluate, finetune, predict, train
+from simclr_cli.cli import plugins
+
+plugins.warn_in_one_line()  # before the commands' modules ask the registries (the --dataset help does)
+
+from simclr_cli.cli import display, evaluate, finetune, predict, train  # noqa: E402
 
 # The click that typer runs on: vendored as typer._click since typer 0.23, the click package before.
 _click = getattr(typer.core, "_click", None) or __import__("click")
@@ -47,7 +51,7 @@ app = typer.Typer(
     name="simclr",
     cls=OneLineErrors,
     help="SimCLR self-supervised learning of image representations: pretrain, extract, probe, finetune, predict, "
-         "embed, report, neighbors.\n\n"
+         "embed, report, neighbors; list shows the methods, sources, backbones, formats and evaluations.\n\n"
          "Example: simclr pretrain --config examples/quickstart.yaml",
     no_args_is_help=True,
     add_completion=False,
@@ -65,6 +69,7 @@ app.command("finetune", epilog=finetune.FINETUNE_EXAMPLE)(finetune.finetune)
 app.command("predict", epilog=predict.PREDICT_EXAMPLE)(predict.predict)
 app.command("report", epilog=evaluate.REPORT_EXAMPLE)(evaluate.report)
 app.command("neighbors", epilog=evaluate.NEIGHBORS_EXAMPLE)(evaluate.neighbors)
+app.command("list", epilog=plugins.LIST_EXAMPLE)(plugins.list_entries)
 
 
 def _show_version(value: bool) -> None:
