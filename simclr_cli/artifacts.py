@@ -28,7 +28,7 @@ from simclr_cli.errors import CheckpointError
 from simclr_cli.files import (CHECKPOINT_FORMAT, CLASSIFIER_FORMAT, ENCODER_FORMAT, is_safetensors, is_torchscript,
                               safe_load)
 
-PORTABLE_KEY = "simclr-cli"  # where an exported file keeps its description (evaluate.portable writes it)
+PORTABLE_KEY = "simclr-cli"  # where an exported file keeps its description (exports.portable writes it)
 
 
 def what(obj: Any) -> str:
@@ -167,7 +167,7 @@ class TorchScriptExport(Artifact):
 
 @dataclass
 class OnnxExport(Artifact):
-    kind: ClassVar[str] = "ONNX file"  # run through onnxruntime (`evaluate.export_onnx.OnnxEncoder`)
+    kind: ClassVar[str] = "ONNX file"  # run through onnxruntime (`exports.onnx.OnnxEncoder`)
 
 
 @dataclass

@@ -166,18 +166,18 @@ ENCODERS = Registry("backbone family", "model.arch", "simclr_cli.encoders", {
 
 # simclr extract --format NAME -> an `artifacts.ExportFormat` (suffix, what it takes, writer, reader, load hint)
 EXPORTS = Registry("export format", "--format", "simclr_cli.exports", {
-    "native": "simclr_cli.evaluate.export:NATIVE",
-    "torchvision": "simclr_cli.evaluate.export:TORCHVISION",
-    "timm": "simclr_cli.evaluate.export:TIMM",
-    "onnx": "simclr_cli.evaluate.export_onnx:ONNX",
-    "torchscript": "simclr_cli.evaluate.export_portable:TORCHSCRIPT",
-    "safetensors": "simclr_cli.evaluate.export_portable:SAFETENSORS",
+    "native": "simclr_cli.exports.extract:NATIVE",
+    "torchvision": "simclr_cli.exports.extract:TORCHVISION",
+    "timm": "simclr_cli.exports.extract:TIMM",
+    "onnx": "simclr_cli.exports.onnx:ONNX",
+    "torchscript": "simclr_cli.exports.portable_files:TORCHSCRIPT",
+    "safetensors": "simclr_cli.exports.portable_files:SAFETENSORS",
 })
 
-# what `simclr probe` runs on frozen features -> an `evaluate.Evaluation` (its function and table columns)
+# what `simclr probe` runs on frozen features -> an `score.Evaluation` (its function and table columns)
 EVALUATIONS = Registry("evaluation", "evaluation", "simclr_cli.evaluations", {
-    "knn": "simclr_cli.evaluate.knn:KNN",
-    "linear": "simclr_cli.evaluate.linear:LINEAR",
+    "knn": "simclr_cli.score.knn:KNN",
+    "linear": "simclr_cli.score.linear:LINEAR",
 })
 
 REGISTRIES = {"methods": METHODS, "sources": SOURCES, "encoders": ENCODERS, "exports": EXPORTS,

@@ -11,10 +11,11 @@ import pytest
 
 PACKAGE = Path(__file__).resolve().parents[1] / "simclr_cli"
 # The ground floor, in its own order (each module may import the ones before it), then the wings along the
-# data flow: config -> data -> augment -> models -> methods, with evaluation (which the training loop's
-# monitor uses) before the loop itself, and the command line last.
-GROUND = ["__init__", "errors", "runtime", "files", "typed", "registry", "owned", "artifacts", "config", "rundir"]
-WINGS = ["data", "augment", "models", "methods", "evaluate", "train", "cli"]
+# data flow: config -> data -> augment -> models -> methods, then what is done with a trained encoder (how it
+# leaves, what serves it, what scores it, the run's report: the training loop's monitor scores with them)
+# before the loop itself, and the command line last. figures: matplotlib drawing that serve and report share.
+GROUND = ["__init__", "errors", "runtime", "files", "figures", "typed", "registry", "owned", "artifacts", "config", "rundir"]
+WINGS = ["data", "augment", "models", "methods", "exports", "serve", "score", "report", "train", "cli"]
 MAX_MODULE_LINES, MAX_FUNCTION_LINES = 300, 50
 
 

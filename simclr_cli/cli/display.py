@@ -16,7 +16,7 @@ from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, 
 from rich.table import Table
 
 from simclr_cli import __version__
-from simclr_cli.evaluate.evaluation import table_columns
+from simclr_cli.score.evaluation import table_columns
 
 console = Console(stderr=True)
 

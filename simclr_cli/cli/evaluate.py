@@ -1,5 +1,5 @@
 """The `simclr` commands that use a trained encoder: `extract` (the encoder alone, in a format of
-`evaluate.export`), `probe` (kNN and linear on frozen features), `embed` (images -> vectors), `report`
+`exports.extract`), `probe` (kNN and linear on frozen features), `embed` (images -> vectors), `report`
 (figures of a run) and `neighbors` (most similar images). Plain functions with their options; `cli.app`
 registers them on the app."""
 
@@ -19,7 +19,7 @@ from simclr_cli.data import DataOptions
 
 def export_help() -> str:
     """`--format`'s help: each format of registry.EXPORTS (plugins included) with its one line."""
-    from simclr_cli.evaluate.export import formats
+    from simclr_cli.exports.extract import formats
 
     return " | ".join(f"{f.name}: {f.help}" for f in formats()) + "."
 
@@ -38,7 +38,7 @@ def extract(
     opset: Annotated[int, typer.Option("--opset", help="ONNX opset version to write (--format onnx).")] = 18,
 ) -> None:
     """Write the encoder of a pretraining checkpoint alone, for probe, embed, torchvision, timm or other runtimes."""
-    from simclr_cli.evaluate.export import extract_encoder
+    from simclr_cli.exports.extract import extract_encoder
 
     with handle_errors():
         info = extract_encoder(checkpoint, output, fmt, opset=opset)
@@ -66,7 +66,7 @@ def probe(
     """Linear probe and kNN on frozen features: fit on the train split, report on the test split."""
     import json
 
-    from simclr_cli.evaluate.probe import run_probe
+    from simclr_cli.score.probe import run_probe
     from simclr_cli.files import atomic_write_text, check_output_path
 
     shown = display.ProbeDisplay()
@@ -104,7 +104,7 @@ def embed(
     The array goes to stdout when it is redirected, or to -o FILE; never a .npy to a terminal. A file that does
     not decode is reported by path and nothing is written (exit 2); --skip-bad leaves such files out.
     """
-    from simclr_cli.evaluate.embed import embed_images
+    from simclr_cli.serve.embed import embed_images
 
     shown = display.EmbedDisplay()
     sys.stdout.flush()
@@ -136,7 +136,7 @@ def report(
     precision: PrecisionOption = None,
 ) -> None:
     """Figures of a run as PNGs and one offline index.html: curves, a 2-D map of the test split, neighbours."""
-    from simclr_cli.evaluate.report import make_report
+    from simclr_cli.report import make_report
 
     shown = display.StagedDisplay("report")
     with handle_errors():
@@ -169,7 +169,7 @@ def neighbors(
     """
     import json
 
-    from simclr_cli.evaluate.neighbors import find_neighbors
+    from simclr_cli.serve.neighbors import find_neighbors
 
     shown = display.StagedDisplay("neighbors")
     with handle_errors():

@@ -1,4 +1,4 @@
-"""`simclr finetune`: options, the Rich panel, progress and table of a fine-tuning run (`evaluate.finetune`)."""
+"""`simclr finetune`: options, the Rich panel, progress and table of a fine-tuning run (`score.finetune`)."""
 
 from __future__ import annotations
 
@@ -106,7 +106,7 @@ def finetune(
     synthetic_size: SyntheticSizeOption = DataOptions.synthetic_size,
 ) -> None:
     """Fine-tune the whole encoder and a linear classifier on a few labels; write a classifier for simclr predict."""
-    from simclr_cli.evaluate.finetune import FinetuneOptions, partial_path, run_finetune
+    from simclr_cli.score.finetune import FinetuneOptions, partial_path, run_finetune
     from simclr_cli.files import atomic_write_text, check_output_path
 
     shown = FinetuneDisplay()

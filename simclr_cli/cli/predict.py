@@ -52,7 +52,7 @@ def predict(
     reported by path and nothing is written to -o (exit 2); --skip-bad leaves such files out. Precision
     defaults to fp32, so the same classifier gives the same answer on any machine.
     """
-    from simclr_cli.evaluate.predict import predict_images
+    from simclr_cli.serve.predict import predict_images
 
     shown = PredictDisplay()
     sys.stdout.flush()

@@ -79,7 +79,7 @@ def classifier_payload(loaded: LoadedEncoder, model: Classifier, classes: list[s
 
 
 def as_encoder(loaded: LoadedClassifier) -> LoadedEncoder:
-    """The classifier in the shape the exporters take (`evaluate.export`): its output is the class logits."""
+    """The classifier in the shape the exporters take (`exports.extract`): its output is the class logits."""
     provenance = {**(loaded.info.get("encoder_provenance") or {}), "finetune": {
         k: loaded.info.get(k) for k in ("subset", "protocol", "result")}}
     return LoadedEncoder(loaded.model, loaded.image_size, loaded.mean, loaded.std, "classifier file", None,

@@ -23,7 +23,7 @@ from torch import nn
 from simclr_cli import __version__
 from simclr_cli.config import Config, ModelConfig, config_digest, config_from_dict
 from simclr_cli.errors import CheckpointError, UserError
-from simclr_cli.artifacts import (PORTABLE_KEY, Artifact, Checkpoint, ClassifierFile, EncoderFile, Foreign, OnnxExport,
+from simclr_cli.artifacts import (Artifact, Checkpoint, ClassifierFile, EncoderFile, Foreign, OnnxExport,
                                   SafetensorsExport, StateDict, TorchScriptExport, first_line, identify, of_content, what)
 from simclr_cli.files import safe_load
 from simclr_cli.models import encoder_from_spec, family_of
@@ -241,7 +241,7 @@ def load_encoder(path: str | Path) -> LoadedEncoder:
     nn.Sequential(*list(resnet18.children())[:-1]). What to build comes from the file (the last two: from
     the weights' shapes); what the file is, `artifacts.identify`."""
     artifact = identify(path)
-    if isinstance(artifact, OnnxExport):  # onnxruntime runs it (`evaluate.inference`); here it is read as a torch
+    if isinstance(artifact, OnnxExport):  # onnxruntime runs it (`serve.inference`); here it is read as a torch
         artifact = of_content(safe_load(artifact.path), artifact.path)  # file, as any other name is
     return encoder_of(artifact)
 

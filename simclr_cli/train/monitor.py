@@ -1,6 +1,6 @@
 """The kNN monitor: kNN top-1 of the live encoder during pretraining, with `simclr probe`'s features and
-vote (`models.features`, `evaluate.knn`), sharded over the ranks of a distributed run; and the
-representation's health on the same held-out images (`evaluate.health`: effective ranks of h and z,
+vote (`models.features`, `score.knn`), sharded over the ranks of a distributed run; and the
+representation's health on the same held-out images (`score.health`: effective ranks of h and z,
 alignment of two views, uniformity, spread per dimension), where collapse shows before the loss says so."""
 
 from __future__ import annotations
@@ -14,8 +14,8 @@ import torch.distributed as dist
 from simclr_cli.config import Config
 from simclr_cli.data import ImageSet, load_dataset, split_validation
 from simclr_cli.errors import DatasetError
-from simclr_cli.evaluate.health import collapse_warning, health
-from simclr_cli.evaluate.knn import knn_accuracy
+from simclr_cli.score.health import collapse_warning, health
+from simclr_cli.score.knn import knn_accuracy
 from simclr_cli.models.features import eval_mode, extract_features
 from simclr_cli.runtime import DistInfo, autocast
 from simclr_cli.train.interrupt import StopRequested
@@ -94,7 +94,7 @@ class Monitor:
 
     @torch.no_grad()
     def health(self, encoder: torch.nn.Module, projection: torch.nn.Module, h: torch.Tensor, augment) -> dict | None:
-        """`evaluate.health` of the held-out features h (N, D) and their projections; eval mode for the pass.
+        """`score.health` of the held-out features h (N, D) and their projections; eval mode for the pass.
         None, with `warning` saying why, where the projections are not finite (h is: `check_finite`)."""
         with eval_mode(encoder, projection):
             z = projection(h.float())

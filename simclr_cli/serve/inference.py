@@ -17,7 +17,7 @@ from typing import Callable
 import torch
 
 from simclr_cli.artifacts import OnnxExport, identify
-from simclr_cli.evaluate.export_onnx import OnnxEncoder
+from simclr_cli.exports.onnx import OnnxEncoder
 from simclr_cli.models.encoder_file import LoadedEncoder, encoder_of
 from simclr_cli.models.features import check_layer, extract_features, for_inference
 from simclr_cli.runtime import INFERENCE_PRECISIONS, pick_device, resolve_precision

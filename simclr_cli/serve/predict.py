@@ -24,8 +24,8 @@ from typing import BinaryIO, Sequence
 import torch
 
 from simclr_cli.errors import OptionError, OutputError
-from simclr_cli.evaluate.embed import each_decoded, resolve_paths, stdout_target
-from simclr_cli.evaluate.inference import Inference
+from simclr_cli.serve.embed import each_decoded, resolve_paths, stdout_target
+from simclr_cli.serve.inference import Inference
 from simclr_cli.files import atomic_file, check_output_path
 from simclr_cli.models.classifier import LoadedClassifier, load_classifier
 from simclr_cli.models.features import extract_features, for_inference

@@ -1,6 +1,6 @@
 """`simclr neighbors`: the most similar images to each query by cosine similarity on h.
 
-The search is `knn.top_k_cosine`: it walks the index in chunks and keeps a running top-k per query, so a
+The search is `search.top_k_cosine`: it walks the index in chunks and keeps a running top-k per query, so a
 million-row index (a memory-mapped vectors.npy) costs one (queries x chunk) block at a time, never a
 (queries x N) matrix.
 The index is either a vectors.npy (+ paths.txt) or a .csv that `simclr embed` wrote, or a folder of images
@@ -19,11 +19,11 @@ import numpy as np
 
 from simclr_cli.data.images import decode_image
 from simclr_cli.errors import DatasetError, OptionError
-from simclr_cli.evaluate import plots
-from simclr_cli.evaluate.embed import embed_paths, resolve_encoder, resolve_paths
-from simclr_cli.evaluate.inference import Inference
-from simclr_cli.evaluate.knn import top_k_cosine
-from simclr_cli.evaluate.vectors import open_npy, read_csv, read_paths
+from simclr_cli import figures
+from simclr_cli.serve.embed import embed_paths, resolve_encoder, resolve_paths
+from simclr_cli.serve.inference import Inference
+from simclr_cli.serve.search import top_k_cosine
+from simclr_cli.serve.vectors import open_npy, read_csv, read_paths
 from simclr_cli.files import check_output_path
 from simclr_cli.models.encoder_file import LoadedEncoder
 from simclr_cli.runtime import Callback
@@ -76,7 +76,7 @@ def find_neighbors(queries: str | Path, index: str | Path, *, encoder: str | Pat
         raise OptionError(f"-k must be >= 1, got {k}")
     if grid is not None:
         check_output_path(grid, "neighbors.png")
-        plots.require()
+        figures.require()
     callback = callback or (lambda event, data: None)
     index = Path(index).expanduser()
     if not index.exists():
@@ -126,4 +126,4 @@ def draw_grid(results: Sequence[dict], path: str | Path) -> Path:
              "neighbors": [{"image": _thumbnail(n["path"]), "caption": f"{n['similarity']:.3f}\n{_short(n['path'])}"}
                            for n in r["neighbors"]]} for r in results[:GRID_QUERIES]]
     shown = f"the first {GRID_QUERIES} of {len(results)} queries" if len(results) > GRID_QUERIES else "each query"
-    return plots.neighbors_grid(rows, path, f"{shown} and its nearest images by cosine on h")
+    return figures.neighbors_grid(rows, path, f"{shown} and its nearest images by cosine on h")

@@ -1,5 +1,5 @@
 """`simclr finetune`: the pretrained encoder fine-tuned with a linear layer on a class-balanced few of the
-labels (`evaluate.labels`), scored once on the test split (or on the validation split, for choosing
+labels (`score.labels`), scored once on the test split (or on the validation split, for choosing
 settings), and written as a classifier file (`models.classifier`) that `simclr predict` reads.
 
 With `compare`, the same command also fine-tunes a randomly initialised network of the same architecture
@@ -25,10 +25,10 @@ import torch
 from simclr_cli import __version__
 from simclr_cli.data import DataOptions
 from simclr_cli.errors import OptionError
-from simclr_cli.evaluate.finetune_loop import Protocol, accuracy, default_epochs, scaled_lr, train_classifier
-from simclr_cli.evaluate.labels import LabelSpec, label_subset, parse_labels
-from simclr_cli.evaluate.linear import WEIGHT_DECAYS, linear_probe
-from simclr_cli.evaluate.probe import load_splits, random_encoder, split_seed
+from simclr_cli.score.finetune_loop import Protocol, accuracy, default_epochs, scaled_lr, train_classifier
+from simclr_cli.score.labels import LabelSpec, label_subset, parse_labels
+from simclr_cli.score.linear import WEIGHT_DECAYS, linear_probe
+from simclr_cli.score.probe import load_splits, random_encoder, split_seed
 from simclr_cli.files import atomic_save, check_output_path, safe_load
 from simclr_cli.models.classifier import HEAD_LAYER_OPTION, Classifier, classifier_payload
 from simclr_cli.models.encoder_file import load_encoder

@@ -10,7 +10,7 @@ from typing import Callable, Sequence
 import torch
 
 from simclr_cli.errors import DatasetError
-from simclr_cli.evaluate.evaluation import Column, Evaluation, Features
+from simclr_cli.score.evaluation import Column, Evaluation, Features
 
 WEIGHT_DECAYS = (1e-1, 1e-2, 1e-3, 1e-4, 1e-5, 1e-6)  # L2 grid for the linear probe, strongest first
 

@@ -26,9 +26,10 @@ import torch
 from simclr_cli.config import Config
 from simclr_cli.data import ImageSet, load_dataset
 from simclr_cli.errors import DatasetError, MissingExtraError, OptionError
-from simclr_cli.evaluate import plots
-from simclr_cli.evaluate.inference import Inference
-from simclr_cli.evaluate.knn import knn_accuracy, top_k_cosine
+from simclr_cli import figures
+from simclr_cli.serve.inference import Inference
+from simclr_cli.score.knn import knn_accuracy
+from simclr_cli.serve.search import top_k_cosine
 from simclr_cli.files import atomic_write_text, check_output_path
 from simclr_cli.models.encoder_file import LoadedEncoder
 from simclr_cli.rundir import RunDir, scalars
@@ -124,12 +125,12 @@ def _draw_encoder_figures(report: Report, cfg: Config, loaded: LoadedEncoder, sp
     g = torch.Generator().manual_seed(cfg.train.seed + 2)  # the same images on every report of this run
     idx = torch.randperm(len(test), generator=g)[:opts["map_points"]].sort().values
     xy, how = project_2d(h_test[idx], opts["map"], cfg.train.seed)
-    plots.embedding_map(xy, test.labels[idx].numpy(), test.classes, report.folder / "map.png",
+    figures.embedding_map(xy, test.labels[idx].numpy(), test.classes, report.folder / "map.png",
                         f"{how} of h, {len(idx)} {test.name} images, coloured by class")
     report.figures.append(("map.png", f"{how} map of the representation h of {len(idx)} test images"))
     emit("stage", {"message": "neighbours"})
     rows = _grid_rows(train, test, h_train, h_test, opts["queries"], opts["k"])
-    plots.neighbors_grid(rows, report.folder / "neighbors.png",
+    figures.neighbors_grid(rows, report.folder / "neighbors.png",
                          f"nearest {train.name} images by cosine on h (red frame: another class)")
     report.figures.append(("neighbors.png", f"the first {test.name} image of each class and its {opts['k']} nearest "
                                             f"{train.name} images; red frame: another class"))
@@ -192,11 +193,11 @@ def write_tensorboard(records: list[dict], folder: Path) -> Path:
 
 def _draw_curves(report, records: list[dict], title: str) -> None:
     """curves.png, and health.png where the run logged its health or data wait (older runs logged neither)."""
-    plots.curves(records, report.folder / "curves.png", title)
+    figures.curves(records, report.folder / "curves.png", title)
     report.figures.append(("curves.png", "loss, learning rate and views/s per logged step; kNN top-1 per "
                                          "evaluation; dashed: resumed"))
     if any("rank_z" in r or "data_wait" in r for r in records):
-        plots.health_curves(records, report.folder / "health.png", f"{title}: representation health, data wait")
+        figures.health_curves(records, report.folder / "health.png", f"{title}: representation health, data wait")
         report.figures.append(("health.png", "effective ranks of h and z, spread, alignment and uniformity per "
                                              "evaluation; data wait per logged window; red: collapse warnings"))
 
@@ -212,7 +213,7 @@ def make_report(run_dir: str | Path, *, output: str | Path | None = None, data_r
                           f"{'|'.join(MAPS)}; got {map_points}, {queries}, {k}, {batch_size}, {limit}, {map_method!r}")
     rundir = RunDir(Path(run_dir).expanduser())
     run, cfg, encoder = rundir.path, rundir.read_config(), rundir.latest_encoder_source()
-    plots.require()
+    figures.require()
     if tensorboard:
         _summary_writer()  # a missing extra fails now, not after minutes of embedding
     report = Report(Path(output).expanduser() if output is not None else run / "report")

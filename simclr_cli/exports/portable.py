@@ -24,9 +24,10 @@ from typing import Any, Callable, NoReturn
 
 import torch
 
+from simclr_cli.artifacts import PORTABLE_KEY
 from simclr_cli.errors import CheckpointError
 from simclr_cli.models import is_convolutional
-from simclr_cli.models.encoder_file import PORTABLE_KEY, LoadedEncoder
+from simclr_cli.models.encoder_file import LoadedEncoder
 from simclr_cli.models.features import preprocess
 from simclr_cli.models.spec import IMAGE_SIZE, Keyword
 

@@ -1,6 +1,5 @@
-"""Nearest neighbours by cosine similarity on features: the running top-k search that `simclr neighbors`, the
-report's grid and the kNN classifier share, and the weighted kNN classifier (Wu et al. 2018) that `simclr
-probe` and the pretraining monitor score with."""
+"""Nearest neighbours by cosine similarity: the running top-k search over an index of vectors, in memory or
+memory-mapped, that `simclr neighbors`, the report's grid and the kNN classifier (`score.knn`) share."""
 
 from __future__ import annotations
 
@@ -8,13 +7,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from simclr_cli.config import TrainConfig
 from simclr_cli.errors import DatasetError
-from simclr_cli.evaluate.evaluation import Column, Evaluation, Features
 
 BLOCK_ELEMENTS = 1 << 24  # similarities held at once: 16 M floats (64 MB), whatever the index's size
 QUERY_BLOCK = 4096  # queries compared per pass over the index
-KNN_K, KNN_TEMPERATURE = TrainConfig.knn_k, TrainConfig.knn_temperature  # 200 neighbours, votes exp(sim / 0.1)
 
 
 def _normalized(rows: np.ndarray | torch.Tensor) -> torch.Tensor:
@@ -50,35 +46,3 @@ def top_k_cosine(queries: torch.Tensor | np.ndarray, index: np.ndarray | torch.T
         sims.append(best_s)
         rows.append(best_i)
     return torch.cat(sims), torch.cat(rows)
-
-
-def knn_classify(train_feats: torch.Tensor, train_labels: torch.Tensor, test_feats: torch.Tensor, num_classes: int,
-                 k: int = KNN_K, temperature: float = KNN_TEMPERATURE, chunk: int = 1024) -> torch.Tensor:
-    """Weighted kNN (Wu et al. 2018): each test point's k most cosine-similar train points vote for their
-    class with weight exp(sim / temperature); the class with the largest sum wins. Returns int64 (M,).
-    The search is `top_k_cosine`'s, `chunk` queries against the whole bank at a time."""
-    if test_feats.shape[0] == 0:
-        return torch.empty(0, dtype=torch.long)
-    labels = train_labels.to(train_feats.device).long()
-    queries = test_feats.to(train_feats.device)
-    sim, idx = top_k_cosine(queries, train_feats, k, block_elements=chunk * max(1, train_feats.shape[0]),
-                            query_block=chunk)  # (M, k) each
-    votes = torch.zeros(queries.shape[0], num_classes, device=train_feats.device)
-    votes.scatter_add_(1, labels[idx], (sim / temperature).exp())  # (M, num_classes)
-    return votes.argmax(dim=1)
-
-
-def knn_accuracy(train_feats: torch.Tensor, train_labels: torch.Tensor, test_feats: torch.Tensor,
-                 test_labels: torch.Tensor, num_classes: int, k: int = KNN_K, temperature: float = KNN_TEMPERATURE,
-                 chunk: int = 1024) -> float:
-    preds = knn_classify(train_feats, train_labels, test_feats, num_classes, k, temperature, chunk)
-    return (preds.cpu() == test_labels.cpu()).float().mean().item()
-
-
-def knn(f: Features, opts: dict) -> dict:
-    """Weighted kNN top-1 on the test split, the bank the train split (Wu et al. 2018)."""
-    return {"knn_top1": knn_accuracy(f.train, f.train_labels, f.test, f.test_labels, f.num_classes, opts["knn_k"],
-                                     opts["knn_temperature"])}
-
-
-KNN = Evaluation("kNN", knn, (Column("kNN top-1", "knn_top1", position=30),))  # the entry of registry.EVALUATIONS

@@ -92,7 +92,7 @@ def curves(records: Sequence[dict], path: str | Path, title: str) -> Path:
 
 
 def health_curves(records: Sequence[dict], path: str | Path, title: str) -> Path:
-    """The representation's health per evaluation (`evaluate.health`: effective ranks of h and z, the spread
+    """The representation's health per evaluation (`score.health`: effective ranks of h and z, the spread
     of z per dimension against a uniform spread's, alignment, uniformity) and the data-wait share per logged
     window, against the step; a red line at each collapse warning."""
     fig = _figure(13, 7)

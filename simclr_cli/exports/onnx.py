@@ -18,7 +18,7 @@ import torch
 
 from simclr_cli.artifacts import Checkpoint, ClassifierFile, EncoderFile, ExportFormat, OnnxExport
 from simclr_cli.errors import CheckpointError, MissingExtraError
-from simclr_cli.evaluate import portable
+from simclr_cli.exports import portable
 from simclr_cli.files import atomic_path
 from simclr_cli.models.encoder_file import LoadedEncoder
 from simclr_cli.models.features import preprocess

@@ -24,8 +24,8 @@ import torch.nn.functional as F
 
 from simclr_cli.data.images import IMAGE_EXTENSIONS, iter_decoded, list_images
 from simclr_cli.errors import CheckpointError, DatasetError, OutputError
-from simclr_cli.evaluate.inference import Inference
-from simclr_cli.evaluate.vectors import WRITERS, format_for
+from simclr_cli.serve.inference import Inference
+from simclr_cli.serve.vectors import WRITERS, format_for
 from simclr_cli.files import atomic_file, check_output_path
 from simclr_cli.models.encoder_file import LoadedEncoder
 from simclr_cli.runtime import Callback

@@ -22,7 +22,7 @@ from pathlib import Path
 from simclr_cli.artifacts import (Artifact, Checkpoint, ClassifierFile, EncoderFile, ExportFormat, StateDict,
                                   of_content)
 from simclr_cli.errors import CheckpointError
-from simclr_cli.evaluate.export_onnx import OPSET
+from simclr_cli.exports.onnx import OPSET
 from simclr_cli.files import atomic_save, check_output_path, safe_load
 from simclr_cli.models import family_of
 from simclr_cli.models.classifier import as_encoder, load_classifier

@@ -20,11 +20,11 @@ from simclr_cli import __version__
 from simclr_cli.config import DataConfig
 from simclr_cli.data import SOURCES, DataOptions, ImageSet, Source, default_data_root, load_dataset, split_validation
 from simclr_cli.errors import DatasetError, OptionError
-from simclr_cli.evaluate.evaluation import Features, evaluations
-from simclr_cli.evaluate.export_onnx import OnnxEncoder
-from simclr_cli.evaluate.inference import Inference
-from simclr_cli.evaluate.knn import KNN_K, KNN_TEMPERATURE
-from simclr_cli.evaluate.labels import label_subset, parse_labels
+from simclr_cli.score.evaluation import Features, evaluations
+from simclr_cli.exports.onnx import OnnxEncoder
+from simclr_cli.serve.inference import Inference
+from simclr_cli.score.knn import KNN_K, KNN_TEMPERATURE
+from simclr_cli.score.labels import label_subset, parse_labels
 from simclr_cli.models import encoder_from_spec
 from simclr_cli.models.encoder_file import LoadedEncoder
 from simclr_cli.models.features import check_layer
@@ -139,7 +139,7 @@ def run_probe(encoder_path: str | Path, dataset: str = "cifar10", root: str | Pa
     """The probe protocol on one encoder file. random_init: probe an untrained encoder of the same
     architecture instead (seeded by the file's pretraining seed, else 0); baseline: probe both. seed: of a
     flat folder's split and the held-out 10% (None: the encoder's pretraining seed, see `split_seed`). labels:
-    fit on a class-balanced subset of the training labels ("1%", "10%", a count per class; `evaluate.labels`,
+    fit on a class-balanced subset of the training labels ("1%", "10%", a count per class; `score.labels`,
     chosen from `labels_seed`, the subset `simclr finetune --labels` takes with the same seed)."""
     spec = parse_labels(labels)
     emit = callback or (lambda event, data: None)

@@ -20,7 +20,7 @@ import torch
 from simclr_cli.artifacts import (Checkpoint, ClassifierFile, EncoderFile, ExportFormat, SafetensorsExport,
                                   TorchScriptExport)
 from simclr_cli.errors import CheckpointError
-from simclr_cli.evaluate import portable
+from simclr_cli.exports import portable
 from simclr_cli.files import atomic_path
 from simclr_cli.models import LibraryEncoder
 from simclr_cli.models.encoder_file import LoadedEncoder, load_encoder
