@@ -26,8 +26,8 @@ import torch
 from PIL import Image
 
 from simclr_cli.config import load_config
-from simclr_cli.evaluate.embed import embed_images
-from simclr_cli.evaluate.export import extract_encoder
+from simclr_cli.serve.embed import embed_images
+from simclr_cli.exports.extract import extract_encoder
 from simclr_cli.train import pretrain
 
 FORMATS = {"onnx": "encoder.onnx", "torchscript": "encoder.pt", "safetensors": "encoder.safetensors"}

@@ -6,7 +6,7 @@ the label subset of the rest), then scores the test split once with it:
   fine-tuned     the pretrained encoder fine-tuned with the paper's protocol; the learning rate from the grid
   random init    the same network untrained, the same protocol; the learning rate from the same grid, its own
   linear probe   logistic regression on the pretrained encoder's frozen features; no learning rate (full-batch
-                 L-BFGS), its setting is the L2 strength, from the probe's grid (evaluate.linear.WEIGHT_DECAYS),
+                 L-BFGS), its setting is the L2 strength, from the probe's grid (score.linear.WEIGHT_DECAYS),
                  chosen here on the same validation split as the others rather than on a tenth of the subset
 The best validation top-1 wins; ties go to the smaller rate or the stronger L2. Every validation figure and
 the chosen setting are printed per row; OUT/report.json holds them with the test figures. An interrupted
@@ -27,9 +27,9 @@ from pathlib import Path
 
 import torch
 
-from simclr_cli.evaluate.finetune import FinetuneOptions, FinetuneRun, partial_path
-from simclr_cli.evaluate.finetune_loop import scaled_lr
-from simclr_cli.evaluate.linear import WEIGHT_DECAYS
+from simclr_cli.score.finetune import FinetuneOptions, FinetuneRun, partial_path
+from simclr_cli.score.finetune_loop import scaled_lr
+from simclr_cli.score.linear import WEIGHT_DECAYS
 
 LR_SCALES = (0.5, 1.0, 2.0)  # the default grid: these times the paper's 0.05 x batch / 256
 ROWS = {"pretrained": "fine-tuned", "random_init": "random init", "linear_probe": "linear probe"}

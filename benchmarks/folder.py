@@ -167,8 +167,8 @@ print(json.dumps({"images": len(trainer.data), "setup_s": setup, **peak}))
 FINETUNE_PROBE = PEAK_SAMPLER + """
 import json, sys, tempfile
 from pathlib import Path
-from simclr_cli.evaluate import finetune_loop
-from simclr_cli.evaluate.finetune import FinetuneOptions, FinetuneRun
+from simclr_cli.score import finetune_loop
+from simclr_cli.score.finetune import FinetuneOptions, FinetuneRun
 args = json.loads(sys.argv[1])
 class Enough(Exception):
     pass

@@ -302,7 +302,7 @@ def pretrain_stage(args) -> str:
 
 def probe_stage(args) -> str:
     """The probe child: `simclr probe`'s protocol on the test split for the pretrain child's encoder."""
-    from simclr_cli.evaluate.probe import run_probe
+    from simclr_cli.score.probe import run_probe
 
     report = run_probe(args.work / "cifar10" / "encoder.pth", "cifar10", args.data_root, device=args.device,
                        precision="fp32" if args.tiny else "auto")

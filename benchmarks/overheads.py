@@ -5,7 +5,7 @@
   sees); metrics.jsonl's append beside them, and the time to open and to close each;
 - stop: the per-step stop check, `StopFlag.check` in one process, `RankAgreedStop.check` (one integer
   all-reduced over gloo) on 2 ranks on this machine;
-- health: `evaluate/health.py`'s figures of untrained networks, one per recipe in examples/ (each
+- health: `score/health.py`'s figures of untrained networks, one per recipe in examples/ (each
   architecture and projector the project ships), as the kNN monitor measures them on held-out images,
   next to the collapse warning's absolute thresholds.
 
@@ -189,7 +189,7 @@ def untrained_health(recipe: str, seed: int, images: int, data_root: Path | None
     `seed`, on the `images` held-out images of the kNN monitor's validation split, measured as a run's
     first evaluation measures it (Monitor.health: eval mode, the run's precision, two views of 512)."""
     from simclr_cli.config import load_config
-    from simclr_cli.evaluate.health import collapse_warning
+    from simclr_cli.score.health import collapse_warning
     from simclr_cli.train import Trainer
     from simclr_cli.train.monitor import load_monitor
 
@@ -220,7 +220,7 @@ def span(values: list[float], fmt: str) -> str:
 
 def measure_health(recipes: list[str], seeds: int, images: int, data_root: Path | None, precision: str | None,
                    folder: Path) -> list[str]:
-    from simclr_cli.evaluate import health as H
+    from simclr_cli.score import health as H
 
     lines = [f"{'recipe':<14} {'network, method, precision':<42} {'rank_h':>18} {'rank_z':>16} {'z_std/unif':>12} "
              f"{'uniformity':>14} {'alignment':>12}  warns    time"]
@@ -243,7 +243,7 @@ def measure_health(recipes: list[str], seeds: int, images: int, data_root: Path 
                      f"{span([x['alignment'] for x in f], '.3f'):>12}  "
                      f"{sum(bool(r[1]) for r in runs)} of {seeds} {time.perf_counter() - t:6.0f} s")
         warned.update({recipe: r[1] for r in runs[::-1] if r[1]})  # the first seed's warning, if any
-    lines.append(f"collapse warning (absolute, evaluate/health.py): rank_h or rank_z under {H.MIN_RANK:g}, or "
+    lines.append(f"collapse warning (absolute, score/health.py): rank_h or rank_z under {H.MIN_RANK:g}, or "
                  f"z_std/unif under {H.STD_FLOOR:g}; against the run's first evaluation: rank_z under "
                  f"{H.RANK_DROP:g} x, z_std under {H.STD_DROP:g} x its value")
     lines += [f"{recipe} untrained: {warning}" for recipe, warning in warned.items()]

@@ -28,7 +28,7 @@ import time
 from pathlib import Path
 
 from simclr_cli.config import load_config
-from simclr_cli.evaluate.probe import run_probe
+from simclr_cli.score.probe import run_probe
 from simclr_cli.train import Trainer
 
 CALIBRATION_STEPS = 5

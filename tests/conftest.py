@@ -1,4 +1,5 @@
-"""Shared fixtures: tiny fake CIFAR batch files, and the real offline CIFAR-10 copy when one can be built."""
+"""Shared fixtures: tiny fake CIFAR batch files, and the real offline CIFAR-10 copy when one can be built; and
+the tiny pretraining run most tests start from (`tiny_overrides`, `tiny_set_args`, `tiny_config`)."""
 
 from __future__ import annotations
 
@@ -8,13 +9,60 @@ import pickle
 import subprocess
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pytest
 
+if TYPE_CHECKING:
+    from simclr_cli.config import Config
+
 REPO = Path(__file__).resolve().parents[1]
 MAKE_CIFAR10 = REPO.parent / "shared" / "data" / "make_cifar10.py"  # CI checks out ../shared beside the repo
 REAL_CIFAR10_CACHE = Path("/tmp/simclr-test-data")  # built once per machine (about 10-20 s), then reused
+
+
+# The tiny pretraining run: 48 synthetic images of 16x16 px, a width-8 ResNet, batches of 16 (3 steps an epoch),
+# fp32 pinned so that compared runs agree under any SIMCLR_PRECISION, on the CPU, 3 epochs, the loss read back
+# every 2 steps. Each test file states only how its runs differ from it.
+TINY_SETTINGS: dict[str, Any] = {
+    "data.dataset": "synthetic", "data.synthetic_size": 48, "data.image_size": 16, "model.width": 8,
+    "train.batch_size": 16, "train.precision": "fp32", "train.device": "cpu", "train.log_every": 2,
+    "train.epochs": 3,
+}
+
+
+def tiny_overrides(*extra: str, **changes: Any) -> list[str]:
+    """The tiny run as `section.key=value` texts (what --set takes), with `changes` applied, then `extra` texts.
+
+    A change names a shared setting by its last part (`epochs=1`) or any setting by its dotted key
+    (`**{"optim.warmup_epochs": 1}`, added after the shared ones); None drops a shared setting, so the config's
+    default applies. `extra` texts come last, so they win over both, as later --set texts do.
+    """
+    settings = dict(TINY_SETTINGS)
+    by_name = {key.rpartition(".")[2]: key for key in settings}
+    for name, value in changes.items():
+        if "." not in name and name not in by_name:
+            raise TypeError(f"tiny_overrides: '{name}' is no shared setting ({', '.join(by_name)}); "
+                            "name others by their dotted key")
+        key = by_name.get(name, name)
+        if value is None:
+            settings.pop(key, None)
+        else:
+            settings[key] = value
+    return [f"{key}={value}" for key, value in settings.items()] + list(extra)
+
+
+def tiny_set_args(*extra: str, **changes: Any) -> list[str]:
+    """`tiny_overrides(*extra, **changes)` as command-line arguments: ["--set", "data.dataset=synthetic", ...]."""
+    return [arg for text in tiny_overrides(*extra, **changes) for arg in ("--set", text)]
+
+
+def tiny_config(out: Path | str, *extra: str, **changes: Any) -> Config:
+    """The tiny run's Config writing to `out`: `tiny_overrides(**changes)`, train.output_dir, then `extra`."""
+    from simclr_cli.config import load_config
+
+    return load_config(None, tiny_overrides(f"train.output_dir={out}", *extra, **changes))
 
 
 def write_fake_cifar(root: Path, name: str, n_per_batch: int = 6, seed: int = 0,

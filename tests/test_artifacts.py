@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 import pytest
+from conftest import tiny_config
 import torch
 import torchvision
 from typer.testing import CliRunner
@@ -14,9 +15,8 @@ from typer.testing import CliRunner
 from simclr_cli.artifacts import (Checkpoint, ClassifierFile, EncoderFile, ExportFormat, Foreign, OnnxExport,
                                   SafetensorsExport, StateDict, TorchScriptExport, identify, open_artifact)
 from simclr_cli.cli import app
-from simclr_cli.config import load_config
 from simclr_cli.errors import CheckpointError
-from simclr_cli.evaluate.export import extract_encoder, library_state
+from simclr_cli.exports.extract import extract_encoder, library_state
 from simclr_cli.files import atomic_save, atomic_write_text
 from simclr_cli.models import family_of
 from simclr_cli.models.classifier import Classifier, classifier_payload
@@ -27,15 +27,13 @@ from simclr_cli.train import pretrain
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-TINY = ["data.dataset=synthetic", "data.synthetic_size=32", "data.image_size=32", "train.batch_size=16",
-        "train.epochs=1", "train.device=cpu", "train.eval_every=0", "data.val_size=8", "model.arch=resnet18",
-        "model.width=8"]
 
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("run")
-    pretrain(load_config(None, [*TINY, f"train.output_dir={out}"]))
+    pretrain(tiny_config(out, "train.eval_every=0", "data.val_size=8", synthetic_size=32, image_size=32, epochs=1,
+                         precision=None, log_every=None))
     return out
 
 

@@ -12,13 +12,14 @@ import numpy as np
 import pytest
 import torch
 import torchvision
+from conftest import tiny_config, tiny_overrides
 from PIL import Image
 
 from simclr_cli.config import load_config
 from simclr_cli.errors import CheckpointError, ConfigError, MissingExtraError
-from simclr_cli.evaluate.embed import embed_images
-from simclr_cli.evaluate.export import extract_encoder
-from simclr_cli.evaluate.probe import run_probe
+from simclr_cli.serve.embed import embed_images
+from simclr_cli.exports.extract import extract_encoder
+from simclr_cli.score.probe import run_probe
 from simclr_cli.models import build_encoder, check_encoder, library
 from simclr_cli.models.encoder_file import load_encoder
 from simclr_cli.train import Trainer, pretrain
@@ -30,8 +31,9 @@ timm = pytest.importorskip("timm")  # the test extra installs it
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-TINY = ["data.dataset=synthetic", "data.synthetic_size=32", "data.image_size=32", "train.batch_size=16",
-        "train.epochs=1", "train.log_every=1", "train.device=cpu", "train.eval_every=0", "data.val_size=8"]
+# on top of the shared tiny run (tests/conftest.py); None: the config's default
+RUN = {"synthetic_size": 32, "image_size": 32, "epochs": 1, "log_every": 1, "width": None, "precision": None,
+       "train.eval_every": 0, "data.val_size": 8}
 FAMILIES = {  # model.arch and model.kwargs of one small model per family the README names
     "mobile net": ("torchvision:mobilenet_v3_small", {}),
     "EfficientNet": ("torchvision:efficientnet_b0", {}),
@@ -41,9 +43,9 @@ FAMILIES = {  # model.arch and model.kwargs of one small model per family the RE
 }
 
 
-def tiny(out: Path, arch: str, kwargs: dict, *extra: str):
-    return load_config(None, [*TINY, f"model.arch={arch}", f"model.kwargs={json.dumps(kwargs)}",
-                              f"train.output_dir={out}", *extra])
+def backbone(out: Path, arch: str, kwargs: dict, *extra: str):
+    """The tiny run of this file with model.arch `arch` built with `kwargs`."""
+    return tiny_config(out, f"model.arch={arch}", f"model.kwargs={json.dumps(kwargs)}", *extra, **RUN)
 
 
 def library_model(arch: str, kwargs: dict, stem: str) -> torch.nn.Module:
@@ -63,7 +65,7 @@ def library_model(arch: str, kwargs: dict, stem: str) -> torch.nn.Module:
 @pytest.mark.parametrize("family", list(FAMILIES))
 def test_each_family_runs_the_whole_chain(tmp_path, family):
     arch, kwargs = FAMILIES[family]
-    summary = pretrain(tiny(tmp_path / "run", arch, kwargs))
+    summary = pretrain(backbone(tmp_path / "run", arch, kwargs))
     assert summary["steps"] == 2 and np.isfinite(summary["final_loss"]) and summary["knn_top1"] is not None
     fmt = arch.split(":")[0]
     info = extract_encoder(tmp_path / "run" / "checkpoint.pt", tmp_path / f"{fmt}.pth", fmt=fmt)
@@ -86,34 +88,34 @@ def test_each_family_runs_the_whole_chain(tmp_path, family):
 
 def test_a_library_model_resumes_exactly(tmp_path):
     arch, kwargs = FAMILIES["mobile net"]
-    straight = pretrain(tiny(tmp_path / "a", arch, kwargs, "train.epochs=2"))
-    pretrain(tiny(tmp_path / "b", arch, kwargs))
-    resumed = pretrain(tiny(tmp_path / "b", arch, kwargs, "train.epochs=2"), resume=True)
+    straight = pretrain(backbone(tmp_path / "a", arch, kwargs, "train.epochs=2"))
+    pretrain(backbone(tmp_path / "b", arch, kwargs))
+    resumed = pretrain(backbone(tmp_path / "b", arch, kwargs, "train.epochs=2"), resume=True)
     assert resumed["final_loss"] == straight["final_loss"]
     a, b = (load_checkpoint(tmp_path / run / "checkpoint.pt")["model"] for run in ("a", "b"))
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
 def test_small_images_get_the_family_stem_and_the_panel_says_what_the_network_sees(tmp_path):
-    cifar = build_encoder(tiny(tmp_path, "torchvision:mobilenet_v3_small", {}).model, 32)
+    cifar = build_encoder(backbone(tmp_path, "torchvision:mobilenet_v3_small", {}).model, 32)
     assert cifar.net.features[0][0].stride == (1, 1) and "2x2 at 32 px" in cifar.notes[-1]
-    full = build_encoder(tiny(tmp_path, "torchvision:mobilenet_v3_small", {}, "model.stem=imagenet").model, 32)
+    full = build_encoder(backbone(tmp_path, "torchvision:mobilenet_v3_small", {}, "model.stem=imagenet").model, 32)
     assert "1x1 at 32 px: the network sees one pixel" in full.notes[-1]
-    resnet = build_encoder(tiny(tmp_path, "torchvision:resnet18", {}).model, 32)
+    resnet = build_encoder(backbone(tmp_path, "torchvision:resnet18", {}).model, 32)
     assert resnet.net.conv1.kernel_size == (3, 3) and isinstance(resnet.net.maxpool, torch.nn.Identity)
-    trainer = Trainer(tiny(tmp_path / "run", "torchvision:mobilenet_v3_small", {}, "model.stem=imagenet"))
+    trainer = Trainer(backbone(tmp_path / "run", "torchvision:mobilenet_v3_small", {}, "model.stem=imagenet"))
     assert "sees one pixel" in start_panel(trainer)["model"]
 
 
 def test_a_vit_trains_contiguous_and_a_fixed_image_size_refuses_other_views(tmp_path):
-    vit = Trainer(tiny(tmp_path / "vit", *FAMILIES["timm ViT"]))
+    vit = Trainer(backbone(tmp_path / "vit", *FAMILIES["timm ViT"]))
     assert not vit.model.encoder.convolutional and vit.augment.memory_format == torch.contiguous_format
-    conv = Trainer(tiny(tmp_path / "conv", *FAMILIES["mobile net"]))
+    conv = Trainer(backbone(tmp_path / "conv", *FAMILIES["mobile net"]))
     assert conv.augment.memory_format == torch.channels_last
     with pytest.raises(ConfigError, match="does not take 24-pixel images, which augment asks for"):
-        Trainer(tiny(tmp_path / "fixed", *FAMILIES["torchvision ViT"], "augment.view_size=24"))
+        Trainer(backbone(tmp_path / "fixed", *FAMILIES["torchvision ViT"], "augment.view_size=24"))
     dynamic = FAMILIES["timm ViT"][0], {**FAMILIES["timm ViT"][1], "dynamic_img_size": True}
-    Trainer(tiny(tmp_path / "dynamic", *dynamic, "augment.view_size_start=16"))  # timm's ViT takes any size
+    Trainer(backbone(tmp_path / "dynamic", *dynamic, "augment.view_size_start=16"))  # timm's ViT takes any size
 
 
 def test_no_decay_on_norms_biases_class_tokens_and_position_embeddings():
@@ -130,7 +132,7 @@ def test_warm_start_from_a_library_state_dict_made_here(tmp_path):
     torch.manual_seed(7)
     source = torchvision.models.mobilenet_v3_small()  # with its classifier, as torchvision saves it
     torch.save(source.state_dict(), tmp_path / "mobilenet.pth")
-    cfg = tiny(tmp_path / "run", "torchvision:mobilenet_v3_small", {}, f"model.init={tmp_path / 'mobilenet.pth'}")
+    cfg = backbone(tmp_path / "run", "torchvision:mobilenet_v3_small", {}, f"model.init={tmp_path / 'mobilenet.pth'}")
     trainer = Trainer(cfg)
     ours = trainer.model.encoder.net.state_dict()
     assert all(torch.equal(ours[k], v) for k, v in source.state_dict().items() if k in ours)
@@ -141,14 +143,15 @@ def test_warm_start_from_a_library_state_dict_made_here(tmp_path):
 
 def test_warm_start_from_another_architecture_is_one_line_and_writes_nothing(tmp_path):
     torch.save(torchvision.models.resnet18().state_dict(), tmp_path / "resnet18.pth")
-    cfg = tiny(tmp_path / "run", "torchvision:mobilenet_v3_small", {}, f"model.init={tmp_path / 'resnet18.pth'}")
+    cfg = backbone(tmp_path / "run", "torchvision:mobilenet_v3_small", {}, f"model.init={tmp_path / 'resnet18.pth'}")
     with pytest.raises(CheckpointError, match=r"does not fit torchvision:mobilenet_v3_small .*missing .*unexpected"):
         pretrain(cfg)
     assert not (tmp_path / "run").exists()
-    built_in = load_config(None, [*TINY, f"model.init={tmp_path / 'resnet18.pth'}", "model.stem=imagenet"])
+    built_in = load_config(None, tiny_overrides(f"model.init={tmp_path / 'resnet18.pth'}", "model.stem=imagenet",
+                                                **RUN))
     encoder = build_encoder(built_in.model, 32)  # torchvision's ResNet-18 into the built-in one, width 64
     assert torch.equal(encoder.conv1.weight, torch.load(tmp_path / "resnet18.pth", weights_only=True)["conv1.weight"])
-    cifar = load_config(None, [*TINY, f"model.init={tmp_path / 'resnet18.pth'}"])
+    cifar = load_config(None, tiny_overrides(f"model.init={tmp_path / 'resnet18.pth'}", **RUN))
     with pytest.raises(CheckpointError, match=r"another shape: conv1.weight \(64, 3, 7, 7\) \(expected \(64, 3, 3, 3\)\)"):
         build_encoder(cifar.model, 32)
 
@@ -158,7 +161,7 @@ def test_pretrained_weights_offline_is_one_line(monkeypatch, tmp_path):
         raise urllib.error.URLError("[Errno -3] Temporary failure in name resolution")
     monkeypatch.setattr(torch.hub, "load_state_dict_from_url", offline)
     for arch in ("torchvision:mobilenet_v3_small", "resnet18"):
-        cfg = tiny(tmp_path, arch, {}, "model.init=pretrained", "model.stem=imagenet")
+        cfg = backbone(tmp_path, arch, {}, "model.init=pretrained", "model.stem=imagenet")
         with pytest.raises(ConfigError, match="could not fetch .*pretrained weights .*URLError.*give model.init a "
                                               "weights file instead"):
             build_encoder(cfg.model, 32)
@@ -175,7 +178,7 @@ def test_pretrained_weights_offline_is_one_line(monkeypatch, tmp_path):
 ])
 def test_bad_models_are_one_line_each(tmp_path, arch, kwargs, message):
     with pytest.raises(ConfigError, match=message):
-        Trainer(tiny(tmp_path / "run", arch, kwargs))
+        Trainer(backbone(tmp_path / "run", arch, kwargs))
     assert not (tmp_path / "run").exists()
 
 
@@ -190,12 +193,12 @@ def test_timm_without_timm_names_the_extra(monkeypatch):
 
 @pytest.mark.parametrize("method", ["moco", "byol"])
 def test_the_momentum_methods_train_a_library_model(tmp_path, method):
-    summary = pretrain(tiny(tmp_path, *FAMILIES["mobile net"], f"method.name={method}"))
+    summary = pretrain(backbone(tmp_path, *FAMILIES["mobile net"], f"method.name={method}"))
     assert np.isfinite(summary["final_loss"]) and load_encoder(tmp_path / "encoder.pth").encoder.feature_dim == 1024
 
 
 def test_a_vit_that_takes_any_size_trains_on_progressive_and_small_views(tmp_path):
     arch, kwargs = FAMILIES["timm ViT"]
-    cfg = tiny(tmp_path, arch, {**kwargs, "dynamic_img_size": True}, "augment.view_size_start=16",
-               "augment.view_size=24", "augment.small_crops=1", "augment.small_crop_size=16")
+    cfg = backbone(tmp_path, arch, {**kwargs, "dynamic_img_size": True}, "augment.view_size_start=16",
+                   "augment.view_size=24", "augment.small_crops=1", "augment.small_crop_size=16")
     assert np.isfinite(pretrain(cfg)["final_loss"])

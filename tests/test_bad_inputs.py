@@ -19,14 +19,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import tiny_set_args
 from PIL import Image
 from typer.testing import CliRunner
 
 from simclr_cli.cli import app
 
-TINY = ["data.dataset=synthetic", "data.synthetic_size=48", "data.image_size=16", "model.width=8",
-        "train.batch_size=16", "train.precision=fp32", "train.device=cpu", "train.epochs=1"]
-SETS = [arg for kv in TINY for arg in ("--set", kv)]
+SETS = tiny_set_args(epochs=1, log_every=None)  # the shared tiny run (tests/conftest.py), one epoch
 
 CONFIGS = {  # written as NAME.yaml in each test's working folder
     "random": None,  # random bytes, not UTF-8

@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import tiny_config
 from PIL import Image
 
 from simclr_cli.config import DataConfig, load_config
@@ -283,8 +284,9 @@ print(before, anon_mb(), total)
     assert after - before < 60, (before, after)
 
 
-TINY = ["data.dataset=folder", "data.image_size=24", "model.width=8", "train.batch_size=4", "train.epochs=2",
-        "train.device=cpu", "train.precision=fp32", "train.log_every=1", "data.num_workers=0", "train.eval_every=1"]
+# the shared tiny run (tests/conftest.py) on an image folder
+RUN = {"dataset": "folder", "synthetic_size": None, "image_size": 24, "batch_size": 4, "epochs": 2, "log_every": 1,
+       "data.num_workers": 0, "train.eval_every": 1}
 
 
 def test_training_from_the_map_equals_training_in_memory(tmp_path):
@@ -293,8 +295,8 @@ def test_training_from_the_map_equals_training_in_memory(tmp_path):
     torch.set_num_threads(1)
     for cached in (True, False):
         out = tmp_path / f"run-{cached}"
-        cfg = load_config(None, [*TINY, f"data.root={tmp_path / 'images'}", f"data.cache={str(cached).lower()}",
-                                 f"data.cache_dir={tmp_path / 'cache'}", f"train.output_dir={out}"])
+        cfg = tiny_config(out, f"data.root={tmp_path / 'images'}", f"data.cache={str(cached).lower()}",
+                          f"data.cache_dir={tmp_path / 'cache'}", **RUN)
         assert Trainer(cfg).data.mapped is cached
         pretrain(cfg)
         lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]

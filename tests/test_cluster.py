@@ -15,12 +15,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import tiny_config, tiny_overrides, tiny_set_args
 from ranks import run_ranks  # tests/ranks.py
 from typer.testing import CliRunner
 
 from simclr_cli import runtime
 from simclr_cli.cli import app
-from simclr_cli.config import ModelConfig, load_config
+from simclr_cli.config import ModelConfig
 from simclr_cli.data import make_synthetic
 from simclr_cli.data.batches import BatchStream
 from simclr_cli.errors import CheckpointError, LoggerError, RuntimeSetupError
@@ -35,13 +36,7 @@ from simclr_cli.train.state import load_checkpoint
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-TINY = ["data.dataset=synthetic", "data.synthetic_size=48", "data.image_size=16", "model.width=8",
-        "train.batch_size=16", "train.precision=fp32", "train.device=cpu", "train.log_every=2", "train.epochs=3"]
 CUDA = torch.device("cuda", 0)  # a device object is all resolve_precision looks at; no GPU is touched
-
-
-def tiny(out: Path, *extra: str):
-    return load_config(None, [*TINY, f"train.output_dir={out}", *extra])
 
 
 # --- precision and CUDA library settings ---------------------------------------------------------------------
@@ -99,7 +94,7 @@ def _as_rank(rank: int) -> None:
 
 def _stop_rank(rank: int, out: str) -> None:
     _as_rank(rank)
-    trainer = Trainer(tiny(Path(out), "data.synthetic_size=320", "train.log_every=1000", "train.epochs=50"))
+    trainer = Trainer(tiny_config(Path(out), "data.synthetic_size=320", "train.log_every=1000", "train.epochs=50"))
     flag, step = StopFlag(), trainer.train_step
 
     def train_step(x):
@@ -159,7 +154,7 @@ def test_a_stop_during_the_monitor_is_taken_between_batches_and_saved(tmp_path, 
         return extract(*args, **kwargs)
     monkeypatch.setattr(evaluate, "extract_features", signalled)
     with pytest.raises(StopRequested) as stop:
-        pretrain(tiny(tmp_path, "train.eval_every=1", "train.checkpoint_every=2"))
+        pretrain(tiny_config(tmp_path, "train.eval_every=1", "train.checkpoint_every=2"))
     assert (stop.value.signal_name, stop.value.step, stop.value.saved) == ("SIGTERM", 3, True)
     assert load_checkpoint(tmp_path / "checkpoint.pt")["step"] == 3
     kinds = [json.loads(line)["kind"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
@@ -180,16 +175,16 @@ def test_a_signal_during_set_up_ends_it_at_once(tmp_path, monkeypatch):
     _slow_load_after_a_signal(monkeypatch)
     t0 = time.monotonic()
     with pytest.raises(StopRequested) as stop:
-        pretrain(tiny(tmp_path))
+        pretrain(tiny_config(tmp_path))
     assert time.monotonic() - t0 < 10  # not after the 20 s load: torchrun would have sent SIGKILL by then
     assert (stop.value.checkpoint, stop.value.saved) == (None, False)
 
 
 def test_a_signal_while_a_resume_is_set_up_names_the_checkpoint_kept(tmp_path, monkeypatch):
-    pretrain(tiny(tmp_path, "train.epochs=1"))
+    pretrain(tiny_config(tmp_path, "train.epochs=1"))
     _slow_load_after_a_signal(monkeypatch)
     with pytest.raises(StopRequested) as stop:
-        pretrain(tiny(tmp_path, "train.epochs=2"), resume=True)
+        pretrain(tiny_config(tmp_path, "train.epochs=2"), resume=True)
     assert (stop.value.checkpoint, stop.value.step, stop.value.saved) == (str(tmp_path / "checkpoint.pt"), 3, False)
 
 
@@ -200,7 +195,7 @@ def test_a_signal_while_a_resume_is_set_up_names_the_checkpoint_kept(tmp_path, m
 def test_sync_bn_converts_every_network_the_method_runs(tmp_path, monkeypatch, method):
     """torch's SyncBatchNorm runs on GPUs only (DDP refuses it on the CPU), so the wrapping is watched with
     DDP stood in for: the target network of moco and byol must normalise over every rank's views too."""
-    trainer = Trainer(tiny(tmp_path, f"method.name={method}", "model.sync_bn=true"))
+    trainer = Trainer(tiny_config(tmp_path, f"method.name={method}", "model.sync_bn=true"))
     monkeypatch.setattr(train, "wrap_ddp", lambda net, device: net)
     trainer.ranks = DistInfo(0, 2)
     trainer.net = train.wrap_for_step(trainer.method, trainer.cfg, trainer.ranks, trainer.device)
@@ -213,7 +208,7 @@ def test_sync_bn_converts_every_network_the_method_runs(tmp_path, monkeypatch, m
 
 
 def test_auto_resume_starts_then_continues(tmp_path):
-    args = ["pretrain", "--auto-resume", "-o", str(tmp_path), *[a for kv in TINY for a in ("--set", kv)]]
+    args = ["pretrain", "--auto-resume", "-o", str(tmp_path), *tiny_set_args()]
     first = CliRunner().invoke(app, [*args, "--set", "train.epochs=1"])
     assert first.exit_code == 0, first.output
     again = CliRunner().invoke(app, [*args, "--set", "train.epochs=2"])  # what a restarted job runs
@@ -246,7 +241,7 @@ def _auto_resume_rank(rank: int, out: str) -> None:
 
     _as_rank(rank)
     run, older = Path(out, "run"), Path(out, "older.pt")
-    settings = [*TINY, "train.epochs=3"]
+    settings = tiny_overrides("train.epochs=3")
     seen = {}
     for case, unseen_by in (("unseen", 1), ("unseen by rank 0", 0)):
         undo = _hide(run / "checkpoint.pt") if rank == unseen_by else (lambda: None)
@@ -276,9 +271,9 @@ def test_auto_resume_is_rank_0s_decision_and_every_rank_checks_the_step(tmp_path
     reads an older copy would resume from another step. Rank 0 decides (its config, resume or not, the step),
     every rank reads the checkpoint and checks the step, and all refuse with the same line."""
     run = tmp_path / "run"
-    pretrain(tiny(run, "train.epochs=1"))  # step 3: the older checkpoint.pt
+    pretrain(tiny_config(run, "train.epochs=1"))  # step 3: the older checkpoint.pt
     (tmp_path / "older.pt").write_bytes((run / "checkpoint.pt").read_bytes())
-    pretrain(tiny(run, "train.epochs=2"), resume=True)  # step 6
+    pretrain(tiny_config(run, "train.epochs=2"), resume=True)  # step 6
     run_ranks(_auto_resume_rank, (str(tmp_path),))
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
     assert [r["unseen"][0] for r in ranks] == [True, False]  # rank 1 alone would have started a new run
@@ -310,7 +305,7 @@ def _logger_cannot_start_rank(rank: int, out: str) -> None:
             raise PermissionError(13, "Permission denied", str(Path(out, "tensorboard")))
         trackers.TensorBoard.__init__ = denied
     try:
-        pretrain(tiny(Path(out), "train.loggers=[tensorboard]"))
+        pretrain(tiny_config(Path(out), "train.loggers=[tensorboard]"))
     except LoggerError as err:
         Path(out, f"rank{rank}.txt").write_text(str(err))
 
@@ -337,7 +332,7 @@ def _slow_close_rank(rank: int, out: str) -> None:
             close(self, status)
             Path(out, "closed").write_text(repr(time.time()))
         trackers.TensorBoard.close = slow_close
-    pretrain(tiny(Path(out, "run"), "train.loggers=[tensorboard]", "train.epochs=1", "train.dist_timeout_min=1"))
+    pretrain(tiny_config(Path(out, "run"), "train.loggers=[tensorboard]", "train.epochs=1", "train.dist_timeout_min=1"))
     Path(out, f"rank{rank}.returned").write_text(repr(time.time()))
 
 

@@ -6,11 +6,11 @@ tests (nccl, SyncBatchNorm in every network, the sharded kNN monitor) skip on a 
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from conftest import tiny_config, tiny_overrides
 from PIL import Image
 
 from simclr_cli.config import load_config
@@ -20,19 +20,16 @@ from simclr_cli.train.loop import start_panel
 
 pytestmark = [pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 
-TINY = ["data.dataset=synthetic", "data.synthetic_size=512", "data.image_size=32", "model.width=16",
-        "train.batch_size=128", "train.device=cuda", "train.epochs=1", "train.log_every=2"]
-
-
-def tiny(out: Path, *extra: str):
-    return load_config(None, [*TINY, f"train.output_dir={out}", *extra])
+# on top of the shared tiny run (tests/conftest.py); None: the config's default
+RUN = {"synthetic_size": 512, "image_size": 32, "width": 16, "batch_size": 128, "precision": None, "device": "cuda",
+       "epochs": 1}
 
 
 @pytest.mark.parametrize("method", ["simclr", "moco", "byol"])
 def test_a_training_step_never_waits_on_the_host(tmp_path, method):
     """Between loss read-backs the step (batch cut, views, forward, loss, backward, optimiser, EMA) must
     queue work without a host-device sync: sync debug mode "error" raises on any."""
-    trainer = Trainer(tiny(tmp_path, f"method.name={method}", "optim.name=lars", "train.precision=bf16"))
+    trainer = Trainer(tiny_config(tmp_path, f"method.name={method}", "optim.name=lars", "train.precision=bf16", **RUN))
     order = epoch_order(len(trainer.data), 0, 0, trainer.device)
     trainer.train_step(trainer.batches.get(order, 0))  # first call: allocations, cuDNN choices
     torch.cuda.synchronize()
@@ -61,15 +58,15 @@ def test_a_mapped_folder_moves_pinned_batches(tmp_path):
 
 
 def test_fp16_trains_with_its_scaler_and_resumes(tmp_path):
-    summary = pretrain(tiny(tmp_path, "train.precision=fp16"))
+    summary = pretrain(tiny_config(tmp_path, "train.precision=fp16", **RUN))
     assert summary["final_loss"] is not None and np.isfinite(summary["final_loss"])
     from simclr_cli.train.state import load_checkpoint
     assert load_checkpoint(tmp_path / "checkpoint.pt")["scaler"]  # the GradScaler's state travels
-    pretrain(tiny(tmp_path, "train.precision=fp16", "train.epochs=2"), resume=True)
+    pretrain(tiny_config(tmp_path, "train.precision=fp16", "train.epochs=2", **RUN), resume=True)
 
 
 def test_compile_trains(tmp_path):
-    summary = pretrain(tiny(tmp_path, "train.compile=true", "train.precision=bf16"))
+    summary = pretrain(tiny_config(tmp_path, "train.compile=true", "train.precision=bf16", **RUN))
     assert np.isfinite(summary["final_loss"])
 
 
@@ -83,7 +80,7 @@ def test_auto_precision_on_this_gpu_is_native():
 
 @pytest.mark.parametrize("precision, tf32", [("fp32", True), ("bf16", False)])
 def test_the_start_panel_shows_cudnn_benchmark_and_tf32(tmp_path, precision, tf32):
-    trainer = Trainer(tiny(tmp_path, f"train.precision={precision}"))
+    trainer = Trainer(tiny_config(tmp_path, f"train.precision={precision}", **RUN))
     assert torch.backends.cudnn.benchmark and torch.backends.cuda.matmul.allow_tf32 == tf32
     assert start_panel(trainer)["cuda"] == f"cudnn.benchmark on, TF32 {'on' if tf32 else 'off'} for fp32 matmuls and convolutions"
 
@@ -91,7 +88,7 @@ def test_the_start_panel_shows_cudnn_benchmark_and_tf32(tmp_path, precision, tf3
 def test_fp16_sgd_is_unfused_and_its_first_steps_stay_finite(tmp_path):
     """fp16's loss scale starts at 65536 and overflows on the first steps; fused SGD would leave garbage in
     the momentum on those skipped steps. Unfused, the weights and the momentum stay finite."""
-    trainer = Trainer(tiny(tmp_path, "train.precision=fp16", "optim.name=sgd"))
+    trainer = Trainer(tiny_config(tmp_path, "train.precision=fp16", "optim.name=sgd", **RUN))
     assert not trainer.optimizer.defaults.get("fused")
     order = epoch_order(len(trainer.data), 0, 0, trainer.device)
     for i in range(4):
@@ -99,7 +96,7 @@ def test_fp16_sgd_is_unfused_and_its_first_steps_stay_finite(tmp_path):
     buffers = [s["momentum_buffer"] for s in trainer.optimizer.state.values() if "momentum_buffer" in s]
     assert all(torch.isfinite(b).all() for b in buffers)
     assert all(torch.isfinite(p).all() for p in trainer.model.parameters())
-    bf16 = Trainer(tiny(tmp_path / "bf16", "train.precision=bf16", "optim.name=sgd"))
+    bf16 = Trainer(tiny_config(tmp_path / "bf16", "train.precision=bf16", "optim.name=sgd", **RUN))
     assert bf16.optimizer.defaults.get("fused")  # no scaler: the fused kernels are safe
 
 
@@ -131,7 +128,8 @@ def test_two_gpus_with_sync_bn_and_the_sharded_monitor(tmp_path, method):
     import sys
 
     out = tmp_path / "run"
-    sets = [*TINY[:-3], "train.epochs=2", "train.eval_every=1", "model.sync_bn=true", f"method.name={method}"]
+    sets = tiny_overrides("train.eval_every=1", "model.sync_bn=true", f"method.name={method}",
+                          **{**RUN, "device": None, "log_every": None, "epochs": 2})  # the device: --device
     done = subprocess.run([sys.executable, "-m", "simclr_cli", "pretrain", "--nproc", "2", "--device", "cuda",
                            "-o", str(out), *[a for kv in sets for a in ("--set", kv)]],
                           capture_output=True, text=True, timeout=600)

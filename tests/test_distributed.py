@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import tiny_overrides
 from ranks import run_ranks  # tests/ranks.py
 from torch.nn.parallel import DistributedDataParallel
 from typer.testing import CliRunner
@@ -123,8 +124,8 @@ def test_two_ranks_give_the_loss_and_gradients_of_one_process(tmp_path: Path) ->
 
 # --- simclr pretrain --nproc ---------------------------------------------------------------------------------
 
-SETTINGS = ["data.dataset=synthetic", "data.synthetic_size=128", "model.width=8", "train.batch_size=32",
-            "train.log_every=2"]
+# the shared tiny run (tests/conftest.py) with 128 images, batch 32; None: the config's default
+SETTINGS = tiny_overrides(synthetic_size=128, batch_size=32, image_size=None, precision=None, device=None, epochs=None)
 TINY = ["--device", "cpu"] + [arg for kv in SETTINGS for arg in ("--set", kv)]
 
 

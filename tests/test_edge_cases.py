@@ -15,16 +15,17 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import tiny_config, tiny_set_args
 from PIL import Image
 from typer.testing import CliRunner
 
 from simclr_cli.cli import app
-from simclr_cli.config import DataConfig, config_from_dict, load_config
+from simclr_cli.config import DataConfig, config_from_dict
 from simclr_cli.data import NORMALIZATION, load_dataset
 from simclr_cli.data.images import decode_image
 from simclr_cli.errors import CheckpointError, ImageDecodeError
-from simclr_cli.evaluate.embed import embed_images
-from simclr_cli.evaluate.probe import run_probe
+from simclr_cli.serve.embed import embed_images
+from simclr_cli.score.probe import run_probe
 from simclr_cli.files import atomic_save, safe_load
 from simclr_cli.models import ResNetEncoder
 from simclr_cli.models.encoder_file import encoder_payload, load_encoder
@@ -35,8 +36,6 @@ from simclr_cli.train.state import load_checkpoint
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 CPU = torch.device("cpu")
-TINY = ["data.dataset=synthetic", "data.synthetic_size=48", "data.image_size=16", "model.width=8",
-        "train.batch_size=16", "train.precision=fp32", "train.device=cpu", "train.log_every=2", "train.epochs=2"]
 
 
 def encoder_file(path: Path, seed: int | None = 0, image_size: int = 16) -> Path:
@@ -158,7 +157,7 @@ def test_centre_crop_keeps_the_centre_and_is_exact_at_the_target_size(tmp_path):
 # --- c: evaluation leaves the live model as it found it -------------------------------------------------
 
 def test_monitor_leaves_the_model_in_its_memory_format_and_mode(tmp_path):
-    cfg = load_config(None, [*TINY, f"train.output_dir={tmp_path}", "train.channels_last=false"])
+    cfg = tiny_config(tmp_path, "train.channels_last=false", epochs=2)
     trainer = Trainer(cfg)
     conv = next(m.weight for m in trainer.model.modules() if isinstance(m, torch.nn.Conv2d))
     trainer.model.train()
@@ -170,9 +169,9 @@ def test_monitor_leaves_the_model_in_its_memory_format_and_mode(tmp_path):
 def test_resume_is_exact_without_channels_last(tmp_path):
     extra = ["train.channels_last=false", "train.eval_every=1"]
     straight, stopped = tmp_path / "straight", tmp_path / "stopped"
-    pretrain(load_config(None, [*TINY, f"train.output_dir={straight}", *extra]))
-    pretrain(load_config(None, [*TINY, f"train.output_dir={stopped}", *extra, "train.epochs=1"]))
-    pretrain(load_config(None, [*TINY, f"train.output_dir={stopped}", *extra]), resume=True)
+    pretrain(tiny_config(straight, *extra, epochs=2))
+    pretrain(tiny_config(stopped, *extra, epochs=1))
+    pretrain(tiny_config(stopped, *extra, epochs=2), resume=True)
     a, b = load_checkpoint(straight / "checkpoint.pt")["model"], load_checkpoint(stopped / "checkpoint.pt")["model"]
     assert all(torch.equal(a[k], b[k]) for k in a)
 
@@ -191,7 +190,7 @@ def test_non_pytorch_files_are_one_clear_error(tmp_path, content):
 @pytest.mark.parametrize("name", ["runs/exp #3", "42", "no"])
 def test_output_dir_flag_is_taken_as_typed(tmp_path, monkeypatch, name):
     monkeypatch.chdir(tmp_path)
-    r = CliRunner().invoke(app, ["pretrain", "--output-dir", name, *[a for kv in TINY for a in ("--set", kv)],
+    r = CliRunner().invoke(app, ["pretrain", "--output-dir", name, *tiny_set_args(epochs=2),
                                  "--set", "train.epochs=1"])
     assert r.exit_code == 0, r.output
     assert (tmp_path / name / "encoder.pth").is_file()
@@ -218,7 +217,7 @@ def test_cuda_index_beyond_the_visible_gpus_is_refused(monkeypatch):
 @pytest.mark.parametrize("recorded", [True, False])
 def test_resume_from_another_device_reseeds_the_augmentation(tmp_path, recorded):
     out = tmp_path / "run"
-    pretrain(load_config(None, [*TINY, f"train.output_dir={out}", "train.epochs=1"]))
+    pretrain(tiny_config(out, epochs=1))
     ckpt = load_checkpoint(out / "checkpoint.pt")
     ckpt["rng"]["augment"] = torch.zeros(16, dtype=torch.uint8)  # a CUDA (Philox) generator's state
     if recorded:
@@ -227,7 +226,7 @@ def test_resume_from_another_device_reseeds_the_augmentation(tmp_path, recorded)
         ckpt["rng"].pop("augment_device", None)
     atomic_save(ckpt, out / "checkpoint.pt")
     notices = []
-    summary = pretrain(load_config(None, [*TINY, f"train.output_dir={out}"]), resume=True,
+    summary = pretrain(tiny_config(out, epochs=2), resume=True,
                        callback=lambda event, d: notices.append(d["message"]) if event == "notice" else None)
     assert summary["epochs"] == 2 and any("augmentation stream is reseeded" in n for n in notices)
 
@@ -245,6 +244,6 @@ def test_cuda_rng_states_of_more_gpus_restore_on_fewer(monkeypatch):
 
 def test_pretraining_on_an_unlabelled_flat_folder_uses_every_image(tmp_path):
     grey_folder(tmp_path / "img", 20, classes=())
-    cfg = load_config(None, [*TINY, "data.dataset=folder", f"data.root={tmp_path / 'img'}", "data.num_workers=0",
-                             f"train.output_dir={tmp_path / 'run'}"])
+    cfg = tiny_config(tmp_path / "run", "data.dataset=folder", f"data.root={tmp_path / 'img'}", "data.num_workers=0",
+                      epochs=2)
     assert len(Trainer(cfg).data) == 20

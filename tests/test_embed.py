@@ -19,8 +19,8 @@ from simclr_cli.cli import app
 from simclr_cli.config import config_from_dict
 from simclr_cli.data import NORMALIZATION
 from simclr_cli.data.images import decode_image
-from simclr_cli.evaluate.embed import embed_images
-from simclr_cli.evaluate.vectors import HEADER_BYTES, NpyWriter, npy_header
+from simclr_cli.serve.embed import embed_images
+from simclr_cli.serve.vectors import HEADER_BYTES, NpyWriter, npy_header
 from simclr_cli.files import atomic_save
 from simclr_cli.models import ResNetEncoder
 from simclr_cli.models.encoder_file import encoder_payload, load_encoder

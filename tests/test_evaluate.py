@@ -11,9 +11,9 @@ import torch.nn.functional as F
 
 from simclr_cli.config import DataConfig, load_config
 from simclr_cli.errors import OptionError
-from simclr_cli.evaluate.knn import knn_accuracy, knn_classify
-from simclr_cli.evaluate.linear import holdout_split, linear_probe
-from simclr_cli.evaluate.probe import random_encoder, run_probe
+from simclr_cli.score.knn import knn_accuracy, knn_classify
+from simclr_cli.score.linear import holdout_split, linear_probe
+from simclr_cli.score.probe import random_encoder, run_probe
 from simclr_cli.files import atomic_save
 from simclr_cli.models import ProjectionHead, ResNetEncoder, build_model
 from simclr_cli.models.encoder_file import encoder_payload, load_encoder

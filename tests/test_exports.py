@@ -13,25 +13,27 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import tiny_config
 from PIL import Image
 from typer.testing import CliRunner
 
 from simclr_cli.cli import app
-from simclr_cli.config import load_config
 from simclr_cli.errors import CheckpointError, MissingExtraError, OptionError
-from simclr_cli.evaluate import export_onnx, portable
-from simclr_cli.evaluate.embed import embed_images
-from simclr_cli.evaluate.export import extract_encoder
-from simclr_cli.evaluate.export_portable import write_torchscript
-from simclr_cli.evaluate.probe import run_probe
+from simclr_cli.exports import onnx as export_onnx
+from simclr_cli.exports import portable
+from simclr_cli.serve.embed import embed_images
+from simclr_cli.exports.extract import extract_encoder
+from simclr_cli.exports.portable_files import write_torchscript
+from simclr_cli.score.probe import run_probe
 from simclr_cli.models.encoder_file import LoadedEncoder, load_encoder
 from simclr_cli.train import pretrain
 
 onnxruntime = pytest.importorskip("onnxruntime")  # the test extra installs onnx, onnxruntime, onnxscript
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-TINY = ["data.dataset=synthetic", "data.synthetic_size=32", "data.image_size=32", "train.batch_size=16",
-        "train.epochs=1", "train.device=cpu", "train.eval_every=0", "data.val_size=8"]
+# on top of the shared tiny run (tests/conftest.py); None: the config's default
+RUN = {"synthetic_size": 32, "image_size": 32, "epochs": 1, "width": None, "precision": None, "log_every": None,
+       "train.eval_every": 0, "data.val_size": 8}
 DYNAMO = "dynamo" in inspect.signature(torch.onnx.export).parameters  # torch.export's ONNX exporter
 MODELS = {"built-in ResNet": ["model.arch=resnet18", "model.width=8"],
           "MobileNet": ["model.arch=torchvision:mobilenet_v3_small"]}
@@ -40,7 +42,7 @@ MODELS = {"built-in ResNet": ["model.arch=resnet18", "model.width=8"],
 @pytest.fixture(scope="module", params=list(MODELS))
 def run(request, tmp_path_factory):
     out = tmp_path_factory.mktemp("run")
-    pretrain(load_config(None, [*TINY, *MODELS[request.param], f"train.output_dir={out}"]))
+    pretrain(tiny_config(out, *MODELS[request.param], **RUN))
     return out
 
 
@@ -104,8 +106,8 @@ def test_safetensors_holds_the_library_keys_and_loads_back(run, tmp_path):
 def test_a_vit_exports_from_its_encoder_file_with_a_dynamic_batch_and_its_own_size(tmp_path):
     pytest.importorskip("timm")
     kwargs = {"img_size": 32, "patch_size": 8, "depth": 1, "embed_dim": 48, "num_heads": 2}
-    pretrain(load_config(None, [*TINY, "model.arch=timm:vit_tiny_patch16_224", f"model.kwargs={json.dumps(kwargs)}",
-                                f"train.output_dir={tmp_path / 'run'}"]))
+    pretrain(tiny_config(tmp_path / "run", "model.arch=timm:vit_tiny_patch16_224", f"model.kwargs={json.dumps(kwargs)}",
+                         **RUN))
     info = extract_encoder(tmp_path / "run" / "encoder.pth", tmp_path / "e.onnx", "onnx")  # an encoder file too
     assert info["parity"] < portable.TOLERANCE and info["dynamic"] == ["batch"]
     session = onnxruntime.InferenceSession(str(tmp_path / "e.onnx"), providers=["CPUExecutionProvider"])

@@ -18,7 +18,7 @@ from simclr_cli.cli import app
 from simclr_cli.config import config_digest, load_config
 from simclr_cli.data import NORMALIZATION, normalization_for
 from simclr_cli.errors import CheckpointError
-from simclr_cli.evaluate.export import extract_encoder
+from simclr_cli.exports.extract import extract_encoder
 from simclr_cli.files import atomic_save
 from simclr_cli.methods import build_method
 from simclr_cli.models.encoder_file import encoder_meta, encoder_payload, load_encoder

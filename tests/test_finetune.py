@@ -9,27 +9,23 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import REPO
+from conftest import REPO, tiny_config
 from PIL import Image
 from typer.testing import CliRunner
 
 from simclr_cli.cli import app
-from simclr_cli.config import load_config
 from simclr_cli.data.mapped import MappedImages
 from simclr_cli.errors import CheckpointError, DatasetError, OptionError
-from simclr_cli.evaluate import finetune_loop
-from simclr_cli.evaluate.finetune import FinetuneOptions, FinetuneRun, partial_path, run_finetune
-from simclr_cli.evaluate.finetune_loop import Protocol, train_classifier
-from simclr_cli.evaluate.labels import LabelSpec, label_subset, parse_labels
-from simclr_cli.evaluate.probe import run_probe
+from simclr_cli.score import finetune_loop
+from simclr_cli.score.finetune import FinetuneOptions, FinetuneRun, partial_path, run_finetune
+from simclr_cli.score.finetune_loop import Protocol, train_classifier
+from simclr_cli.score.labels import LabelSpec, label_subset, parse_labels
+from simclr_cli.score.probe import run_probe
 from simclr_cli.models.classifier import Classifier, load_classifier
 from simclr_cli.models.encoder_file import load_encoder
 from simclr_cli.train import pretrain
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-TINY = ["data.dataset=synthetic", "data.synthetic_size=32", "data.image_size=32", "train.batch_size=16",
-        "train.epochs=1", "train.device=cpu", "train.eval_every=0", "data.val_size=8", "model.width=8"]
 
 
 def options(**kw) -> FinetuneOptions:
@@ -41,7 +37,8 @@ def options(**kw) -> FinetuneOptions:
 @pytest.fixture(scope="module")
 def encoder(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("run")
-    pretrain(load_config(None, [*TINY, f"train.output_dir={out}"]))
+    pretrain(tiny_config(out, "train.eval_every=0", "data.val_size=8", synthetic_size=32, image_size=32, epochs=1,
+                         precision=None, log_every=None))
     return out / "encoder.pth"
 
 
@@ -127,7 +124,7 @@ def test_an_interrupted_finetune_resumes_to_the_weights_of_an_unbroken_one(encod
             if epoch == 1:
                 raise KeyboardInterrupt
         return real(*rest, interrupt)
-    monkeypatch.setattr("simclr_cli.evaluate.finetune.train_classifier", stop_after_one)
+    monkeypatch.setattr("simclr_cli.score.finetune.train_classifier", stop_after_one)
     with pytest.raises(KeyboardInterrupt):
         run_finetune(encoder, tmp_path / "cut.pth", options(epochs=3))
     monkeypatch.undo()
@@ -200,7 +197,7 @@ def test_the_benchmark_chooses_each_rows_setting_on_validation_then_scores_the_t
     uses the value with the best validation top-1 (ties: the smaller rate, the stronger L2)."""
     import importlib.util
 
-    from simclr_cli.evaluate.linear import WEIGHT_DECAYS
+    from simclr_cli.score.linear import WEIGHT_DECAYS
 
     spec = importlib.util.spec_from_file_location("finetune_benchmark", REPO / "benchmarks" / "finetune.py")
     bench = importlib.util.module_from_spec(spec)
@@ -271,8 +268,8 @@ def test_cli_finetune_prints_the_table_and_writes_json(encoder, tmp_path):
 
 def test_the_classifier_exports_to_onnx_and_torchscript_with_its_classes(encoder, tmp_path):
     onnxruntime = pytest.importorskip("onnxruntime")
-    from simclr_cli.evaluate.embed import embed_images
-    from simclr_cli.evaluate.export import extract_encoder
+    from simclr_cli.serve.embed import embed_images
+    from simclr_cli.exports.extract import extract_encoder
 
     run_finetune(encoder, tmp_path / "c.pth", options(epochs=1, head_layer=1))
     model = load_classifier(tmp_path / "c.pth").model

@@ -7,9 +7,10 @@ import math
 
 import pytest
 import torch
+from conftest import tiny_config, tiny_set_args
 
 from simclr_cli.config import ModelConfig
-from simclr_cli.evaluate.health import (alignment, collapse_warning, dimension_std, effective_rank, health,
+from simclr_cli.score.health import (alignment, collapse_warning, dimension_std, effective_rank, health,
                                         uniformity)
 from simclr_cli.models import build_model
 
@@ -133,9 +134,8 @@ def test_dimensional_collapse_is_flagged_against_the_start():
 
 # --- non-finite features: one line, never the SVD's LinAlgError -------------------------------------------------
 
-TINY = ["data.dataset=synthetic", "data.synthetic_size=48", "data.image_size=16", "model.width=8",
-        "train.batch_size=16", "train.precision=fp32", "train.device=cpu", "train.log_every=2", "train.epochs=2",
-        "train.eval_every=1", "train.checkpoint_every=2"]  # an evaluation after epoch 1 with no checkpoint before it
+# The shared tiny run (tests/conftest.py) with an evaluation after epoch 1 and no checkpoint before it.
+RUN = {"epochs": 2, "train.eval_every": 1, "train.checkpoint_every": 2}
 
 
 def test_effective_rank_of_non_finite_rows_is_a_value_error_naming_them():
@@ -166,7 +166,7 @@ def test_non_finite_weights_at_a_health_evaluation_are_the_one_line(tmp_path, mo
     from simclr_cli.cli import app
 
     poison_after_step(monkeypatch, 3, float("inf"))
-    sets = [arg for kv in TINY for arg in ("--set", kv)]
+    sets = tiny_set_args(**RUN)
     result = CliRunner().invoke(app, ["pretrain", *sets, "-o", str(tmp_path)])
     assert result.exit_code == 3, result.output
     assert "Traceback" not in result.output + result.stderr and "LinAlgError" not in result.output + result.stderr
@@ -178,7 +178,6 @@ def test_non_finite_weights_at_a_health_evaluation_are_the_one_line(tmp_path, mo
 
 def test_features_that_overflow_with_finite_weights_stop_the_run_in_one_line(tmp_path, monkeypatch):
     """A weight of 1e37 is finite (the check before the evaluation passes) but h overflows to Inf."""
-    from simclr_cli.config import load_config
     from simclr_cli.train import pretrain
     from simclr_cli.train.readback import NonFiniteLoss
 
@@ -186,7 +185,7 @@ def test_features_that_overflow_with_finite_weights_stop_the_run_in_one_line(tmp
     with pytest.raises(NonFiniteLoss, match=r"^the kNN monitor's features became non-finite \(\d+ of \d+ images "
                                             r"give NaN or Inf in h\) though the weights are finite: .* Hint: lower "
                                             r"optim.lr; checkpoints already written are kept"):
-        pretrain(load_config(None, [*TINY, f"train.output_dir={tmp_path}"]))
+        pretrain(tiny_config(tmp_path, **RUN))
 
 
 def test_a_non_finite_projection_skips_the_health_figures_with_a_warning():

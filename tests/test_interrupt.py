@@ -19,6 +19,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import tiny_config, tiny_overrides, tiny_set_args
 from typer.testing import CliRunner
 
 from simclr_cli.cli import app
@@ -31,8 +32,7 @@ from simclr_cli.train.readback import NonFiniteLoss
 from simclr_cli.train.state import load_checkpoint
 
 # 160 images / batch 16 = 10 steps per epoch, a line per step: long enough to interrupt mid-epoch.
-SUB = ["data.dataset=synthetic", "data.synthetic_size=160", "data.image_size=16", "model.width=8",
-       "train.batch_size=16", "train.precision=fp32", "train.device=cpu", "train.log_every=1", "train.epochs=3"]
+SUB = tiny_overrides(synthetic_size=160, log_every=1)
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "COLUMNS": "200"}
 
 
@@ -180,22 +180,14 @@ def test_kill_9_at_random_moments_leaves_a_loadable_checkpoint(tmp_path):
         assert load_checkpoint(out / "checkpoint.pt")["epoch"] == ckpt["epoch"] + 1
 
 
-TINY = ["data.dataset=synthetic", "data.synthetic_size=48", "data.image_size=16", "model.width=8",
-        "train.batch_size=16", "train.precision=fp32", "train.device=cpu", "train.log_every=2", "train.epochs=3"]
-
-
-def tiny(out: Path, *extra: str):
-    return load_config(None, [*TINY, f"train.output_dir={out}", *extra])
-
-
 def test_stale_temporaries_and_a_torn_metrics_line_are_ignored_on_resume(tmp_path):
-    pretrain(tiny(tmp_path, "train.epochs=1"))
+    pretrain(tiny_config(tmp_path, "train.epochs=1"))
     stale = [tmp_path / ".checkpoint.pt.k9x2.tmp", tmp_path / ".checkpoint-epoch0001.pt.77.tmp"]
     for path in stale:
         path.write_bytes(b"PK\x03\x04 half a zip")  # what a kill -9 inside torch.save leaves
     with open(tmp_path / "metrics.jsonl", "a") as f:
         f.write('{"kind": "step", "epoch": 2, "step": 5, "lo')  # a line a kill cut short
-    pretrain(tiny(tmp_path, "train.epochs=2"), resume=True)
+    pretrain(tiny_config(tmp_path, "train.epochs=2"), resume=True)
     assert not any(path.exists() for path in stale)
     records = [json.loads(ln) for ln in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     steps = [r["step"] for r in records if r["kind"] not in ("eval", "resume")]
@@ -204,10 +196,10 @@ def test_stale_temporaries_and_a_torn_metrics_line_are_ignored_on_resume(tmp_pat
 
 
 def test_kill_between_keeping_and_replacing_leaves_nothing_behind_on_resume(tmp_path):
-    pretrain(tiny(tmp_path, "train.epochs=2", "train.keep_last=1"))
+    pretrain(tiny_config(tmp_path, "train.epochs=2", "train.keep_last=1"))
     # The state a kill -9 leaves right after checkpoint.pt was kept as epoch 2's copy, before it was replaced.
     os.link(tmp_path / "checkpoint.pt", tmp_path / "checkpoint-epoch0002.pt")
-    pretrain(tiny(tmp_path, "train.keep_last=1"), resume=True)
+    pretrain(tiny_config(tmp_path, "train.keep_last=1"), resume=True)
     assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith((".", "checkpoint"))) == [
         "checkpoint-epoch0002.pt", "checkpoint.pt"]
     assert load_checkpoint(tmp_path / "checkpoint-epoch0002.pt")["epoch"] == 2
@@ -221,7 +213,7 @@ def test_signal_during_setup_stops_before_training(tmp_path, monkeypatch):
         return load(*args, **kwargs)
     monkeypatch.setattr(train, "load_train_set", interrupted_load)
     with pytest.raises(StopRequested) as stop:
-        pretrain(tiny(tmp_path))
+        pretrain(tiny_config(tmp_path))
     assert (stop.value.checkpoint, stop.value.saved, stop.value.step) == (None, False, 0)
     assert not (tmp_path / "checkpoint.pt").exists()
 
@@ -251,7 +243,7 @@ def test_nan_loss_stops_with_step_lr_and_hint_and_keeps_the_last_checkpoint(tmp_
     nan_from_call(monkeypatch, 5)  # step 5, in epoch 2 (3 steps per epoch)
     seen, callback = checkpoint_watch(tmp_path)
     with pytest.raises(NonFiniteLoss) as err:
-        pretrain(tiny(tmp_path), callback=callback)
+        pretrain(tiny_config(tmp_path), callback=callback)
     path = tmp_path / "checkpoint.pt"
     assert str(err.value).startswith("loss became nan at step 5 (lr 0.01); ")
     assert str(err.value).endswith(f"{path} (step 3) is kept. Hint: lower optim.lr (now 0.06) and start a new run "
@@ -271,13 +263,13 @@ def test_non_finite_weights_are_never_saved_even_if_the_loss_was_finite(tmp_path
     monkeypatch.setattr(Trainer, "train_step", poisoned_step)
     seen, callback = checkpoint_watch(tmp_path)
     with pytest.raises(NonFiniteLoss, match=r"weights became non-finite \(.+\) by step 6 .*\(step 3\) is kept"):
-        pretrain(tiny(tmp_path), callback=callback)
+        pretrain(tiny_config(tmp_path), callback=callback)
     path = tmp_path / "checkpoint.pt"
     assert len(seen) == 1 and (path.read_bytes(), path.stat().st_mtime_ns) == seen[0]
 
 
 def test_cli_huge_lr_is_one_line_and_exit_3(tmp_path):
-    result = CliRunner().invoke(app, ["pretrain", *sets(TINY), "--set", "optim.lr=1.0e+30", "-o", str(tmp_path)])
+    result = CliRunner().invoke(app, ["pretrain", *tiny_set_args(), "--set", "optim.lr=1.0e+30", "-o", str(tmp_path)])
     assert result.exit_code == 3
     assert "Traceback" not in result.output + result.stderr
     last = result.stderr.strip().splitlines()[-1]
@@ -300,7 +292,7 @@ def signal_after_step(monkeypatch, step: int, signum: int) -> None:
 @pytest.mark.parametrize("signum, code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
 def test_cli_stop_message_and_exit_code(tmp_path, monkeypatch, signum, code):
     signal_after_step(monkeypatch, 4, signum)
-    result = CliRunner().invoke(app, ["pretrain", *sets(TINY), "-o", str(tmp_path)])
+    result = CliRunner().invoke(app, ["pretrain", *tiny_set_args(), "-o", str(tmp_path)])
     assert result.exit_code == code
     assert "Traceback" not in result.output + result.stderr
     assert result.stderr.strip().splitlines()[-1] == (
@@ -319,7 +311,7 @@ def test_cli_stop_during_setup_says_there_is_nothing_to_resume(tmp_path, monkeyp
         os.kill(os.getpid(), signal.SIGINT)
         return load(*args, **kwargs)
     monkeypatch.setattr(train, "load_train_set", interrupted_load)
-    result = CliRunner().invoke(app, ["pretrain", *sets(TINY), "-o", str(tmp_path)])
+    result = CliRunner().invoke(app, ["pretrain", *tiny_set_args(), "-o", str(tmp_path)])
     assert result.exit_code == 130
     assert result.stderr.strip() == ("stopped by SIGINT before the first checkpoint; nothing to resume (run the same "
                                      "command to start again)")

@@ -22,7 +22,8 @@ from simclr_cli.errors import ConfigError
 from simclr_cli.rundir import scalars
 from simclr_cli.train import loggers, pretrain, trackers
 
-from test_watch import TINY, records
+from conftest import tiny_config, tiny_set_args
+from test_watch import RUN, records
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -32,8 +33,7 @@ class Crash(Exception):
 
 
 def config(out: Path, *names: str, epochs: int = 2, extra: tuple[str, ...] = ()):
-    return load_config(None, [*TINY, f"train.epochs={epochs}", f"train.output_dir={out}",
-                              f"train.loggers=[{','.join(names)}]", *extra])
+    return tiny_config(out, f"train.loggers=[{','.join(names)}]", *extra, epochs=epochs, **RUN)
 
 
 def crash_in_epoch(epoch: int, watch=None):
@@ -87,7 +87,8 @@ def test_tensorboard_is_current_while_running_and_a_resume_continues_the_same_fo
             seen["panel"] = data["info"]
         if event == "epoch" and data["epoch"] == 1:  # the run is still going
             seen["loss"] = eventually(lambda: tensorboard_scalars(folder, "train/loss"), lambda v: len(v) >= 4)
-            seen["wait"] = tensorboard_scalars(folder, "train/data_wait")
+            # Written by the logger's thread just after each loss: wait for it too, not just the losses.
+            seen["wait"] = eventually(lambda: tensorboard_scalars(folder, "train/data_wait"), lambda v: len(v) >= 4)
     run_crash_then_resume(tmp_path, "tensorboard", watch=watch)
 
     assert [step for step, _ in seen["loss"]] == [2, 4, 6, 8] and len(seen["wait"]) == 4
@@ -237,7 +238,7 @@ def test_mlflow_has_each_record_while_running_and_a_resume_continues_the_run(tmp
 
 def test_a_missing_logger_package_is_one_line_naming_the_extra_before_any_work(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "wandb", None)  # as if not installed
-    r = CliRunner().invoke(app, ["pretrain", "-o", str(tmp_path / "run"), *sum((["--set", o] for o in TINY), []),
+    r = CliRunner().invoke(app, ["pretrain", "-o", str(tmp_path / "run"), *tiny_set_args(epochs=None, **RUN),
                                  "--set", "train.loggers=[wandb]"])
     assert r.exit_code == 2 and "pip install 'simclr-cli[wandb]'" in r.stderr
     assert len(r.stderr.strip().splitlines()) == 1 and not (tmp_path / "run").exists()
@@ -249,7 +250,7 @@ def test_a_logger_that_cannot_start_is_one_line_before_training(tmp_path, monkey
     blocker.write_text("not a folder")
     monkeypatch.setenv("MLFLOW_TRACKING_URI", (blocker / "mlruns").as_uri())  # a store under a file
     monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")
-    r = CliRunner().invoke(app, ["pretrain", "-o", str(tmp_path / "run"), *sum((["--set", o] for o in TINY), []),
+    r = CliRunner().invoke(app, ["pretrain", "-o", str(tmp_path / "run"), *tiny_set_args(epochs=None, **RUN),
                                  "--set", "train.loggers=[mlflow]"])
     assert r.exit_code == 2, r.output
     line = r.stderr.strip().splitlines()[-1]
@@ -307,7 +308,7 @@ def test_an_mlflow_database_store_without_its_driver_is_one_line_before_any_work
     pytest.importorskip("mlflow")
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
     monkeypatch.setitem(sys.modules, "sqlalchemy", None)  # mlflow-skinny alone
-    r = CliRunner().invoke(app, ["pretrain", "-o", str(tmp_path / "run"), *sum((["--set", o] for o in TINY), []),
+    r = CliRunner().invoke(app, ["pretrain", "-o", str(tmp_path / "run"), *tiny_set_args(epochs=None, **RUN),
                                  "--set", "train.loggers=[mlflow]"])
     assert r.exit_code == 2 and "pip install 'simclr-cli[mlflow]'" in r.stderr and "MLFLOW_TRACKING_URI" in r.stderr
     assert not (tmp_path / "run").exists()
@@ -375,7 +376,7 @@ def test_mlflow_without_a_server_keeps_a_run_that_mlflow_ui_opens(tmp_path, monk
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     monkeypatch.delenv("MLFLOW_ALLOW_FILE_STORE", raising=False)
     monkeypatch.chdir(tmp_path)
-    r = CliRunner().invoke(app, ["pretrain", "-o", "run", *sum((["--set", o] for o in TINY), []),
+    r = CliRunner().invoke(app, ["pretrain", "-o", "run", *tiny_set_args(epochs=None, **RUN),
                                  "--set", "train.epochs=1", "--set", "train.loggers=[mlflow]"])
     assert r.exit_code == 0, r.output
     from mlflow.tracking import MlflowClient

@@ -16,12 +16,12 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import tiny_config, tiny_set_args
 from PIL import Image
 from ranks import run_ranks  # tests/ranks.py
 from typer.testing import CliRunner
 
 from simclr_cli.cli import app
-from simclr_cli.config import load_config
 from simclr_cli.methods.byol import byol_loss
 from simclr_cli.methods.ema import EmaTarget, momentum_at
 from simclr_cli.methods.moco import KeyQueue, gather_rows, info_nce_with_queue
@@ -31,9 +31,7 @@ from simclr_cli.train.state import load_checkpoint
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 METHODS = ("simclr", "moco", "byol")
-TINY = ["data.dataset=synthetic", "data.synthetic_size=48", "data.image_size=16", "model.width=8",
-        "train.batch_size=16", "train.precision=fp32", "train.device=cpu", "train.log_every=2", "train.epochs=3",
-        "method.queue_size=40", "optim.warmup_epochs=1"]
+RUN = {"method.moco.queue_size": 40, "optim.warmup_epochs": 1}  # on top of the shared tiny run (tests/conftest.py)
 
 
 # --- the losses against their papers' pseudocode ---------------------------------------------------------
@@ -149,10 +147,6 @@ def test_two_ranks_fill_the_queue_with_both_ranks_keys_and_match_one_process(tmp
 
 # --- resume, bit for bit, for every method ------------------------------------------------------------------
 
-def tiny(out, method, *extra):
-    return load_config(None, [*TINY, f"method.name={method}", f"train.output_dir={out}", *extra])
-
-
 def run_state(out) -> tuple[list, dict]:
     ckpt = load_checkpoint(out / "checkpoint.pt")
     lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
@@ -173,7 +167,7 @@ def assert_same(a, b):
 
 @pytest.mark.parametrize("method", METHODS)
 def test_resume_mid_epoch_is_bit_exact(tmp_path, monkeypatch, method):
-    pretrain(tiny(tmp_path / "straight", method))
+    pretrain(tiny_config(tmp_path / "straight", f"method.name={method}", **RUN))
     original = Trainer.train_step
 
     def train_step(self, x):
@@ -183,10 +177,10 @@ def test_resume_mid_epoch_is_bit_exact(tmp_path, monkeypatch, method):
         return loss
     monkeypatch.setattr(Trainer, "train_step", train_step)
     with pytest.raises(StopRequested):
-        pretrain(tiny(tmp_path / "stopped", method))
+        pretrain(tiny_config(tmp_path / "stopped", f"method.name={method}", **RUN))
     monkeypatch.undo()
     assert load_checkpoint(tmp_path / "stopped" / "checkpoint.pt")["step"] == 5
-    pretrain(tiny(tmp_path / "stopped", method), resume=True)
+    pretrain(tiny_config(tmp_path / "stopped", f"method.name={method}", **RUN), resume=True)
     straight, resumed = run_state(tmp_path / "straight"), run_state(tmp_path / "stopped")
     assert straight[0] == resumed[0]  # every loss and lr
     assert_same(straight[1], resumed[1])  # weights, target network, queue and its pointer
@@ -197,7 +191,7 @@ def test_resume_mid_epoch_is_bit_exact(tmp_path, monkeypatch, method):
 @pytest.mark.parametrize("method", METHODS)
 def test_cli_chain_pretrain_extract_probe_embed(tmp_path, method):
     runner, out = CliRunner(), tmp_path / "run"
-    sets = [a for kv in TINY for a in ("--set", kv)]
+    sets = tiny_set_args(**RUN)
     r = runner.invoke(app, ["pretrain", "-o", str(out), *sets, "--set", f"method.name={method}",
                             "--set", "train.epochs=1"])
     assert r.exit_code == 0 and any(ln.split()[1:3] == ["method", method] for ln in r.stderr.splitlines()

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import tiny_config
 from ranks import run_ranks  # tests/ranks.py
 
 from simclr_cli.config import ConfigError, load_config
@@ -22,18 +23,13 @@ from simclr_cli.train.loop import start_panel
 from simclr_cli.train.state import load_checkpoint
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-TINY = ["data.dataset=synthetic", "data.synthetic_size=48", "data.image_size=16", "model.width=8",
-        "train.batch_size=16", "train.precision=fp32", "train.device=cpu", "train.log_every=2", "train.epochs=3",
-        "optim.warmup_epochs=1", "augment.small_crops=2", "augment.small_crop_size=8"]
+# on top of the shared tiny run (tests/conftest.py)
+RUN = {"optim.warmup_epochs": 1, "augment.small_crops": 2, "augment.small_crop_size": 8}
 TEMPERATURE = 0.2
 
 
-def tiny(out: Path, *extra: str):
-    return load_config(None, [*TINY, f"train.output_dir={out}", *extra])
-
-
 def test_small_views_have_their_size_and_follow_both_views(tmp_path):
-    trainer = Trainer(tiny(tmp_path, "train.epochs=1"))
+    trainer = Trainer(tiny_config(tmp_path, "train.epochs=1", **RUN))
     shapes, original = [], trainer.augment.small
 
     def spy(x, generator, n, size, scale):
@@ -128,7 +124,7 @@ def _run_state(out: Path):
 
 def test_resume_mid_epoch_is_bit_exact_with_small_and_progressive_views(tmp_path, monkeypatch):
     extra = ("augment.view_size_start=8",)
-    pretrain(tiny(tmp_path / "straight", *extra))
+    pretrain(tiny_config(tmp_path / "straight", *extra, **RUN))
     original = Trainer.train_step
 
     def train_step(self, x):
@@ -138,9 +134,9 @@ def test_resume_mid_epoch_is_bit_exact_with_small_and_progressive_views(tmp_path
         return loss
     monkeypatch.setattr(Trainer, "train_step", train_step)
     with pytest.raises(StopRequested):
-        pretrain(tiny(tmp_path / "stopped", *extra))
+        pretrain(tiny_config(tmp_path / "stopped", *extra, **RUN))
     monkeypatch.undo()
-    pretrain(tiny(tmp_path / "stopped", *extra), resume=True)
+    pretrain(tiny_config(tmp_path / "stopped", *extra, **RUN), resume=True)
     (m1, w1), (m2, w2) = _run_state(tmp_path / "straight"), _run_state(tmp_path / "stopped")
     assert m1 == m2
     assert w1.keys() == w2.keys() and all(torch.equal(w1[k], w2[k]) for k in w1)
@@ -149,7 +145,7 @@ def test_resume_mid_epoch_is_bit_exact_with_small_and_progressive_views(tmp_path
 def _train_rank(rank: int, out: str) -> None:
     """A real run on two ranks, batch norm in training mode, two forwards (views, small views) per step."""
     os.environ.update(RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank))
-    summary = pretrain(tiny(Path(out), "train.epochs=1"))
+    summary = pretrain(tiny_config(Path(out), "train.epochs=1", **RUN))
     Path(out, f"rank{rank}.json").write_text(json.dumps(summary["steps"]))
 
 

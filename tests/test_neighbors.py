@@ -17,7 +17,7 @@ from typer.testing import CliRunner
 
 from simclr_cli.cli import app
 from simclr_cli.errors import DatasetError
-from simclr_cli.evaluate.knn import top_k_cosine
+from simclr_cli.serve.search import top_k_cosine
 
 
 def brute_force(q: np.ndarray, index: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
@@ -50,7 +50,7 @@ def test_a_million_row_index_is_searched_in_bounded_memory(tmp_path):
     the chunked search stays far below that (peak RSS of a fresh process, page cache of the map aside)."""
     script = f"""
 import resource, numpy as np, torch
-from simclr_cli.evaluate.knn import top_k_cosine
+from simclr_cli.serve.search import top_k_cosine
 torch.set_num_threads(2)
 path = {str(tmp_path / 'big.npy')!r}
 x = np.lib.format.open_memmap(path, mode="w+", dtype=np.float32, shape=(1_000_000, 32))

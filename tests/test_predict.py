@@ -12,15 +12,15 @@ import numpy as np
 import pytest
 import torch
 import typer
+from conftest import tiny_config
 from PIL import Image
 from typer.testing import CliRunner
 
 from simclr_cli.cli import predict as predict_cli
-from simclr_cli.config import load_config
 from simclr_cli.data.images import decode_image
 from simclr_cli.errors import CheckpointError, OptionError
-from simclr_cli.evaluate.embed import embed_images
-from simclr_cli.evaluate.predict import csv_header, predict_images
+from simclr_cli.serve.embed import embed_images
+from simclr_cli.serve.predict import csv_header, predict_images
 from simclr_cli.files import atomic_save
 from simclr_cli.models.classifier import Classifier, classifier_payload, load_classifier
 from simclr_cli.models.encoder_file import load_encoder
@@ -29,15 +29,14 @@ from simclr_cli.train import pretrain
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-TINY = ["data.dataset=synthetic", "data.synthetic_size=32", "data.image_size=32", "train.batch_size=16",
-        "train.epochs=1", "train.device=cpu", "train.eval_every=0", "data.val_size=8", "model.width=8"]
 CLASSES = ["cat", "dog", "ship"]
 
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("run")
-    pretrain(load_config(None, [*TINY, f"train.output_dir={out}"]))
+    pretrain(tiny_config(out, "train.eval_every=0", "data.val_size=8", synthetic_size=32, image_size=32, epochs=1,
+                         precision=None, log_every=None))
     return out
 
 

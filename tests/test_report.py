@@ -11,20 +11,20 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import tiny_config
 from PIL import Image
 from typer.testing import CliRunner
 
 from simclr_cli.cli import app
-from simclr_cli.config import DataConfig, load_config
+from simclr_cli.config import DataConfig
 from simclr_cli.errors import MissingExtraError
-from simclr_cli.evaluate import plots
-from simclr_cli.evaluate.report import _grid_rows, first_of_each_class, make_report, project_2d
+from simclr_cli import figures
+from simclr_cli.report import _grid_rows, first_of_each_class, make_report, project_2d
 from simclr_cli.rundir import read_metrics
 from simclr_cli.train import pretrain
 
-TINY = ["data.dataset=synthetic", "data.synthetic_size=300", "data.image_size=32", "model.width=8",
-        "train.batch_size=50", "train.precision=fp32", "train.device=cpu", "train.log_every=2", "train.eval_every=1",
-        "optim.warmup_epochs=0"]
+# on top of the shared tiny run (tests/conftest.py)
+RUN = {"synthetic_size": 300, "image_size": 32, "batch_size": 50, "train.eval_every": 1, "optim.warmup_epochs": 0}
 SIZES = {"curves.png": (1100, 700), "health.png": (1300, 700), "map.png": (900, 800)}
 
 
@@ -35,8 +35,8 @@ def run_dir(tmp_path_factory) -> Path:
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        pretrain(load_config(None, [*TINY, f"train.output_dir={out}", "train.epochs=2"]))
-        pretrain(load_config(None, [*TINY, f"train.output_dir={out}", "train.epochs=4"]), resume=True)
+        pretrain(tiny_config(out, epochs=2, **RUN))
+        pretrain(tiny_config(out, epochs=4, **RUN), resume=True)
     finally:
         torch.set_num_threads(threads)
     return out
@@ -74,8 +74,8 @@ def test_the_resume_is_marked_on_the_curves(run_dir, tmp_path):
     records = read_metrics(run_dir / "metrics.jsonl")
     resumes = [r for r in records if r["kind"] == "resume"]
     assert [(r["epoch"], r["step"]) for r in resumes] == [(2, 12)]  # 300 images / 50 per step = 6 steps an epoch
-    plots.curves(records, tmp_path / "with.png", "t")
-    plots.curves([r for r in records if r["kind"] != "resume"], tmp_path / "without.png", "t")
+    figures.curves(records, tmp_path / "with.png", "t")
+    figures.curves([r for r in records if r["kind"] != "resume"], tmp_path / "without.png", "t")
     with_mark, without = picture(tmp_path / "with.png"), picture(tmp_path / "without.png")
     assert with_mark.shape == without.shape and (with_mark != without).any(axis=2).sum() > 500  # a line + legend
 

@@ -14,24 +14,17 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import tiny_config, tiny_set_args
 from typer.testing import CliRunner
 
 from simclr_cli.cli import app
-from simclr_cli.config import ConfigError, load_config
+from simclr_cli.config import ConfigError
 from simclr_cli.errors import CheckpointError
 from simclr_cli.train import Trainer, pretrain
 from simclr_cli.train.interrupt import StopRequested
 from simclr_cli.train.state import load_checkpoint
 
-TINY = ["data.dataset=synthetic", "data.synthetic_size=48", "data.image_size=16", "model.width=8",
-        "train.batch_size=16", "train.precision=fp32", "train.device=cpu", "train.log_every=2", "train.epochs=3"]
-
-
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-def tiny(out: Path, *extra: str):
-    return load_config(None, [*TINY, f"train.output_dir={out}", *extra])
 
 
 def metrics(out: Path) -> list[dict]:
@@ -74,7 +67,7 @@ def straight(tmp_path_factory) -> dict[str, Path]:
     torch.set_num_threads(1)
     for schedule in ("cosine", "constant"):
         out = tmp_path_factory.mktemp(f"straight-{schedule}")
-        pretrain(tiny(out, f"optim.schedule={schedule}", "optim.warmup_epochs=1"))
+        pretrain(tiny_config(out, f"optim.schedule={schedule}", "optim.warmup_epochs=1"))
         runs[schedule] = out
     return runs
 
@@ -82,8 +75,8 @@ def straight(tmp_path_factory) -> dict[str, Path]:
 def test_resume_with_more_epochs_matches_the_straight_run(tmp_path, straight):
     # The constant schedule does not depend on train.epochs, so a 1-epoch run extended to 3 is the 3-epoch run.
     notes = []
-    pretrain(tiny(tmp_path, "optim.schedule=constant", "optim.warmup_epochs=1", "train.epochs=1"))
-    pretrain(tiny(tmp_path, "optim.schedule=constant", "optim.warmup_epochs=1"), resume=True,
+    pretrain(tiny_config(tmp_path, "optim.schedule=constant", "optim.warmup_epochs=1", "train.epochs=1"))
+    pretrain(tiny_config(tmp_path, "optim.schedule=constant", "optim.warmup_epochs=1"), resume=True,
              callback=lambda event, d: notes.append(d["message"]) if event == "notice" else None)
     assert notes == ["resume changes train.epochs: 1 -> 3"]
     assert_same_run(straight["constant"], tmp_path)
@@ -92,11 +85,11 @@ def test_resume_with_more_epochs_matches_the_straight_run(tmp_path, straight):
 def test_resume_after_epoch_stop_matches_the_straight_run_with_cosine(tmp_path, straight, monkeypatch):
     signal_at_step(monkeypatch, 3)  # the last step of epoch 1: the epoch ends and checkpoints, then it stops
     with pytest.raises(StopRequested) as stop:
-        pretrain(tiny(tmp_path, "optim.schedule=cosine", "optim.warmup_epochs=1"))
+        pretrain(tiny_config(tmp_path, "optim.schedule=cosine", "optim.warmup_epochs=1"))
     assert (stop.value.signal_name, stop.value.exit_code, stop.value.epoch, stop.value.step) == ("SIGINT", 130, 1, 3)
     assert not stop.value.saved  # the epoch-end checkpoint already holds step 3: nothing new to write
     monkeypatch.undo()
-    pretrain(tiny(tmp_path, "optim.schedule=cosine", "optim.warmup_epochs=1"), resume=True)
+    pretrain(tiny_config(tmp_path, "optim.schedule=cosine", "optim.warmup_epochs=1"), resume=True)
     assert_same_run(straight["cosine"], tmp_path)
 
 
@@ -104,13 +97,13 @@ def test_resume_after_epoch_stop_matches_the_straight_run_with_cosine(tmp_path, 
 def test_resume_mid_epoch_matches_the_straight_run(tmp_path, straight, monkeypatch, stop_step):
     signal_at_step(monkeypatch, stop_step, signal.SIGTERM)
     with pytest.raises(StopRequested) as stop:
-        pretrain(tiny(tmp_path, "optim.schedule=cosine", "optim.warmup_epochs=1"))
+        pretrain(tiny_config(tmp_path, "optim.schedule=cosine", "optim.warmup_epochs=1"))
     assert (stop.value.exit_code, stop.value.step, stop.value.saved) == (143, stop_step, True)
     ckpt = load_checkpoint(tmp_path / "checkpoint.pt")
     assert (ckpt["epoch"], ckpt["step"]) == (1, stop_step)  # epochs completed, steps completed
     assert len(ckpt["epoch_losses"]) == stop_step - 3  # the unfinished epoch's losses travel with it
     monkeypatch.undo()
-    pretrain(tiny(tmp_path, "optim.schedule=cosine", "optim.warmup_epochs=1"), resume=True)
+    pretrain(tiny_config(tmp_path, "optim.schedule=cosine", "optim.warmup_epochs=1"), resume=True)
     assert_same_run(straight["cosine"], tmp_path)
     lines = [json.loads(ln) for ln in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     marks = [i for i, rec in enumerate(lines) if rec["kind"] == "resume"]
@@ -121,8 +114,8 @@ def test_resume_mid_epoch_matches_the_straight_run(tmp_path, straight, monkeypat
 
 def test_extending_a_cosine_run_replans_the_schedule(tmp_path):
     notes = []
-    pretrain(tiny(tmp_path, "train.epochs=1", "optim.warmup_epochs=0"))
-    pretrain(tiny(tmp_path, "train.epochs=2", "optim.warmup_epochs=0"), resume=True,
+    pretrain(tiny_config(tmp_path, "train.epochs=1", "optim.warmup_epochs=0"))
+    pretrain(tiny_config(tmp_path, "train.epochs=2", "optim.warmup_epochs=0"), resume=True,
              callback=lambda event, d: notes.append(d["message"]) if event == "notice" else None)
     assert notes == ["resume changes train.epochs: 1 -> 2", "the cosine schedule now ends at step 6 instead of 3"]
     lrs = [rec["lr"] for rec in metrics(tmp_path) if rec["kind"] == "step"]
@@ -130,30 +123,30 @@ def test_extending_a_cosine_run_replans_the_schedule(tmp_path):
 
 
 def test_unsafe_config_change_is_refused_before_anything_runs(tmp_path):
-    pretrain(tiny(tmp_path, "train.epochs=1"))
+    pretrain(tiny_config(tmp_path, "train.epochs=1"))
     before = (tmp_path / "checkpoint.pt").read_bytes()
     with pytest.raises(ConfigError) as err:
-        pretrain(tiny(tmp_path, "train.epochs=2", "optim.lr=0.1"), resume=True)
+        pretrain(tiny_config(tmp_path, "train.epochs=2", "optim.lr=0.1"), resume=True)
     message = str(err.value)
     assert "optim.lr: 0.06 -> 0.1" in message and "\n" not in message
     assert (tmp_path / "checkpoint.pt").read_bytes() == before
 
 
 def test_resume_refuses_a_changed_training_set(tmp_path):
-    pretrain(tiny(tmp_path, "train.epochs=1"))
+    pretrain(tiny_config(tmp_path, "train.epochs=1"))
     with pytest.raises(ConfigError, match="data.synthetic_size"):
-        pretrain(tiny(tmp_path, "data.synthetic_size=64"), resume=True)
+        pretrain(tiny_config(tmp_path, "data.synthetic_size=64"), resume=True)
 
 
 def test_a_new_run_never_replaces_another_runs_checkpoint(tmp_path):
-    pretrain(tiny(tmp_path, "train.epochs=1"))
+    pretrain(tiny_config(tmp_path, "train.epochs=1"))
     with pytest.raises(ConfigError, match="already exists: add --resume"):
-        pretrain(tiny(tmp_path))
+        pretrain(tiny_config(tmp_path))
 
 
 def test_resume_without_checkpoint_is_one_clear_error(tmp_path):
     with pytest.raises(CheckpointError, match="nothing to resume"):
-        pretrain(tiny(tmp_path), resume=True)
+        pretrain(tiny_config(tmp_path), resume=True)
 
 
 @pytest.mark.parametrize("epochs, every, keep, saved_at, copies", [
@@ -163,8 +156,8 @@ def test_resume_without_checkpoint_is_one_clear_error(tmp_path):
 ])
 def test_checkpoint_every_and_keep_last(tmp_path, epochs, every, keep, saved_at, copies):
     saved = []
-    pretrain(tiny(tmp_path, "data.synthetic_size=16", f"train.epochs={epochs}", f"train.checkpoint_every={every}",
-                  f"train.keep_last={keep}"),
+    pretrain(tiny_config(tmp_path, "data.synthetic_size=16", f"train.epochs={epochs}",
+                         f"train.checkpoint_every={every}", f"train.keep_last={keep}"),
              callback=lambda event, d: saved.append(d["epoch"]) if event == "checkpoint" else None)
     assert saved == saved_at
     assert sorted(p.name for p in tmp_path.glob("checkpoint-epoch*.pt")) == [f"checkpoint-epoch{e:04d}.pt" for e in copies]
@@ -172,9 +165,6 @@ def test_checkpoint_every_and_keep_last(tmp_path, epochs, every, keep, saved_at,
         assert load_checkpoint(tmp_path / f"checkpoint-epoch{e:04d}.pt")["epoch"] == e
     assert load_checkpoint(tmp_path / "checkpoint.pt")["epoch"] == epochs
     assert not list(tmp_path.glob(".*.tmp"))
-
-
-CLI_TINY = [arg for kv in TINY for arg in ("--set", kv)]
 
 
 def run_cli(*args: str):
@@ -185,7 +175,7 @@ def run_cli(*args: str):
 
 def test_cli_resume_with_only_output_dir_uses_the_runs_config(tmp_path):
     out = tmp_path / "run"
-    first = run_cli(*CLI_TINY, "--set", "train.epochs=1", "--output-dir", str(out))
+    first = run_cli(*tiny_set_args(), "--set", "train.epochs=1", "--output-dir", str(out))
     assert first.exit_code == 0, first.stderr
     resumed = run_cli("--resume", "--output-dir", str(out), "--set", "train.epochs=2")  # no --config, no data flags
     assert resumed.exit_code == 0, resumed.stderr
@@ -195,12 +185,12 @@ def test_cli_resume_with_only_output_dir_uses_the_runs_config(tmp_path):
 
 def test_cli_refuses_unsafe_change_and_missing_checkpoint_in_one_line(tmp_path):
     out = tmp_path / "run"
-    assert run_cli(*CLI_TINY, "--set", "train.epochs=1", "--output-dir", str(out)).exit_code == 0
+    assert run_cli(*tiny_set_args(), "--set", "train.epochs=1", "--output-dir", str(out)).exit_code == 0
     refused = run_cli("--resume", "--output-dir", str(out), "--set", "optim.lr=0.1")
     assert refused.exit_code == 2
     assert refused.stderr.strip().splitlines() == [refused.stderr.strip()]
     assert refused.stderr.startswith("error: resume refused, the config changed (optim.lr: 0.06 -> 0.1)")
-    missing = run_cli(*CLI_TINY, "--resume", "--output-dir", str(tmp_path / "nothing-here"))
+    missing = run_cli(*tiny_set_args(), "--resume", "--output-dir", str(tmp_path / "nothing-here"))
     assert missing.exit_code == 2
     assert missing.stderr.strip() == (f"error: nothing to resume: {tmp_path / 'nothing-here' / 'checkpoint.pt'} "
                                       "does not exist (drop --resume to start a new run)")

@@ -23,9 +23,9 @@ from simclr_cli.config import ConfigError, DataConfig, config_from_dict
 from simclr_cli.data import NORMALIZATION, DataOptions, ImageSet, Source, load_dataset
 from simclr_cli.data.synthetic import make_synthetic
 from simclr_cli.errors import DatasetError
-from simclr_cli.evaluate.evaluation import Column, Evaluation, table_columns
-from simclr_cli.evaluate.finetune import FinetuneOptions
-from simclr_cli.evaluate.probe import run_probe
+from simclr_cli.score.evaluation import Column, Evaluation, table_columns
+from simclr_cli.score.finetune import FinetuneOptions
+from simclr_cli.score.probe import run_probe
 from simclr_cli.files import atomic_save
 from simclr_cli.models import ResNetEncoder
 from simclr_cli.models.encoder_file import encoder_payload

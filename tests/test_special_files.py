@@ -27,7 +27,7 @@ from simclr_cli.config import DataConfig
 from simclr_cli.data import load_dataset
 from simclr_cli.data.images import decode_image, list_images
 from simclr_cli.errors import DatasetError, ImageDecodeError
-from simclr_cli.evaluate.probe import run_probe
+from simclr_cli.score.probe import run_probe
 from simclr_cli.files import atomic_save
 from simclr_cli.models.classifier import Classifier, classifier_payload
 from simclr_cli.models.encoder_file import load_encoder

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
+from conftest import tiny_config
 
 from simclr_cli.augment import progressive_size
 from simclr_cli.config import ConfigError, load_config
@@ -13,15 +14,13 @@ from simclr_cli.train import Trainer
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-TINY = ["data.dataset=synthetic", "data.synthetic_size=48", "data.image_size=16", "model.width=8",
-        "train.batch_size=16", "train.precision=fp32", "train.device=cpu", "train.log_every=1", "train.epochs=1",
-        "train.eval_every=1"]
+RUN = {"log_every": 1, "train.eval_every": 1}  # on top of the shared tiny run (tests/conftest.py)
 
 
 @pytest.mark.parametrize("view_size, expected", [(None, 16), (8, 8)])
 def test_views_take_view_size_and_the_encoder_keeps_the_image_size(tmp_path, view_size, expected):
     extra = [] if view_size is None else [f"augment.view_size={view_size}"]
-    trainer = Trainer(load_config(None, [*TINY, f"train.output_dir={tmp_path}", *extra]))
+    trainer = Trainer(tiny_config(tmp_path, *extra, epochs=1, **RUN))
     seen = []
     pair = trainer.augment.pair
 
@@ -49,7 +48,7 @@ def test_progressive_size_ends_at_the_final_size_when_the_range_is_not_a_multipl
 
 def test_progressive_views_follow_the_schedule_and_the_encoder_keeps_the_image_size(tmp_path):
     # 48 images, batch 16, 2 epochs: 6 steps at progress 0, 1/6, ..., 5/6 of the schedule, 8 rising to 16 px.
-    cfg = load_config(None, [*TINY, f"train.output_dir={tmp_path}", "train.epochs=2", "augment.view_size_start=8"])
+    cfg = tiny_config(tmp_path, "augment.view_size_start=8", epochs=2, **RUN)
     trainer = Trainer(cfg)
     sizes = []
     pair = trainer.augment.pair

@@ -7,15 +7,14 @@ import json
 from pathlib import Path
 
 import pytest
+from conftest import tiny_config
 
-from simclr_cli.config import load_config
 from simclr_cli.train import pretrain
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-TINY = ["data.dataset=synthetic", "data.synthetic_size=256", "data.image_size=16", "train.batch_size=32",
-        "train.device=cpu", "train.eval_every=1", "train.eval_split=val", "data.val_size=64", "model.width=8",
-        "train.log_every=2", "train.precision=fp32"]
+# on top of the shared tiny run (tests/conftest.py)
+RUN = {"synthetic_size": 256, "batch_size": 32, "train.eval_every": 1, "train.eval_split": "val", "data.val_size": 64}
 
 
 def records(out: Path, kind: str) -> list[dict]:
@@ -25,7 +24,7 @@ def records(out: Path, kind: str) -> list[dict]:
 
 def test_every_window_has_its_data_wait_and_every_evaluation_its_health(tmp_path):
     events = []
-    pretrain(load_config(None, [*TINY, "train.epochs=2", f"train.output_dir={tmp_path}"]),
+    pretrain(tiny_config(tmp_path, epochs=2, **RUN),
              callback=lambda event, data: events.append((event, data)))
     steps, evals = records(tmp_path, "step"), records(tmp_path, "eval")
     assert steps and all(0 <= r["data_wait"] < 1 for r in steps)
@@ -40,8 +39,7 @@ def test_a_run_made_to_collapse_is_warned_with_its_causes(tmp_path):
     """Weight decay 50 drives every decayed weight of the head to zero within a few steps: z becomes the head's
     last bias, one vector for every image."""
     events = []
-    pretrain(load_config(None, [*TINY, "train.epochs=3", "optim.weight_decay=50", "optim.lr=0.5",
-                                f"train.output_dir={tmp_path}"]),
+    pretrain(tiny_config(tmp_path, "optim.weight_decay=50", "optim.lr=0.5", epochs=3, **RUN),
              callback=lambda event, data: events.append((event, data)))
     warnings = records(tmp_path, "warning")
     assert warnings and "representation collapse?" in warnings[-1]["message"]
@@ -52,11 +50,11 @@ def test_a_run_made_to_collapse_is_warned_with_its_causes(tmp_path):
 def test_a_resumed_run_judges_collapse_against_the_runs_first_evaluation(tmp_path, monkeypatch):
     from simclr_cli.train import monitor
 
-    pretrain(load_config(None, [*TINY, "train.epochs=1", f"train.output_dir={tmp_path}"]))
+    pretrain(tiny_config(tmp_path, epochs=1, **RUN))
     judged = []
     real = monitor.collapse_warning
     monkeypatch.setattr(monitor, "collapse_warning", lambda first, now: judged.append(first) or real(first, now))
-    pretrain(load_config(None, [*TINY, "train.epochs=2", f"train.output_dir={tmp_path}"]), resume=True)
+    pretrain(tiny_config(tmp_path, epochs=2, **RUN), resume=True)
     first = records(tmp_path, "eval")[0]
     assert len(judged) == 1 and judged[0]["step"] == first["step"] and judged[0]["rank_z"] == first["rank_z"]
 
@@ -65,8 +63,8 @@ def test_a_collapse_warning_reaches_the_live_loggers(tmp_path):
     pytest.importorskip("tensorboard")
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    pretrain(load_config(None, [*TINY, "train.epochs=3", "optim.weight_decay=50", "optim.lr=0.5",
-                                f"train.output_dir={tmp_path}", "train.loggers=[tensorboard]"]))
+    pretrain(tiny_config(tmp_path, "optim.weight_decay=50", "optim.lr=0.5", "train.loggers=[tensorboard]", epochs=3,
+                         **RUN))
     events = EventAccumulator(str(tmp_path / "tensorboard"))
     events.Reload()
     texts = [e.tensor_proto.string_val[0].decode() for e in events.Tensors("warnings/text_summary")]

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from simclr_cli.evaluate import Column, Evaluation
+from simclr_cli.score import Column, Evaluation
 
 
 def centroid(f, opts) -> dict:
