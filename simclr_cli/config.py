@@ -22,7 +22,7 @@ import yaml
 
 from simclr_cli.errors import ConfigError
 from simclr_cli.owned import checked_options, option_hint, settings
-from simclr_cli.registry import METHODS, SOURCES
+from simclr_cli.registry import LOGGERS, METHODS, PRESETS, SOURCES
 from simclr_cli.runtime import PRECISIONS
 from simclr_cli.typed import build
 
@@ -48,7 +48,7 @@ class DataConfig:
 
 @dataclass
 class AugmentConfig:
-    preset: str = "simclr"  # simclr (the paper's CIFAR recipe) | baseline (the original design's)
+    preset: str = "simclr"  # registry.PRESETS: simclr (the paper's CIFAR recipe) | baseline (the original design's)
     crop_scale_min: float = 0.08  # simclr: smallest crop area as a fraction of the image
     jitter_strength: float = 1.0  # simclr: multiplies colour jitter 0.4/0.4/0.4/0.1
     view_size: int | None = None  # pixels of each training view; null = data.image_size (what probes use)
@@ -116,7 +116,7 @@ class TrainConfig:
     eval_split: str = "val"  # monitor queries: val (held out of the training split; the rest is the bank) | test
     knn_k: int = 200  # kNN monitor neighbours
     knn_temperature: float = 0.1  # kNN monitor vote temperature
-    loggers: list[str] = field(default_factory=list)  # live loggers beside metrics.jsonl: any of tensorboard, wandb, mlflow (each an extra)
+    loggers: list[str] = field(default_factory=list)  # live loggers beside metrics.jsonl (registry.LOGGERS): any of tensorboard, wandb, mlflow (each an extra)
     log_project: str = "simclr"  # wandb: the project; mlflow: the experiment (the run is named after output_dir)
     dist_timeout_min: float = 30.0  # several processes: minutes a collective may wait for the others before the run fails
 
@@ -138,15 +138,13 @@ IMAGENET_STEM_FROM = 64
 # data.dataset, model.arch and method.name name entries of the registries (`registry.py`), which check them,
 # with a close match; a method's own settings and rules are its entry's (`method_section`, `check_method`).
 CHOICES = {
-    "augment.preset": ("simclr", "baseline"),
+    "augment.preset": PRESETS,  # the registries' names, plugins' included
     "model.stem": ("auto", "cifar", "imagenet"),
     "optim.name": ("sgd", "adam", "adamw", "lars"),
     "optim.schedule": ("cosine", "plateau", "constant"),
     "train.precision": PRECISIONS,
     "train.eval_split": ("val", "test"),
 }
-
-LOGGERS = ("tensorboard", "wandb", "mlflow")  # train.loggers (train/loggers.py)
 
 # (key, test, what the value must be): checked after every load and override.
 RULES = [
@@ -162,8 +160,8 @@ RULES = [
     ("train.eval_every", lambda v: v >= 0, ">= 0"),
     ("train.knn_k", lambda v: v >= 1, ">= 1"),
     ("train.knn_temperature", lambda v: v > 0, "> 0"),
-    ("train.loggers", lambda v: set(v) <= set(LOGGERS) and len(set(v)) == len(v),
-     f"a list of distinct names of {', '.join(LOGGERS)}"),
+    ("train.loggers", lambda v: set(v) <= set(LOGGERS.names()) and len(set(v)) == len(v),
+     lambda: f"a list of distinct names of {', '.join(LOGGERS.names())}"),
     ("train.log_project", lambda v: v.strip() != "", "a name, not empty"),
     ("train.dist_timeout_min", lambda v: v > 0, "> 0 (minutes)"),
     ("optim.lr", lambda v: v > 0, "> 0"),
@@ -207,6 +205,7 @@ def validate(cfg: Config) -> Config:
             raise ConfigError(f"'{key}' must be one of {', '.join(choices)}; got {get_value(cfg, key)!r}")
     for key, test, what in RULES:
         if not test(get_value(cfg, key)):
+            what = what() if callable(what) else what  # a registry's names, as they are now
             raise ConfigError(f"'{key}' must be {what}; got {get_value(cfg, key)!r}")
     if cfg.model.stem == "auto":  # the written config.yaml and checkpoints hold the stem this chose
         cfg.model.stem = "imagenet" if cfg.data.image_size >= IMAGENET_STEM_FROM else "cifar"

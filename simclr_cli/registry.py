@@ -1,4 +1,5 @@
-"""The registries of what people add: methods, data sources, backbone families, export formats, evaluations.
+"""The registries of what people add: methods, data sources, backbone families, export formats, evaluations,
+augmentation presets and live loggers.
 
 Each registry maps a name to an entry that carries its own policy (a method's options and views, a source's
 needs and normalisation, a family's classifier keys, a format's suffix and reader, an evaluation's columns);
@@ -160,8 +161,8 @@ SOURCES = Registry("data source", "data.dataset", "simclr_cli.sources", {
 # model.arch FAMILY:NAME -> the family that builds NAME and owns its policy (`models.library`: classifier keys,
 # state-dict layout, load hint); the built-in ResNets (model.arch resnet18, ...) are `models.resnet.RESNETS`.
 ENCODERS = Registry("backbone family", "model.arch", "simclr_cli.encoders", {
-    "torchvision": "simclr_cli.models.library:TORCHVISION",
-    "timm": "simclr_cli.models.library:TIMM",
+    "torchvision": "simclr_cli.models.family_torchvision:TORCHVISION",
+    "timm": "simclr_cli.models.family_timm:TIMM",
 })
 
 # simclr extract --format NAME -> an `artifacts.ExportFormat` (suffix, what it takes, writer, reader, load hint)
@@ -180,5 +181,18 @@ EVALUATIONS = Registry("evaluation", "evaluation", "simclr_cli.evaluations", {
     "linear": "simclr_cli.score.linear:LINEAR",
 })
 
+# augment.preset NAME -> a function (augmenter, uint8 batch, generator, size) -> the batch's two views
+PRESETS = Registry("augmentation preset", "augment.preset", "simclr_cli.presets", {
+    "simclr": "simclr_cli.augment.views:simclr_views",
+    "baseline": "simclr_cli.augment.views:baseline_views",
+})
+
+# train.loggers NAME -> a tracker class (`train.trackers.Tracker`: its package, extra, fix, and records)
+LOGGERS = Registry("live logger", "train.loggers", "simclr_cli.loggers", {
+    "tensorboard": "simclr_cli.train.trackers:TensorBoard",
+    "wandb": "simclr_cli.train.trackers:WandB",
+    "mlflow": "simclr_cli.train.trackers:MLflow",
+})
+
 REGISTRIES = {"methods": METHODS, "sources": SOURCES, "encoders": ENCODERS, "exports": EXPORTS,
-              "evaluations": EVALUATIONS}
+              "evaluations": EVALUATIONS, "presets": PRESETS, "loggers": LOGGERS}

@@ -56,7 +56,7 @@ def library_model(arch: str, kwargs: dict, stem: str) -> torch.nn.Module:
         m = timm.create_model(name, num_classes=0, **kwargs)
     else:
         m = torchvision.models.get_model(name, **kwargs)
-        library._drop_classifier(m, arch)
+        library.drop_classifier(m, arch)
     if stem == "cifar":
         library.adapt_to_small_images(m)
     return m.eval()

@@ -20,8 +20,8 @@ from simclr_cli.augment.color import (JITTER_IDENTITY, JITTER_PERMS, adjust_brig
                                grayscale_, per_sample)
 from simclr_cli.config import AugmentConfig
 from simclr_cli.data import NORMALIZATION
+from simclr_cli.registry import PRESETS  # augment.preset NAME -> (augmenter, x, generator, size) -> two views
 
-PRESETS = ("simclr", "baseline")
 _CROP_TRIES = 10  # candidate boxes per sample, as in torchvision's RandomResizedCrop
 
 
@@ -160,6 +160,7 @@ class Augmenter:
                  jitter_strength: float = 1.0, memory_format: torch.memory_format = torch.contiguous_format) -> None:
         if preset not in PRESETS:
             raise ValueError(f"unknown augmentation preset {preset!r}; valid presets: {', '.join(PRESETS)}")
+        self._views = PRESETS[preset]
         if not 0.0 < crop_scale_min <= 1.0:
             raise ValueError(f"crop_scale_min must be in (0, 1], got {crop_scale_min}")
         if jitter_strength < 0:
@@ -178,11 +179,7 @@ class Augmenter:
             raise ValueError(f"expected a uint8 (B, 3, H, W) batch, got {x.dtype} {tuple(x.shape)}")
         x = x.float().div_(255.0)  # (B, 3, H, W) in [0, 1]
         size = size or self.size
-        if self.preset == "simclr":
-            views = (self._simclr_view(x, generator, size), self._simclr_view(x, generator, size))
-        else:
-            views = (self._baseline_geometric(x, generator, size), self._baseline_photometric(x, generator, size))
-        return tuple(self._normalize(v) for v in views)  # type: ignore[return-value]
+        return tuple(self._normalize(v) for v in self._views(self, x, generator, size))  # type: ignore[return-value]
 
     def pair(self, x: torch.Tensor, generator: torch.Generator | None = None, size: int | None = None) -> torch.Tensor:
         """Both views as the one (2B, 3, size, size) batch a method's forward takes, view 1 first, in the
@@ -233,3 +230,13 @@ class Augmenter:
         factors = 0.6 + 0.8 * _rand(g, (B, 2), x.device)  # (B, 2) in [0.6, 1.4): brightness, contrast
         v = contrast_(adjust_brightness(x, factors[:, 0]), factors[:, 1])  # x may be shared: copy once
         return add_gaussian_noise(v, 0.05, g)
+
+
+def simclr_views(augment: Augmenter, x: torch.Tensor, g: torch.Generator | None, size: int) -> tuple[torch.Tensor, ...]:
+    """The `simclr` preset: each view the paper's CIFAR recipe, drawn independently (see `Augmenter`)."""
+    return augment._simclr_view(x, g, size), augment._simclr_view(x, g, size)
+
+
+def baseline_views(augment: Augmenter, x: torch.Tensor, g: torch.Generator | None, size: int) -> tuple[torch.Tensor, ...]:
+    """The `baseline` preset: the original design's asymmetric pair (see `Augmenter`)."""
+    return augment._baseline_geometric(x, g, size), augment._baseline_photometric(x, g, size)

@@ -17,14 +17,13 @@ recorded in `notes`: the start panel says when a network would see a 1x1 map.
 Each family declares its policy (`LibraryFamily`): the export formats its state dict is, the classifier keys
 a warm start leaves out, its layout of the weights and the line that loads them in the library.
 
-Longer than 300 lines: the encoder the libraries give and the two families that build it, with their policy,
-are one concept; the families share LibraryEncoder's probe and stem adaptation.
+The families themselves are one file each (`family_torchvision.py`, `family_timm.py`), each one line in
+registry.ENCODERS; a family from another package is the same through the `simclr_cli.encoders` entry point.
 """
 
 from __future__ import annotations
 
 import difflib
-import importlib.util
 import inspect
 from collections import OrderedDict
 from pathlib import Path
@@ -33,9 +32,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from simclr_cli.errors import ConfigError, MissingExtraError
+from simclr_cli.errors import ConfigError
 from simclr_cli.models.resnet import RESNETS
-from simclr_cli.models.spec import DescriptionError
 from simclr_cli.registry import ENCODERS
 
 
@@ -70,7 +68,7 @@ def adapt_to_small_images(net: nn.Module) -> str:
     return "small-image stem: " + (", ".join(done) if done else "none needed")
 
 
-def _drop_classifier(net: nn.Module, arch: str) -> str:
+def drop_classifier(net: nn.Module, arch: str) -> str:
     """Replace the last nn.Linear (torchvision's classifier) by an identity; its module path."""
     linears = [name for name, m in net.named_modules() if isinstance(m, nn.Linear)]
     if not linears:
@@ -155,7 +153,7 @@ class LibraryEncoder(nn.Module):
         return int(outs[0].shape[1]), (maps[-1] if maps else None)
 
 
-def _unknown(family: str, name: str, names: list[str]) -> ConfigError:
+def unknown_model(family: str, name: str, names: list[str]) -> ConfigError:
     close = difflib.get_close_matches(name, names, n=3)
     hint = f": did you mean {', '.join(f'{family}:{c}' for c in close)}?" if close else ""
     return ConfigError(f"'model.arch' {family}:{name} is not a {family} model{hint}")
@@ -170,7 +168,7 @@ def state_copy(module: nn.Module) -> OrderedDict:
     return copy
 
 
-def _constructed(arch: str, build, kwargs: dict) -> nn.Module:
+def constructed(arch: str, build, kwargs: dict) -> nn.Module:
     try:
         return build()
     except (TypeError, ValueError, AssertionError) as err:  # a keyword, or a combination, the constructor refuses
@@ -179,7 +177,7 @@ def _constructed(arch: str, build, kwargs: dict) -> nn.Module:
                           "takes") from None
 
 
-def _parameters(function) -> set[str]:
+def parameters_of(function) -> set[str]:
     """The named parameters of a function or constructor (not *args / **kwargs)."""
     return {p.name for p in inspect.signature(function).parameters.values()
             if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)} - {"self"}
@@ -237,115 +235,10 @@ class LibraryFamily:
         return spec["arch"].rpartition(":")[2], kwargs, stem
 
 
-class Torchvision(LibraryFamily):
-    """`torchvision:NAME`: the classification models of torchvision.models."""
-
-    prefix = "torchvision"
-    formats = ("torchvision",)
-
-    def load_hint(self, encoder: LibraryEncoder, fmt: str, load: str) -> str:
-        name, kwargs, stem = self._hint_parts(encoder.describe())
-        return (f"m = torchvision.models.get_model({name!r}{kwargs}); m.{encoder.removed} = torch.nn.Identity(); "
-                f"m.{load}{stem}")
-
-    @staticmethod
-    def names() -> list[str]:
-        import torchvision
-
-        return torchvision.models.list_models(module=torchvision.models)
-
-    def check(self, name: str) -> None:
-        """An unknown name is one line with the closest names."""
-        names = self.names()
-        if name not in names:
-            raise _unknown(self.prefix, name, names)
-
-    @staticmethod
-    def declared(name: str) -> set[str]:
-        """The keywords NAME's builder and model class name. torchvision's builders pass **kwargs on to the
-        class, and some classes (MobileNetV3) take **kwargs and drop them: an undeclared keyword would be
-        ignored without a word, so it is refused before building."""
-        import torchvision
-
-        builder = torchvision.models.get_model_builder(name)
-        cls = inspect.signature(builder).return_annotation  # the model class (a string under postponed annotations)
-        cls = builder.__globals__.get(cls) if isinstance(cls, str) else cls
-        return _parameters(builder) | (_parameters(cls.__init__) if isinstance(cls, type) else set())
-
-    def check_kwargs(self, name: str, kwargs: dict) -> None:
-        """A keyword NAME does not declare is refused: MobileNetV3 would swallow it without a word."""
-        declared = self.declared(name) - {"weights", "progress"}
-        for key in kwargs:
-            if key not in declared:
-                raise DescriptionError(f"kwargs.{key}", f"is not a keyword {self.prefix}:{name} takes, so it would be "
-                                       f"ignored (it takes {', '.join(sorted(declared))})")
-
-    def build(self, name: str, kwargs: dict, stem: str, image_size: int, pretrained: bool = False) -> LibraryEncoder:
-        """NAME built as `check` allowed it (`models.encoder_from_spec` checks first)."""
-        import torchvision
-
-        arch = f"{self.prefix}:{name}"
-        weights = "DEFAULT" if pretrained else None
-        try:
-            net = _constructed(arch, lambda: torchvision.models.get_model(name, weights=weights, **kwargs), kwargs)
-        except (OSError, RuntimeError) as err:  # a download that could not happen (URLError is an OSError)
-            raise fetch_failed(arch, err) from None
-        notes = [adapt_to_small_images(net)] if stem == "cifar" else []
-        removed = _drop_classifier(net, arch)
-        return LibraryEncoder(arch, net, kwargs, stem, removed, notes, image_size)
-
-
-class Timm(LibraryFamily):
-    """`timm:NAME`: any timm model, built with num_classes=0 (the extra `timm`)."""
-
-    prefix = "timm"
-    formats = ("timm",)
-
-    def load_hint(self, encoder: LibraryEncoder, fmt: str, load: str) -> str:
-        name, kwargs, stem = self._hint_parts(encoder.describe())
-        return f"m = timm.create_model({name!r}, num_classes=0{kwargs}); m.{load}{stem}"
-
-    @staticmethod
-    def _timm():
-        if importlib.util.find_spec("timm") is None:
-            raise MissingExtraError("timm models need the timm package: pip install 'simclr-cli[timm]'")
-        import timm
-
-        return timm
-
-    def names(self) -> list[str]:
-        return self._timm().list_models()
-
-    def check(self, name: str) -> None:
-        """An unknown name is one line with the closest names; without timm, the line names the extra."""
-        if not self._timm().is_model(name):
-            raise _unknown(self.prefix, name, self.names())
-
-    @staticmethod
-    def check_kwargs(name: str, kwargs: dict) -> None:
-        """Nothing to add: timm's model classes take no **kwargs they would drop (an unknown keyword is their
-        TypeError, one line at build time)."""
-
-    def build(self, name: str, kwargs: dict, stem: str, image_size: int, pretrained: bool = False) -> LibraryEncoder:
-        """NAME built as `check` allowed it (`models.encoder_from_spec` checks first)."""
-        timm = self._timm()
-        arch = f"{self.prefix}:{name}"
-        try:
-            net = _constructed(arch, lambda: timm.create_model(name, pretrained=pretrained, num_classes=0, **kwargs),
-                               kwargs)
-        except (OSError, RuntimeError) as err:
-            raise fetch_failed(arch, err) from None
-        notes = [adapt_to_small_images(net)] if stem == "cifar" else []
-        return LibraryEncoder(arch, net, kwargs, stem, None, notes, image_size)
-
-
 def library_state_dict(encoder: LibraryEncoder) -> dict[str, Any]:
     """The library's own state dict of the model (classifier removed): what its constructor, with the same
     keywords, the same stem change and the classifier set to nn.Identity(), loads with strict=True."""
     return {k: v.detach().cpu() for k, v in encoder.net.state_dict().items()}
-
-
-TORCHVISION, TIMM = Torchvision(), Timm()  # the entries of registry.ENCODERS
 
 
 def family_of(arch: object) -> Any:

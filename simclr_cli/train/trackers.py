@@ -1,7 +1,8 @@
-"""The trackers a run's records go to (`train.loggers`): TensorBoard, Weights & Biases and MLflow, each one
-class that opens (or continues) its record, writes one record, says where to watch it and closes; their
-packages checked before any data is read (`check_loggers`), and one line naming the fix for one that
-cannot start (`open_tracker`). `loggers.Loggers` feeds them from a thread of its own.
+"""The trackers a run's records go to (`train.loggers`, registry.LOGGERS): TensorBoard, Weights & Biases and
+MLflow, each one `Tracker` class that opens (or continues) its record, writes one record, says where to
+watch it and closes, and declares its package, extra and fix; their packages checked before any data is
+read (`check_loggers`), and one line naming the fix for one that cannot start (`open_tracker`).
+`loggers.Loggers` feeds them from a thread of its own.
 """
 
 from __future__ import annotations
@@ -13,35 +14,36 @@ from pathlib import Path
 
 from simclr_cli.config import Config, config_to_dict, dump_config
 from simclr_cli.errors import LoggerError, MissingExtraError
+from simclr_cli.registry import LOGGERS
 from simclr_cli.rundir import RunDir
 
-# name -> (module it imports, extra that installs it)
-PACKAGES = {"tensorboard": ("torch.utils.tensorboard", "tensorboard"), "wandb": ("wandb", "wandb"),
-            "mlflow": ("mlflow", "mlflow")}
 DATABASE_SCHEMES = ("sqlite", "postgresql", "mysql", "mssql")  # MLflow stores behind SQLAlchemy
 
 
-def check_loggers(names: list[str]) -> None:
-    """Each logger's package imports; MLflow's database store has its driver. One line naming the fix."""
-    for name in names:
-        module, extra = PACKAGES[name]
-        try:
-            __import__(module)
-        except ImportError as err:
-            raise MissingExtraError(f"train.loggers has {name}, which needs the {extra} package ({err}): pip install "
-                                    f"'simclr-cli[{extra}]', or take {name} out of train.loggers") from None
-    if "mlflow" in names:
-        import mlflow
+class Tracker:
+    """What a live logger declares (an entry of registry.LOGGERS): the module it imports and the extra that
+    installs it, checked before any data is read, and the fix to name when it cannot start. A tracker is
+    built as cls(rundir, cfg, facts, start_step, saved: its own dict, kept in the checkpoint for a resume) and
+    has `where()` (what the start panel shows), `write(record, numbers)` and `close(status)`."""
 
-        uri = mlflow.get_tracking_uri()
-        if uri.split(":", 1)[0].split("+", 1)[0] in DATABASE_SCHEMES:
-            try:
-                import alembic  # noqa: F401
-                import sqlalchemy  # noqa: F401
-            except ImportError:
-                raise MissingExtraError(f"MLflow's tracking store {uri} is a database, which needs the full mlflow "
-                                        "package, not mlflow-skinny alone: pip install 'simclr-cli[mlflow]', or "
-                                        "set MLFLOW_TRACKING_URI to your tracking server") from None
+    name: str
+    package: str  # the module it imports
+    extra: str  # pip install 'simclr-cli[EXTRA]'
+    fix: str  # what to do when it cannot start
+
+    @classmethod
+    def check(cls) -> None:
+        try:
+            __import__(cls.package)
+        except ImportError as err:
+            raise MissingExtraError(f"train.loggers has {cls.name}, which needs the {cls.extra} package ({err}): pip "
+                                    f"install 'simclr-cli[{cls.extra}]', or take {cls.name} out of train.loggers") from None
+
+
+def check_loggers(names: list[str]) -> None:
+    """Each logger's package imports (and what else it needs, MLflow's database driver). One line naming the fix."""
+    for name in names:
+        LOGGERS[name].check()
 
 
 def flat(cfg: Config) -> dict[str, str | int | float | bool]:
@@ -54,12 +56,13 @@ def flat(cfg: Config) -> dict[str, str | int | float | bool]:
     return out
 
 
-class TensorBoard:
+class TensorBoard(Tracker):
     """Event files in RUN_DIR/tensorboard (`tensorboard --logdir RUN_DIR/tensorboard`)."""
 
-    name = "tensorboard"
+    name, package, extra = "tensorboard", "torch.utils.tensorboard", "tensorboard"
+    fix = "check that the run directory can be written"
 
-    def __init__(self, rundir: RunDir, cfg: Config, facts: dict, start_step: int) -> None:
+    def __init__(self, rundir: RunDir, cfg: Config, facts: dict, start_step: int, saved: dict) -> None:
         from torch.utils.tensorboard import SummaryWriter
         from torch.utils.tensorboard.summary import hparams
 
@@ -91,11 +94,12 @@ class TensorBoard:
         self.writer.close()
 
 
-class WandB:
+class WandB(Tracker):
     """A Weights & Biases run (project train.log_project, named after the run directory); its local files in
     RUN_DIR/wandb. WANDB_MODE=offline writes them only, for `wandb sync` later."""
 
-    name = "wandb"
+    name, package, extra = "wandb", "wandb", "wandb"
+    fix = "run `wandb login` or set WANDB_API_KEY, or WANDB_MODE=offline to keep the run on disk for `wandb sync`"
 
     def __init__(self, rundir: RunDir, cfg: Config, facts: dict, start_step: int, saved: dict) -> None:
         import wandb
@@ -131,12 +135,29 @@ class WandB:
         self.run.finish(exit_code=0 if status == "done" else 1)  # W&B: finished, else failed until resumed
 
 
-class MLflow:
+class MLflow(Tracker):
     """An MLflow run in experiment train.log_project, at MLFLOW_TRACKING_URI (MLflow's default without it);
     the config as parameters, the start facts as tags."""
 
-    name = "mlflow"
+    name, package, extra = "mlflow", "mlflow", "mlflow"
+    fix = "check MLFLOW_TRACKING_URI and that its server or store is reachable"
     STATUS = {"done": "FINISHED", "stopped": "KILLED"}  # anything else: FAILED
+
+    @classmethod
+    def check(cls) -> None:
+        """The package, and a database store's driver: the full mlflow package, not mlflow-skinny alone."""
+        super().check()
+        import mlflow
+
+        uri = mlflow.get_tracking_uri()
+        if uri.split(":", 1)[0].split("+", 1)[0] in DATABASE_SCHEMES:
+            try:
+                import alembic  # noqa: F401
+                import sqlalchemy  # noqa: F401
+            except ImportError:
+                raise MissingExtraError(f"MLflow's tracking store {uri} is a database, which needs the full mlflow "
+                                        "package, not mlflow-skinny alone: pip install 'simclr-cli[mlflow]', or "
+                                        "set MLFLOW_TRACKING_URI to your tracking server") from None
 
     def __init__(self, rundir: RunDir, cfg: Config, facts: dict, start_step: int, saved: dict) -> None:
         import mlflow
@@ -189,14 +210,9 @@ def why_failed(err: BaseException) -> str:
 
 def open_tracker(name: str, rundir: RunDir, cfg: Config, facts: dict, start_step: int, saved: dict):
     """One logger, or one line naming why it could not start and the fix."""
+    tracker = LOGGERS[name]
     try:
-        if name == "tensorboard":
-            return TensorBoard(rundir, cfg, facts, start_step)
-        return (WandB if name == "wandb" else MLflow)(rundir, cfg, facts, start_step, saved)
+        return tracker(rundir, cfg, facts, start_step, saved)
     except Exception as err:
-        fix = {"tensorboard": "check that the run directory can be written",
-               "wandb": "run `wandb login` or set WANDB_API_KEY, or WANDB_MODE=offline to keep the run on disk "
-                        "for `wandb sync`",
-               "mlflow": "check MLFLOW_TRACKING_URI and that its server or store is reachable"}[name]
-        raise LoggerError(f"{name} could not start ({why_failed(err)}): {fix}, or take {name} out of train.loggers"
-                          ) from None
+        raise LoggerError(f"{name} could not start ({why_failed(err)}): {tracker.fix}, or take {name} out of "
+                          "train.loggers") from None
