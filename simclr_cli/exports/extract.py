@@ -8,7 +8,7 @@ nn.Identity() (and a built-in ResNet's stem as trained). timm: the state dict of
 `torch.load(path, weights_only=True)`; which state dicts an encoder has, and the line that loads them, its
 backbone family says (`models.library.LibraryFamily`). onnx, torchscript, safetensors: for other runtimes,
 each written with the preprocessing it needs and checked against the PyTorch encoder before it is kept
-(`portable.py`, `export_onnx.py`, `export_portable.py`). Every file is written atomically.
+(`portable.py`, `onnx.py`, `portable_files.py`). Every file is written atomically.
 
 A new format: an `ExportFormat` in a file of its own (its `write(LoadedEncoder, path, options) -> {facts}`
 writes the file atomically), one line in `registry.EXPORTS` or an entry point of the group
