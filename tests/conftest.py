@@ -65,6 +65,16 @@ def tiny_config(out: Path | str, *extra: str, **changes: Any) -> Config:
     return load_config(None, tiny_overrides(f"train.output_dir={out}", *extra, **changes))
 
 
+def pretrained_tiny(out: Path) -> Path:
+    """One epoch of the tiny run on 32 px images at the config's precision, no monitor: the run directory the
+    export and predict tests read (checkpoint.pt, encoder.pth)."""
+    from simclr_cli.train import pretrain
+
+    pretrain(tiny_config(out, "train.eval_every=0", "data.val_size=8", synthetic_size=32, image_size=32, epochs=1,
+                         precision=None, log_every=None))
+    return out
+
+
 def write_fake_cifar(root: Path, name: str, n_per_batch: int = 6, seed: int = 0,
                      protocols: tuple[int, ...] = (2,)) -> dict:
     """Write CIFAR-10 ("cifar10") or CIFAR-100 ("cifar100") batch files in torchvision's layout under root.

@@ -7,7 +7,7 @@ import json
 from pathlib import Path
 
 import pytest
-from conftest import tiny_config
+from conftest import pretrained_tiny
 import torch
 import torchvision
 from typer.testing import CliRunner
@@ -23,7 +23,6 @@ from simclr_cli.models.classifier import Classifier, classifier_payload
 from simclr_cli.models.encoder_file import load_encoder
 from simclr_cli.models.resnet import RESNETS
 from simclr_cli.registry import ENCODERS, EXPORTS
-from simclr_cli.train import pretrain
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -31,10 +30,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("run")
-    pretrain(tiny_config(out, "train.eval_every=0", "data.val_size=8", synthetic_size=32, image_size=32, epochs=1,
-                         precision=None, log_every=None))
-    return out
+    return pretrained_tiny(tmp_path_factory.mktemp("run"))
 
 
 def one_line(err: pytest.ExceptionInfo) -> str:

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 import typer
-from conftest import tiny_config
+from conftest import pretrained_tiny
 from PIL import Image
 from typer.testing import CliRunner
 
@@ -25,7 +25,6 @@ from simclr_cli.files import atomic_save
 from simclr_cli.models.classifier import Classifier, classifier_payload, load_classifier
 from simclr_cli.models.encoder_file import load_encoder
 from simclr_cli.models.features import preprocess
-from simclr_cli.train import pretrain
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -34,10 +33,7 @@ CLASSES = ["cat", "dog", "ship"]
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("run")
-    pretrain(tiny_config(out, "train.eval_every=0", "data.val_size=8", synthetic_size=32, image_size=32, epochs=1,
-                         precision=None, log_every=None))
-    return out
+    return pretrained_tiny(tmp_path_factory.mktemp("run"))
 
 
 def write_classifier(run: Path, path: Path, head_layer: int = 0) -> Path:
