@@ -219,6 +219,11 @@ def validate(cfg: Config) -> Config:
         raise ConfigError(f"'augment.small_crops' (multi-crop) needs a method that takes it ({takes}) and "
                           f"augment.preset=simclr; got {cfg.method.name} with {cfg.augment.preset}: set "
                           "augment.small_crops=0")
+    smallest = min(final, cfg.augment.view_size_start or final)  # the global views' smallest size
+    if cfg.augment.small_crops and cfg.augment.small_crop_size > smallest:
+        raise ConfigError(f"'augment.small_crop_size' ({cfg.augment.small_crop_size}) must not exceed the global views "
+                          f"({smallest} px): multi-crop's small views are the local ones; set augment.small_crop_size "
+                          f"<= {smallest}")
     if cfg.data.dataset in SOURCES:  # an unknown name is the data wing's one line (`data.check_source`)
         source, cfg.data.options = checked_options(SOURCES, "data", cfg.data.dataset, cfg.data.options)
         source.check(cfg.data)

@@ -148,6 +148,7 @@ METHODS = Registry("method", "method.name", "simclr_cli.methods", {
     "simclr": "simclr_cli.methods.simclr:SimCLRMethod",
     "moco": "simclr_cli.methods.moco:MoCoMethod",
     "byol": "simclr_cli.methods.byol:BYOLMethod",
+    "dino": "simclr_cli.methods.dino:DINOMethod",
 })
 
 # data.dataset NAME -> a `data.Source` (its loader and policy: root, labels, map or stream, downloads, ...)

@@ -1,4 +1,5 @@
-"""The pretraining methods: simclr, moco (momentum encoder + queue) and byol, on one loop.
+"""The pretraining methods: simclr, moco (momentum encoder + queue), byol and dino, on one loop (dino's own
+cases, and multi-crop, in tests/test_dino.py).
 
 Each loss against a slow oracle written from its paper's pseudocode, the EMA update and its momentum
 schedule, the queue (wrap-around, dtype), two gloo ranks (the queue gets both ranks' keys; gradients equal
@@ -30,8 +31,9 @@ from simclr_cli.train.interrupt import StopRequested
 from simclr_cli.train.state import load_checkpoint
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-METHODS = ("simclr", "moco", "byol")
-RUN = {"method.moco.queue_size": 40, "optim.warmup_epochs": 1}  # on top of the shared tiny run (tests/conftest.py)
+METHODS = ("simclr", "moco", "byol", "dino")
+RUN = {"method.moco.queue_size": 40, "method.dino.prototypes": 16, "method.dino.hidden": 32,
+       "method.dino.bottleneck": 16, "optim.warmup_epochs": 1}  # on top of the shared tiny run (tests/conftest.py)
 
 
 # --- the losses against their papers' pseudocode ---------------------------------------------------------

@@ -14,7 +14,11 @@ The training loop calls these and never branches on which method runs:
     method.views(augment, x, g, size)   the views of a uint8 batch (default: the pair, 2B views)
     method.loss(net, views, ctx)        the loss, forward passes inside `ctx` (autocast); `net` is `model`
                                         as wrapped (DDP, compile)
+    method.before_update(step, total)   after backward, before optimiser step `step` (0-based) of `total`,
+                                        gradients unscaled: clipping, a frozen layer's gradients dropped
     method.after_step(step, total)      after optimiser step `step` of `total`: EMA update, enqueue
+    method.check_data(data)             the training set (`data.ImageSet`), once, before the first step
+    method.views_per_image              views a step makes of each image, for the logged views/s
     method.networks()                   every network it runs (SyncBatchNorm converts them all)
     method.state_dict() / load_state_dict()   what a checkpoint must carry beyond `model`
 """
@@ -34,6 +38,16 @@ from simclr_cli.augment import Augmenter
 class Views:
     pair: torch.Tensor  # (2B, 3, S, S): view 1 of every image, then view 2
     small: torch.Tensor | None = None  # (m * B, 3, s, s): multi-crop's small views, when asked
+    noise: torch.Tensor | None = None  # per-image random numbers a method draws with its views (mae: its masks)
+
+
+def with_small_views(augment: Augmenter, x: torch.Tensor, generator: torch.Generator, size: int,
+                     small_crops: tuple[int, int, tuple[float, float]]) -> Views:
+    """The pair, then multi-crop's small views (n views of `small_size` px, crop areas in `scale`, from
+    `small_crops` = (n, small_size, scale)), drawn after both; no small views when n is 0."""
+    pair = augment.pair(x, generator, size)
+    n, small_size, scale = small_crops
+    return Views(pair, augment.small(x, generator, n, small_size, scale) if n else None)
 
 
 class Method:
@@ -41,6 +55,7 @@ class Method:
     Options: ClassVar[type | None] = None  # the dataclass of `method.NAME.*`; an instance is cfg.method.options
     RULES: ClassVar[list[tuple[str, Callable[[Any], bool], str]]] = []  # (option, test, what it must be)
     multi_crop: ClassVar[bool] = False  # takes augment.small_crops (its loss scores the small views)
+    views_per_image: ClassVar[int] = 2  # views a step makes of each image (the pair), for the logged views/s
 
     def health_head(self) -> torch.nn.Module | None:
         """The network after the encoder whose outputs the health monitor reads (the exported head)."""
@@ -67,6 +82,14 @@ class Method:
         network's too (left as it was, it would keep each rank's own batch statistics)."""
         for name, net in self.networks().items():
             setattr(self, name, torch.nn.SyncBatchNorm.convert_sync_batchnorm(net))
+
+    def check_data(self, data: Any) -> None:
+        """Nothing by default: a method whose settings depend on the training set refuses it here, one line
+        (a ConfigError), before the first step."""
+
+    def before_update(self, step: int, total_steps: int) -> None:
+        """Nothing by default: after backward (gradients averaged over ranks and unscaled), before the
+        optimiser step `step` (0-based) of `total_steps`."""
 
     def after_step(self, step: int, total_steps: int) -> None:
         """Nothing by default: a method with a second network updates it here."""

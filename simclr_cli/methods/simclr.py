@@ -18,7 +18,7 @@ import torch.nn.functional as F
 
 from simclr_cli.augment import Augmenter
 from simclr_cli.config import Config
-from simclr_cli.methods.base import Method, Views
+from simclr_cli.methods.base import Method, Views, with_small_views
 from simclr_cli.models import build_model
 
 
@@ -33,9 +33,7 @@ class SimCLRMethod(Method):
 
     def views(self, augment: Augmenter, x: torch.Tensor, generator: torch.Generator, size: int) -> Views:
         """The pair, then (multi-crop) the small views, drawn after both."""
-        pair = augment.pair(x, generator, size)
-        n, small_size, scale = self.small_crops
-        return Views(pair, augment.small(x, generator, n, small_size, scale) if n else None)
+        return with_small_views(augment, x, generator, size, self.small_crops)
 
     def loss(self, net: torch.nn.Module, views: Views, ctx: contextlib.AbstractContextManager) -> torch.Tensor:
         """views.pair (2B, 3, S, S): one forward, so batch norm sees both views; the loss in fp32.

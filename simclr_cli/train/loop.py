@@ -56,6 +56,23 @@ def wrap_for_step(method, cfg: Config, ranks: DistInfo, device: torch.device) ->
     return torch.compile(net) if cfg.train.compile else net
 
 
+def update(optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler | None, loss: torch.Tensor,
+           before_update) -> None:
+    """Backward, then `before_update()` on the gradients as the optimiser will read them (unscaled: clipping),
+    then the optimiser step. With fp16's scaler a step whose gradients overflowed is skipped, the scale lowered."""
+    optimizer.zero_grad(set_to_none=True)
+    if scaler is None:
+        loss.backward()
+        before_update()
+        optimizer.step()
+        return
+    scaler.scale(loss).backward()
+    scaler.unscale_(optimizer)
+    before_update()
+    scaler.step(optimizer)
+    scaler.update()
+
+
 class Trainer:
     """One run's objects, built from the config; `run()` trains from the current state to `train.epochs`."""
 
@@ -78,6 +95,7 @@ class Trainer:
         # a mapped cache does not, and the initial weights must not depend on which happened.
         torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
         self.method, nhwc = build_networks(cfg, self.device, resuming)
+        self.method.check_data(self.data)  # settings that depend on the training set: one line, before any step
         a = cfg.augment  # views may be smaller than the images (probes: image_size)
         self.augment = Augmenter(a.preset, a.view_size or cfg.data.image_size, self.mean, self.std, a.crop_scale_min,
                                  a.jitter_strength, torch.channels_last if nhwc else torch.contiguous_format)
@@ -117,14 +135,8 @@ class Trainer:
             broadcast_buffers(self.model)  # rank 0's batch norm statistics, once a step (see wrap_ddp)
         views = self.method.views(self.augment, x, self.generator, self.view_size())
         loss = self.method.loss(self.net, views, autocast(self.device, self.precision))
-        self.optimizer.zero_grad(set_to_none=True)
-        if self.scaler is not None:  # fp16: a step whose gradients overflowed is skipped, the scale lowered
-            self.scaler.scale(loss).backward()
-            self.scaler.step(self.optimizer)
-            self.scaler.update()
-        else:
-            loss.backward()
-            self.optimizer.step()
+        update(self.optimizer, self.scaler, loss,
+               lambda: self.method.before_update(self.state.step, self.scheduler.total_steps))
         self.scheduler.step_batch()
         self.method.after_step(self.state.step + 1, self.scheduler.total_steps)  # EMA, enqueue: before the next
         return loss.detach()
@@ -167,7 +179,8 @@ class Trainer:
     def _log_window(self, epoch: int, window: LossWindow) -> None:
         chunk = read_back(window, self.ranks.world_size, self._why)
         self.state.epoch_losses += chunk
-        self._log(window.record(chunk, epoch + 1, self.state.step, self.lr(), 2 * self.cfg.train.batch_size))
+        self._log(window.record(chunk, epoch + 1, self.state.step, self.lr(),
+                              self.method.views_per_image * self.cfg.train.batch_size))
 
     def _log(self, record: dict, event: str = "log") -> None:
         if self.ranks.is_main:
