@@ -150,7 +150,8 @@ def test_resume_mid_epoch_with_local_views_is_bit_exact(tmp_path, monkeypatch):
 def test_a_vit_with_local_views_trains(tmp_path):
     pytest.importorskip("timm")
     vit = {"model.arch": "timm:vit_tiny_patch16_224", "model.kwargs": "{img_size: 16, patch_size: 4, depth: 1, "
-           "embed_dim: 24, num_heads: 2, dynamic_img_size: true}"}
+           "embed_dim: 24, num_heads: 2, dynamic_img_size: true}",
+           "method.dino.batch_norm": "false"}  # the paper's ViT head
     pretrain(tiny_config(tmp_path, **MULTI_CROP, **vit, epochs=1))
     assert load_checkpoint(tmp_path / "checkpoint.pt")["method"]["step"] == 3
 
