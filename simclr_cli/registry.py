@@ -149,6 +149,7 @@ METHODS = Registry("method", "method.name", "simclr_cli.methods", {
     "moco": "simclr_cli.methods.moco:MoCoMethod",
     "byol": "simclr_cli.methods.byol:BYOLMethod",
     "dino": "simclr_cli.methods.dino:DINOMethod",
+    "mae": "simclr_cli.methods.mae:MAEMethod",
 })
 
 # data.dataset NAME -> a `data.Source` (its loader and policy: root, labels, map or stream, downloads, ...)

@@ -16,7 +16,13 @@ from simclr_cli.train.preflight import check_resume_config
 
 # A value each rule refuses: (method, setting) -> text as typed after --set.
 BAD = {("moco", "momentum"): "1", ("moco", "momentum_end"): "1.5", ("moco", "queue_size"): "0",
-       ("byol", "momentum"): "-0.1", ("byol", "momentum_end"): "2", ("byol", "predictor_hidden"): "0"}
+       ("byol", "momentum"): "-0.1", ("byol", "momentum_end"): "2", ("byol", "predictor_hidden"): "0",
+       ("dino", "momentum"): "1", ("dino", "momentum_end"): "-1", ("dino", "prototypes"): "1", ("dino", "hidden"): "0",
+       ("dino", "bottleneck"): "0", ("dino", "teacher_temp"): "0", ("dino", "teacher_temp_end"): "-0.1",
+       ("dino", "teacher_temp_epochs"): "-1", ("dino", "student_temp"): "0", ("dino", "center_momentum"): "1",
+       ("dino", "freeze_last_layer_epochs"): "-1", ("dino", "clip_grad"): "-1",
+       ("mae", "mask_ratio"): "1", ("mae", "decoder_depth"): "0", ("mae", "decoder_width"): "30",
+       ("mae", "decoder_heads"): "0"}
 
 
 def test_bad_values_cover_every_built_in_rule():
@@ -55,8 +61,9 @@ def test_the_flat_layout_of_older_files_still_reads():
     (["method.sise=3"], "unknown config key 'method.sise'"),
     (["method.simclr.x=1"], "'method.simclr' takes no settings"),
     (["method.name=byol", "method.byol=3"], "'method.byol' must be a mapping"),
-    (["method.name=mocoo"], "'method.name' must be one of simclr, moco, byol; got 'mocoo' (did you mean 'moco'?)"),
-    (["method.name=moco", "augment.small_crops=2"], "needs a method that takes it (simclr)"),
+    (["method.name=mocoo"], "'method.name' must be one of simclr, moco, byol, dino, mae; got 'mocoo' "
+                            "(did you mean 'moco'?)"),
+    (["method.name=moco", "augment.small_crops=2"], "needs a method that takes it (simclr, dino)"),
     (["a.b.c=1"], "section.key=value"),
 ])
 def test_bad_method_settings_are_one_line(overrides, message):

@@ -19,6 +19,8 @@ The training loop calls these and never branches on which method runs:
     method.after_step(step, total)      after optimiser step `step` of `total`: EMA update, enqueue
     method.check_data(data)             the training set (`data.ImageSet`), once, before the first step
     method.views_per_image              views a step makes of each image, for the logged views/s
+    Method.report_figure(config, state, images)   a figure of the method's own for `simclr report`, from
+                                        a checkpoint's config and model state (mae: reconstructions)
     method.networks()                   every network it runs (SyncBatchNorm converts them all)
     method.state_dict() / load_state_dict()   what a checkpoint must carry beyond `model`
 """
@@ -39,6 +41,15 @@ class Views:
     pair: torch.Tensor  # (2B, 3, S, S): view 1 of every image, then view 2
     small: torch.Tensor | None = None  # (m * B, 3, s, s): multi-crop's small views, when asked
     noise: torch.Tensor | None = None  # per-image random numbers a method draws with its views (mae: its masks)
+
+
+@dataclass
+class MethodFigure:
+    """A figure of a method's own for `simclr report`: rows of images under column titles."""
+    file: str  # its file name in the report folder
+    caption: str  # what it shows, for the report's index
+    columns: list[str]  # one title per column
+    rows: list[list[Any]]  # uint8 numpy images (3, H, W), one list per row
 
 
 def with_small_views(augment: Augmenter, x: torch.Tensor, generator: torch.Generator, size: int,
@@ -82,6 +93,12 @@ class Method:
         network's too (left as it was, it would keep each rank's own batch statistics)."""
         for name, net in self.networks().items():
             setattr(self, name, torch.nn.SyncBatchNorm.convert_sync_batchnorm(net))
+
+    @classmethod
+    def report_figure(cls, config: dict, model_state: dict, images: torch.Tensor) -> MethodFigure | None:
+        """None by default: a method that has a figure of its own draws it from a checkpoint's config and
+        "model" state, for a few held-out uint8 images (B, 3, H, W)."""
+        return None
 
     def check_data(self, data: Any) -> None:
         """Nothing by default: a method whose settings depend on the training set refuses it here, one line
