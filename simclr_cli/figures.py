@@ -184,3 +184,17 @@ def neighbors_grid(rows: Sequence[dict[str, Any]], path: str | Path, title: str)
         grid[0, c].set_title(f"#{c}", fontsize=9)
     fig.suptitle(title, fontsize=11)
     return save(fig, path)
+
+
+def image_rows(columns: Sequence[str], rows: Sequence[Sequence[np.ndarray]], path: str | Path, title: str) -> Path:
+    """Rows of uint8 (3, H, W) images under one title per column: a method's own figure (mae's
+    reconstructions: original, masked, reconstructed)."""
+    fig = _figure(1.25 * len(columns) + 0.3, 1.3 * len(rows) + 0.6)
+    grid = fig.subplots(len(rows), len(columns), squeeze=False)
+    for r, row in enumerate(rows):
+        for c, image in enumerate(row):
+            _show(grid[r, c], image, "", None)
+    for c, name in enumerate(columns):
+        grid[0, c].set_title(name, fontsize=9)
+    fig.suptitle(title, fontsize=11)
+    return save(fig, path)

@@ -7,7 +7,9 @@ What is drawn, and from what:
                  on the test split of the run's dataset: h projected to 2-D (t-SNE when scikit-learn is
                  installed, else PCA through torch.pca_lowrank), coloured by class;
 - neighbors.png  the first test image of each class, followed by its nearest train images by cosine on h;
-                 a neighbour of another class is framed in red.
+                 a neighbour of another class is framed in red;
+- a figure of the method's own, where it has one (`Method.report_figure`), from checkpoint.pt on the first
+                 test image of each class: mae's reconstructions.png (original, masked, reconstructed).
 The map and the grid need labels; a flat folder of images gets the curves alone. Nothing here trains or
 changes the run, so a report can be drawn while the run goes on.
 """
@@ -23,6 +25,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from simclr_cli.artifacts import open_artifact
 from simclr_cli.config import Config
 from simclr_cli.data import ImageSet, load_dataset
 from simclr_cli.errors import DatasetError, MissingExtraError, OptionError
@@ -31,7 +34,9 @@ from simclr_cli.serve.inference import Inference
 from simclr_cli.score.knn import knn_accuracy
 from simclr_cli.serve.search import top_k_cosine
 from simclr_cli.files import atomic_write_text, check_output_path
+from simclr_cli.methods.base import Method
 from simclr_cli.models.encoder_file import LoadedEncoder
+from simclr_cli.registry import METHODS
 from simclr_cli.rundir import RunDir, scalars
 from simclr_cli.runtime import Callback
 
@@ -134,6 +139,20 @@ def _draw_encoder_figures(report: Report, cfg: Config, loaded: LoadedEncoder, sp
                          f"nearest {train.name} images by cosine on h (red frame: another class)")
     report.figures.append(("neighbors.png", f"the first {test.name} image of each class and its {opts['k']} nearest "
                                             f"{train.name} images; red frame: another class"))
+
+
+def _draw_method_figure(report: Report, cfg: Config, rundir: RunDir, test: ImageSet, emit: Callback) -> None:
+    """The method's own figure from the run's checkpoint (its networks beyond the encoder), where it has one."""
+    method = METHODS[cfg.method.name]
+    if method.report_figure.__func__ is Method.report_figure.__func__ or not rundir.checkpoint.is_file():
+        return  # no figure of its own (most methods), or no checkpoint to draw it from
+    emit("stage", {"message": cfg.method.name})
+    ckpt = open_artifact(rundir.checkpoint)
+    images = torch.stack([torch.as_tensor(test.images[i]) for i in first_of_each_class(test.labels, 8)])
+    figure = method.report_figure(ckpt.config, ckpt.model, images)
+    if figure is not None:
+        figures.image_rows(figure.columns, figure.rows, report.folder / figure.file, f"{cfg.method.name}: {test.name}")
+        report.figures.append((figure.file, figure.caption))
 
 
 def _facts(cfg: Config, records: list[dict], encoder: Path | None) -> dict[str, str]:
@@ -242,6 +261,7 @@ def make_report(run_dir: str | Path, *, output: str | Path | None = None, data_r
                             "grid, which colour and frame by class")
     else:
         _draw_encoder_figures(report, cfg, loaded, splits, opts, emit)
+        _draw_method_figure(report, cfg, rundir, splits[1], emit)
     if tensorboard:
         write_tensorboard(records, report.folder / "tensorboard")
         report.notes.append(f"TensorBoard: tensorboard --logdir {report.folder / 'tensorboard'}")

@@ -131,10 +131,11 @@ def view_sizes(a: AugmentConfig, image_size: int) -> set[int]:
     return sizes | ({a.small_crop_size} if a.small_crops else set())
 
 
-def describe_views(a: AugmentConfig, image_size: int, now: int) -> str:
-    """What a run trains on, for the start panel; `now`: the current view size."""
-    text = f"2 x {now} px" if a.view_size_start is None else \
-        f"2 x {a.view_size_start} rising to {a.view_size or image_size} px (progressive; now {now})"
+def describe_views(a: AugmentConfig, image_size: int, now: int, per_image: int = 2) -> str:
+    """What a run trains on, for the start panel; `now`: the current view size, `per_image`: the method's
+    main views of each image."""
+    text = f"{per_image} x {now} px" if a.view_size_start is None else \
+        f"{per_image} x {a.view_size_start} rising to {a.view_size or image_size} px (progressive; now {now})"
     return text + (f" + {a.small_crops} x {a.small_crop_size} px (multi-crop)" if a.small_crops else "")
 
 

@@ -23,7 +23,7 @@ def start_panel(t) -> dict:
                      + "".join(f"; {note}" for note in getattr(t.model.encoder, "notes", [])),
             "batch": f"{cfg.train.batch_size} global = {t.ranks.world_size} {ranks} x {t.local_batch}, "
                      f"{t.steps_per_epoch} steps/epoch",
-            "views": describe_views(cfg.augment, cfg.data.image_size, t.view_size()),
+            "views": describe_views(cfg.augment, cfg.data.image_size, t.view_size(), t.method.views_per_image),
             "optimizer": f"{cfg.optim.name}, lr {cfg.optim.lr}, {cfg.optim.schedule} schedule",
             "run directory": str(t.rundir.path)}
 
