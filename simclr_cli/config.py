@@ -73,7 +73,7 @@ class ModelConfig:
 
 @dataclass
 class MethodConfig:
-    name: str = "simclr"  # a name of registry.METHODS: simclr | moco (EMA key encoder + queue: MoCo v2 / SimCLR v2) | byol
+    name: str = "simclr"  # a name of registry.METHODS: simclr | moco (EMA key encoder + queue) | byol | dino | mae
     # The named method's own settings, written `method.NAME.KEY` (method.moco.queue_size): an instance of the
     # method's Options dataclass, which holds their defaults (methods/NAME.py); None for a method without any.
     options: Any = None

@@ -3,7 +3,9 @@ builds its networks from the config (after torch.manual_seed), follows `methods.
 its own options (`method.NAME.*`), their rules, whether it takes multi-crop and its health head.
 
 simclr: NT-Xent over the batch. moco: an EMA key encoder and a queue of past keys as negatives (MoCo v2,
-the momentum encoder of SimCLR v2). byol: an EMA target and a predictor, no negatives.
+the momentum encoder of SimCLR v2). byol: an EMA target and a predictor, no negatives. dino: a student
+against an EMA teacher's centred, sharpened prototypes, multi-crop's small views as its local views. mae: a
+ViT on the visible patches and a decoder that predicts the hidden ones (`masked_vit.py`).
 
 A new method: a file here with a `Method` subclass, one line in `registry.METHODS` (or an entry point in the
 `simclr_cli.methods` group of another package), and its tests (copy tests/test_methods.py's loss oracle,
