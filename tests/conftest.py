@@ -75,6 +75,33 @@ def pretrained_tiny(out: Path) -> Path:
     return out
 
 
+def straight_and_resumed(tmp_path: Path, monkeypatch, *extra: str, stop_at: int = 5,
+                         **changes: Any) -> tuple[Path, Path]:
+    """The tiny run (with `extra` and `changes`) twice: straight through, and stopped by SIGTERM after step
+    `stop_at` (with the shared settings, a log window left open mid-epoch 2), then resumed. Their run folders."""
+    import signal
+
+    from simclr_cli.train import Trainer, pretrain
+    from simclr_cli.train.interrupt import StopRequested
+    from simclr_cli.train.state import load_checkpoint
+
+    pretrain(tiny_config(tmp_path / "straight", *extra, **changes))
+    original = Trainer.train_step
+
+    def train_step(self, x):
+        loss = original(self, x)
+        if self.state.step + 1 == stop_at:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return loss
+    monkeypatch.setattr(Trainer, "train_step", train_step)
+    with pytest.raises(StopRequested):
+        pretrain(tiny_config(tmp_path / "stopped", *extra, **changes))
+    monkeypatch.undo()
+    assert load_checkpoint(tmp_path / "stopped" / "checkpoint.pt")["step"] == stop_at
+    pretrain(tiny_config(tmp_path / "stopped", *extra, **changes), resume=True)
+    return tmp_path / "straight", tmp_path / "stopped"
+
+
 def write_fake_cifar(root: Path, name: str, n_per_batch: int = 6, seed: int = 0,
                      protocols: tuple[int, ...] = (2,)) -> dict:
     """Write CIFAR-10 ("cifar10") or CIFAR-100 ("cifar100") batch files in torchvision's layout under root.

@@ -5,11 +5,10 @@ process, bit-exact resume with multi-crop, a ViT, and each refusal in one line."
 from __future__ import annotations
 
 import os
-import signal
 
 import pytest
 import torch
-from conftest import tiny_config, tiny_set_args
+from conftest import straight_and_resumed, tiny_config, tiny_set_args
 from ranks import run_ranks  # tests/ranks.py
 from test_methods import assert_same, run_state
 from typer.testing import CliRunner
@@ -17,8 +16,7 @@ from typer.testing import CliRunner
 from simclr_cli.cli import app
 from simclr_cli.methods import build_method
 from simclr_cli.methods.dino import dino_loss, ramp, update_center
-from simclr_cli.train import Trainer, pretrain
-from simclr_cli.train.interrupt import StopRequested
+from simclr_cli.train import pretrain
 from simclr_cli.train.state import load_checkpoint
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -129,20 +127,7 @@ def test_the_teacher_follows_the_student_and_the_centre_moves(tmp_path):
 
 
 def test_resume_mid_epoch_with_local_views_is_bit_exact(tmp_path, monkeypatch):
-    pretrain(tiny_config(tmp_path / "straight", **MULTI_CROP))
-    original = Trainer.train_step
-
-    def train_step(self, x):
-        loss = original(self, x)
-        if self.state.step + 1 == 5:
-            os.kill(os.getpid(), signal.SIGTERM)
-        return loss
-    monkeypatch.setattr(Trainer, "train_step", train_step)
-    with pytest.raises(StopRequested):
-        pretrain(tiny_config(tmp_path / "stopped", **MULTI_CROP))
-    monkeypatch.undo()
-    pretrain(tiny_config(tmp_path / "stopped", **MULTI_CROP), resume=True)
-    straight, resumed = run_state(tmp_path / "straight"), run_state(tmp_path / "stopped")
+    straight, resumed = (run_state(run) for run in straight_and_resumed(tmp_path, monkeypatch, **MULTI_CROP))
     assert straight[0] == resumed[0]
     assert_same(straight[1], resumed[1])  # student, teacher, centre and the schedules' clock
 

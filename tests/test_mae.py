@@ -10,12 +10,11 @@ import json
 import math
 import os
 import re
-import signal
 
 import numpy as np
 import pytest
 import torch
-from conftest import tiny_config, tiny_set_args
+from conftest import straight_and_resumed, tiny_config, tiny_set_args
 from PIL import Image
 from ranks import run_ranks  # tests/ranks.py
 from typer.testing import CliRunner
@@ -27,8 +26,6 @@ from simclr_cli.errors import ConfigError
 from simclr_cli.methods.mae import MAEMethod, mae_from_checkpoint, masked_mse
 from simclr_cli.methods.masked_vit import MaskedAutoencoder, patchify, unpatchify
 from simclr_cli.models.library import LibraryEncoder, drop_classifier
-from simclr_cli.train import Trainer, pretrain
-from simclr_cli.train.interrupt import StopRequested
 from simclr_cli.train.state import load_checkpoint
 
 pytest.importorskip("timm")
@@ -282,21 +279,8 @@ def run_state(out) -> tuple[list, dict]:
 
 
 def test_resume_mid_epoch_is_bit_exact(tmp_path, monkeypatch):
-    pretrain(tiny_config(tmp_path / "straight", **RUN))
-    original = Trainer.train_step
-
-    def train_step(self, x):
-        loss = original(self, x)
-        if self.state.step + 1 == 5:  # a log window left open, mid-epoch 2
-            os.kill(os.getpid(), signal.SIGTERM)
-        return loss
-    monkeypatch.setattr(Trainer, "train_step", train_step)
-    with pytest.raises(StopRequested):
-        pretrain(tiny_config(tmp_path / "stopped", **RUN))
-    monkeypatch.undo()
-    assert load_checkpoint(tmp_path / "stopped" / "checkpoint.pt")["step"] == 5
-    pretrain(tiny_config(tmp_path / "stopped", **RUN), resume=True)
-    (straight, weights), (resumed, resumed_weights) = run_state(tmp_path / "straight"), run_state(tmp_path / "stopped")
+    runs = straight_and_resumed(tmp_path, monkeypatch, **RUN)
+    (straight, weights), (resumed, resumed_weights) = (run_state(run) for run in runs)
     assert [r for r in straight if r["kind"] != "eval"] == [r for r in resumed if r["kind"] != "eval"]
     assert weights.keys() == resumed_weights.keys() and all(torch.equal(weights[k], resumed_weights[k]) for k in weights)
     losses = [r["loss"] for r in straight if r["kind"] == "epoch"]

@@ -11,13 +11,12 @@ from __future__ import annotations
 import json
 import math
 import os
-import signal
 
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import tiny_config, tiny_set_args
+from conftest import straight_and_resumed, tiny_set_args
 from PIL import Image
 from ranks import run_ranks  # tests/ranks.py
 from typer.testing import CliRunner
@@ -26,8 +25,6 @@ from simclr_cli.cli import app
 from simclr_cli.methods.byol import byol_loss
 from simclr_cli.methods.ema import EmaTarget, momentum_at
 from simclr_cli.methods.moco import KeyQueue, gather_rows, info_nce_with_queue
-from simclr_cli.train import Trainer, pretrain
-from simclr_cli.train.interrupt import StopRequested
 from simclr_cli.train.state import load_checkpoint
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -169,21 +166,8 @@ def assert_same(a, b):
 
 @pytest.mark.parametrize("method", METHODS)
 def test_resume_mid_epoch_is_bit_exact(tmp_path, monkeypatch, method):
-    pretrain(tiny_config(tmp_path / "straight", f"method.name={method}", **RUN))
-    original = Trainer.train_step
-
-    def train_step(self, x):
-        loss = original(self, x)
-        if self.state.step + 1 == 5:  # a log window left open, mid-epoch 2
-            os.kill(os.getpid(), signal.SIGTERM)
-        return loss
-    monkeypatch.setattr(Trainer, "train_step", train_step)
-    with pytest.raises(StopRequested):
-        pretrain(tiny_config(tmp_path / "stopped", f"method.name={method}", **RUN))
-    monkeypatch.undo()
-    assert load_checkpoint(tmp_path / "stopped" / "checkpoint.pt")["step"] == 5
-    pretrain(tiny_config(tmp_path / "stopped", f"method.name={method}", **RUN), resume=True)
-    straight, resumed = run_state(tmp_path / "straight"), run_state(tmp_path / "stopped")
+    straight, stopped = straight_and_resumed(tmp_path, monkeypatch, f"method.name={method}", **RUN)
+    straight, resumed = run_state(straight), run_state(stopped)
     assert straight[0] == resumed[0]  # every loss and lr
     assert_same(straight[1], resumed[1])  # weights, target network, queue and its pointer
 
