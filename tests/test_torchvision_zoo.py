@@ -2,8 +2,10 @@
 torchvision:NAME`): built with its small-image stem, one forward in training and in eval mode, and its state
 round-tripped through the encoder file (torch.save, a weights_only load, a strict load) to the same h. One
 family's quirk cannot hide: MNASNet's loader needs the state's `_metadata`, which a plain dict copy lost.
-The models that cannot be an encoder at 32 px are listed with the one line they get. Slow: about 6 minutes
-on two cores, most of it building the largest models (regnet_y_128gf: 637M parameters, about a minute)."""
+The models that cannot be an encoder at 32 px are listed with the one line they get. Slow: about 5 minutes
+on two cores, most of it building the largest models (vit_h_14: 632M parameters, about a minute).
+regnet_y_128gf (637M, 80 s of CI) is left out: its class and every code path it takes are those of the
+fourteen other RegNets, regnet_y_32gf among them, which differ from it in width and depth only."""
 
 from __future__ import annotations
 
@@ -31,10 +33,12 @@ REFUSED = {  # the models that are no encoder at 32 px, and the line each gets
     "squeezenet1_1": "has no nn.Linear classifier to remove",
     "maxvit_t": "does not run on 32-pixel images",  # 7x7 window partitions of a 224-pixel grid
 }
+LEFT_OUT = {"regnet_y_128gf"}  # see the module docstring
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", torchvision.models.list_models(module=torchvision.models))
+@pytest.mark.parametrize("name", [n for n in torchvision.models.list_models(module=torchvision.models)
+                                  if n not in LEFT_OUT])
 def test_every_torchvision_model_at_32_pixels(name):
     kwargs, size = KEYWORDS.get(name, ({}, 32))
     cfg = load_config(None, [f"model.arch=torchvision:{name}", f"data.image_size={size}",
