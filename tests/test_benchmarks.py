@@ -1,4 +1,6 @@
-"""benchmarks/quality.py plans the cosine schedule to end at the budget's step count, not at an epoch's end."""
+"""benchmarks/quality.py plans the cosine schedule to end at the budget's step count, not at an epoch's end, and
+its methods table fine-tunes every row and floors each architecture once; the other benchmarks print what
+they measure."""
 
 import importlib.util
 import json
@@ -54,6 +56,83 @@ def test_replan_follows_the_runs_own_speed():
     assert quality.replan(20, 10.0, None, 100.0, 50) == 50  # one log seen: keep the calibrated plan
     assert quality.replan(40, 20.0, (20, 10.0), 100.0, 50) == 200  # 2 steps/s, 80 s left: 40 + 160
     assert quality.replan(40, 120.0, (20, 10.0), 100.0, 50) == 40  # past the deadline: stop now
+
+
+def test_each_method_runs_its_own_recipe_and_set_reaches_the_cpu_recipe_only():
+    """dino and mae pretrain from their own recipes (mae's ViT), the rest from the CPU recipe with their
+    settings and --set; every row's recipe loads with its overrides; --only keeps the methods it names."""
+    import argparse
+
+    from simclr_cli.config import load_config
+
+    quality = load_quality()
+    args = argparse.Namespace(methods=True, only=[], recipe="examples/cpu.yaml", set=["optim.lr=0.2"])
+    rows = {name: (config, extra) for name, config, extra in quality.plan_rows(args)}
+    assert list(rows) == ["simclr", "moco", "byol", "dino", "mae"]
+    assert rows["dino"] == ("examples/cpu-dino.yaml", []) and rows["mae"] == ("examples/cpu-mae.yaml", [])
+    assert rows["simclr"] == ("examples/cpu.yaml", ["optim.lr=0.2"]) and rows["moco"][1][-1] == "optim.lr=0.2"
+    for name, (config, extra) in rows.items():
+        cfg = load_config(REPO / config, extra)
+        assert cfg.method.name == name and (cfg.optim.lr == 0.2) == (config == args.recipe)
+    assert load_config(REPO / rows["mae"][0]).model.arch.startswith("timm:")
+    args.only = ["mae", "simclr"]
+    assert [name for name, _, _ in quality.plan_rows(args)] == ["simclr", "mae"]
+
+
+def test_the_methods_table_fine_tunes_every_row_and_floors_each_architecture_once(tmp_path, monkeypatch, capsys):
+    """--methods on stand-ins for pretraining, probing and fine-tuning (their own tests are elsewhere): a
+    validation and a test fine-tune for every method, one untrained floor per architecture among the final
+    rows, named by it (the ResNet's from the chosen row, the ViT's from mae), fine-tuned from scratch through
+    the same fine-tune's compare; the table shows both fine-tune columns and report.json keeps them."""
+    import sys
+    from pathlib import Path
+
+    quality = load_quality()
+    knn = {"simclr": 0.5, "moco": 0.4, "byol": 0.3, "dino": 0.6, "mae": 0.2}  # dino is chosen on validation
+    resnet = {"arch": "resnet18", "stem": "cifar", "width": 8, "feature_dim": 64, "image_size": 32}
+    vit = {"arch": "timm:vit_tiny_patch16_224", "kwargs": {"depth": 6}, "stem": None, "feature_dim": 96,
+           "image_size": 32}
+    tunes = []
+
+    def pretrain_for(config, data_dir, out, budget_s, extra):
+        return {"encoder": str(out / "encoder.pth"), "steps": 10, "steps_per_epoch": 5, "train_s": budget_s}
+
+    def probe_both(encoder, data_dir, random_init, test, labels="all"):
+        score = 0.1 if random_init else knn[Path(encoder).parent.name]
+        splits = ("val", "test") if test else ("val",)
+        return {split: {"knn_top1": score, "linear_top1": score, "probe_s": 1.0} for split in splits}
+
+    def fine_tune(encoder, data_dir, split, compare):
+        tunes.append((Path(encoder).parent.name, split, compare))
+        results = {"pretrained": {"top1": knn[Path(encoder).parent.name] + 0.05, "seconds": 1.0}}
+        if compare:
+            results |= {"random_init": {"top1": 0.15, "seconds": 1.0}, "linear_probe": {"top1": 0.12, "seconds": 1.0}}
+        return {"results": results, "protocol": {"epochs": quality.FINETUNE_EPOCHS}}
+
+    monkeypatch.setattr(quality, "pretrain_for", pretrain_for)
+    monkeypatch.setattr(quality, "probe_both", probe_both)
+    monkeypatch.setattr(quality, "fine_tune", fine_tune)
+    monkeypatch.setattr(quality, "architecture", lambda encoder: vit if "mae" in encoder else resnet)
+    monkeypatch.setattr(sys, "argv", ["quality.py", "--data-root", "d", "--methods", "--out", str(tmp_path)])
+    quality.main()
+    assert sorted(tunes) == sorted((n, s, n in ("dino", "mae")) for n in knn for s in ("val", "test"))
+    report = json.loads((tmp_path / "report.json").read_text())
+    floors = ["untrained resnet18 w8", "untrained timm:vit_tiny_patch16_224 h96"]
+    assert report["chosen"] == "dino" and list(report["runs"]) == [*knn, *floors]  # floors after the methods
+    for floor, of in zip(floors, ("dino", "mae")):
+        r = report["runs"][floor]
+        assert r["floor_of"] == of and r["val"]["knn_top1"] == r["test"]["knn_top1"] == 0.1
+        assert r["finetune"]["val"]["top1"] == r["finetune"]["test"]["top1"] == 0.15
+        assert report["runs"][of]["linear_10pct"]["test"]["top1"] == 0.12
+    assert report["runs"]["byol"]["finetune"]["test"]["top1"] == pytest.approx(0.35)
+    assert report["finetune"] == {"labels": "10%", "epochs": quality.FINETUNE_EPOCHS,
+                                  "protocol": {"epochs": quality.FINETUNE_EPOCHS}}
+    table = capsys.readouterr().out.split("chosen on val: dino")[1].splitlines()[1:]
+    assert table[0].split() == ["encoder", "val", "kNN", "val", "lin", "val", "ft", "test", "kNN", "test", "lin",
+                                "test", "ft", "pretraining"]
+    rows = {line[:40].strip(): line[40:].split() for line in table[1:8]}
+    assert rows["byol"][:6] == ["30.00%", "30.00%", "35.00%", "30.00%", "30.00%", "35.00%"]
+    assert rows[floors[1]] == ["10.00%", "10.00%", "15.00%", "10.00%", "10.00%", "15.00%", "-"]
 
 
 def test_the_folder_benchmark_runs_end_to_end_and_prints_what_it_measured(tmp_path):
