@@ -5,19 +5,17 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import tiny_config
+from conftest import straight_and_resumed, tiny_config
 from ranks import run_ranks  # tests/ranks.py
 
 from simclr_cli.config import ConfigError, load_config
 from simclr_cli.methods import Views
 from simclr_cli.methods.simclr import SimCLRMethod, nt_xent
 from simclr_cli.train import Trainer, pretrain
-from simclr_cli.train.interrupt import StopRequested
 from simclr_cli.runtime import broadcast_buffers, wrap_ddp
 from simclr_cli.train.loop import start_panel
 from simclr_cli.train.state import load_checkpoint
@@ -123,21 +121,9 @@ def _run_state(out: Path):
 
 
 def test_resume_mid_epoch_is_bit_exact_with_small_and_progressive_views(tmp_path, monkeypatch):
-    extra = ("augment.view_size_start=8",)
-    pretrain(tiny_config(tmp_path / "straight", *extra, **RUN))
-    original = Trainer.train_step
-
-    def train_step(self, x):
-        loss = original(self, x)
-        if self.state.step + 1 == 5:  # mid-epoch 2, after the views have grown from 8 px
-            os.kill(os.getpid(), signal.SIGTERM)
-        return loss
-    monkeypatch.setattr(Trainer, "train_step", train_step)
-    with pytest.raises(StopRequested):
-        pretrain(tiny_config(tmp_path / "stopped", *extra, **RUN))
-    monkeypatch.undo()
-    pretrain(tiny_config(tmp_path / "stopped", *extra, **RUN), resume=True)
-    (m1, w1), (m2, w2) = _run_state(tmp_path / "straight"), _run_state(tmp_path / "stopped")
+    # stopped mid-epoch 2, after the views have grown from 8 px
+    runs = straight_and_resumed(tmp_path, monkeypatch, "augment.view_size_start=8", **RUN)
+    (m1, w1), (m2, w2) = (_run_state(run) for run in runs)
     assert m1 == m2
     assert w1.keys() == w2.keys() and all(torch.equal(w1[k], w2[k]) for k in w1)
 

@@ -211,6 +211,7 @@ def test_views_per_s_after_a_resume_counts_only_the_steps_it_timed(monkeypatch):
     fake = SimpleNamespace(ranks=SimpleNamespace(world_size=1), _why=lambda: "", lr=lambda: 0.1,
                            state=SimpleNamespace(epoch_losses=[], step=15),
                            cfg=SimpleNamespace(train=SimpleNamespace(batch_size=16)),
+                           method=SimpleNamespace(views_per_image=2),
                            _log=lambda record: logged.append(record))
     monkeypatch.setattr(train_module.time, "perf_counter", lambda: window.t0 + 1.0)  # the window took 1 s
     Trainer._log_window(fake, 1, window)
