@@ -36,6 +36,7 @@ from dataclasses import dataclass, replace
 import torch
 
 from simclr_cli.augment import Augmenter, view_sizes
+from simclr_cli.augment.views import _rand as _uniform  # the views' own draw: same device rule, same stream
 from simclr_cli.augment.views import hflip, resized_crop, sample_crop_boxes
 from simclr_cli.config import Config, config_from_dict
 from simclr_cli.data import normalization_for
@@ -71,12 +72,6 @@ def masked_mse(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor, nor
         target = (target - mean) / (var + 1e-6).sqrt()
     per_patch = (pred.float() - target).pow(2).mean(dim=-1)  # (B, N)
     return (per_patch * mask).sum() / mask.sum()
-
-
-def _uniform(generator: torch.Generator | None, shape: tuple[int, ...], device: torch.device) -> torch.Tensor:
-    """Uniform [0, 1) drawn on the generator's device (its state alone fixes the draw), moved to `device`."""
-    src = generator.device if generator is not None else device
-    return torch.rand(shape, generator=generator, device=src).to(device)
 
 
 class MAEMethod(Method):
