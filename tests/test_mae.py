@@ -195,6 +195,15 @@ def test_a_convnet_is_refused_in_one_line_naming_the_vits(tmp_path):
     assert "needs a ViT encoder" in out and "timm:vit_tiny_patch16_224" in out and "torchvision:vit_b_16" in out
 
 
+def test_the_convnet_refusal_comes_before_the_data_loads(tmp_path):
+    """The networks are built before the data: a folder that is not there is never read (its own line would
+    come first otherwise), and no checkpoint is written."""
+    out = one_line_refusal(["-o", str(tmp_path / "run"), *tiny_set_args(
+        "method.name=mae", "model.arch=resnet18", "data.dataset=folder", f"data.root={tmp_path / 'absent'}")])
+    assert "needs a ViT encoder" in out
+    assert not (tmp_path / "run" / "checkpoint.pt").exists()
+
+
 @pytest.mark.parametrize("ratio", ["0", "1"])
 def test_a_mask_ratio_of_none_or_all_is_refused_in_one_line(tmp_path, ratio):
     out = one_line_refusal(["-o", str(tmp_path / "run"),

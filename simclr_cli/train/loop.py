@@ -89,12 +89,15 @@ class Trainer:
         if self.ranks.is_main:
             self.rundir.check_writable()
             self.rundir.remove_stale_temps()
-        self.data = load_train_set(cfg, self.ranks, self.emit).to(self.device)  # a mapped folder stays on disk
-        self.mean, self.std = normalization_for(cfg.data.dataset)
-        # Seeded here, after the data: decoding a folder draws from the global generator (DataLoader seeds),
-        # a mapped cache does not, and the initial weights must not depend on which happened.
+        # The networks before the data: a setting they refuse (MAE on a convnet) is its one line before minutes
+        # of loading. Decoding a folder draws from the global generator (DataLoader seeds), a mapped cache does
+        # not: the generator is put back as the build left it, so training does not depend on which happened.
         torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
         self.method, nhwc = build_networks(cfg, self.device, resuming)
+        built = torch.get_rng_state()
+        self.data = load_train_set(cfg, self.ranks, self.emit).to(self.device)  # a mapped folder stays on disk
+        torch.set_rng_state(built)
+        self.mean, self.std = normalization_for(cfg.data.dataset)
         self.method.check_data(self.data)  # settings that depend on the training set: one line, before any step
         a = cfg.augment  # views may be smaller than the images (probes: image_size)
         self.augment = Augmenter(a.preset, a.view_size or cfg.data.image_size, self.mean, self.std, a.crop_scale_min,
