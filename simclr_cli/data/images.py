@@ -10,11 +10,12 @@ dataset (classes, splits) is `data.folder`'s.
 
 from __future__ import annotations
 
+import io
 import math
 import os
 import stat
 from pathlib import Path
-from typing import BinaryIO, Iterator, NamedTuple, Sequence
+from typing import BinaryIO, Callable, Iterator, NamedTuple, Sequence
 
 import numpy as np
 import torch
@@ -159,10 +160,22 @@ def decode_image(path: str | Path, size: int) -> torch.Tensor:
     libraries sometimes switch it on and a half-grey image would then pass silently). Sizes past MAX_PIXELS
     or MAX_ASPECT fail before decoding. A FIFO, socket or device fails without being opened (`open_regular`).
     """
+    return _decode(lambda: open_regular(path), path, size)
+
+
+def decode_bytes(data: bytes, size: int, name: str) -> torch.Tensor:
+    """`decode_image` for an image held in memory (a member of a tar shard): the same formats, limits, modes
+    and resize, so a streamed image and the same file in a folder give the same pixels. ImageDecodeError
+    names `name` (the shard and member, say)."""
+    return _decode(lambda: io.BytesIO(data), name, size)
+
+
+def _decode(opener: Callable[[], BinaryIO], path: str | Path, size: int) -> torch.Tensor:
+    """The decoding both entry points share: `opener()` gives the file, `path` is what errors name."""
     saved = ImageFile.LOAD_TRUNCATED_IMAGES
     ImageFile.LOAD_TRUNCATED_IMAGES = False
     try:
-        with open_regular(path) as f, Image.open(f, formats=PIL_FORMATS) as img:
+        with opener() as f, Image.open(f, formats=PIL_FORMATS) as img:
             img.seek(0)
             if img.format in ("JPEG", "MPO"):
                 # Let libjpeg downscale by 1/2..1/8 while decoding, never below (size, size): 1024x768 -> 224
