@@ -66,6 +66,17 @@ def test_center_follows_the_teachers_batch_mean_and_the_temperature_ramps():
     assert ramp(0, 0, 0.04, 0.07) == 0.07  # no warm-up
 
 
+@pytest.mark.parametrize("epochs, first", [(30, 0.04), (0, 0.07)])
+def test_the_first_step_uses_the_ramps_start(tmp_path, epochs, first):
+    """Before its first step the method does not know the run's length: the teacher is at the ramp's start
+    (the end value only when there is no warm-up), not at its end."""
+    method = build_method(tiny_config(tmp_path, **DINO, **{"method.dino.teacher_temp_epochs": epochs}))
+    assert method.teacher_temp() == pytest.approx(first)
+    method.after_step(1, 100)  # one step of 100 done: the ramp's clock runs
+    warmed = method.teacher_temp()
+    assert warmed == pytest.approx(0.07) if epochs == 0 else 0.04 < warmed < 0.041
+
+
 def _dino_rank(rank: int, student: torch.Tensor, teacher: torch.Tensor, out_dir: str) -> None:
     b = teacher.shape[0] // 2
     n = b // 2  # this rank's share of each view's rows

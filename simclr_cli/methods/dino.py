@@ -169,8 +169,10 @@ class DINOMethod(WithTarget):
         return with_small_views(augment, x, generator, size, self.small_crops)
 
     def teacher_temp(self) -> float:
-        per_epoch = self.total_steps / max(1, self.epochs)  # 0 before the first step: the start value
         o = self.options
+        if not self.total_steps:  # the first step: the run's length is not known yet, the ramp is at its start
+            return o.teacher_temp if o.teacher_temp_epochs > 0 else o.teacher_temp_end
+        per_epoch = self.total_steps / max(1, self.epochs)
         return ramp(self.step, o.teacher_temp_epochs * per_epoch, o.teacher_temp, o.teacher_temp_end)
 
     def loss(self, net: torch.nn.Module, views: Views, ctx: contextlib.AbstractContextManager) -> torch.Tensor:
