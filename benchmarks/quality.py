@@ -136,11 +136,11 @@ def pretrain_for(config: str, data_dir: str, out: Path, budget_s: float, extra: 
             "steps_per_s": rate, "steps_per_epoch": trainer.steps_per_epoch}
 
 
-def probe_both(encoder: str, data_dir: str, random_init: bool, test: bool, labels: str = "all") -> dict:
-    """kNN and linear top-1 on the validation split, and on the test split when `test`; each with its
-    seconds (`probe_s`: loading, features, kNN and the linear fit). `labels`: --probe-labels, smoke runs only."""
+def probe_both(encoder: str, data_dir: str, random_init: bool, splits: tuple[str, ...], labels: str = "all") -> dict:
+    """kNN and linear top-1 on each of `splits` ("val", "test"); each with its seconds (`probe_s`: loading,
+    features, kNN and the linear fit). `labels`: --probe-labels, smoke runs only."""
     out = {}
-    for split in ("val", "test") if test else ("val",):
+    for split in splits:
         res = run_probe(encoder, "cifar10", data_dir, random_init=random_init, split=split, labels=labels)
         model = "random_init" if random_init else "trained"
         out[split] = {**res["results"][model], "probe_s": res["timing"]["total_s"]}
@@ -208,7 +208,7 @@ def pretrain_rows(args, out: Path, rows: dict) -> dict:
                            args.budget_min * 60, extra)
         epochs = run["steps"] / run["steps_per_epoch"]
         print(f"  {run['steps']} steps ({epochs:.2f} epochs) in {run['train_s']:.0f} s", flush=True)
-        val = probe_both(run["encoder"], args.data_dir, False, False, args.probe_labels)["val"]
+        val = probe_both(run["encoder"], args.data_dir, False, ("val",), args.probe_labels)["val"]
         rows[name] = {"run": run, "recipe": config, "overrides": extra, "arch": architecture(run["encoder"]),
                       "note": f"{epochs:.2f} ep, {run['steps']} steps, {run['train_s']:.0f} s", "val": val}
         print(f"  validation: kNN {pct(val['knn_top1'])}, linear {pct(val['linear_top1'])} "
@@ -222,10 +222,10 @@ def score_row(args, rows: dict, name: str, final: bool, floor: str | None) -> di
     Returns the fine-tuning protocol, the same for every row."""
     row, encoder = rows[name], rows[name]["run"]["encoder"]
     if final:
-        row["test"] = probe_both(encoder, args.data_dir, False, True, args.probe_labels)["test"]
+        row["test"] = probe_both(encoder, args.data_dir, False, ("test",), args.probe_labels)["test"]
     if floor is not None:
-        rows[floor] = {**probe_both(encoder, args.data_dir, True, True, args.probe_labels), "note": "-", "run": None,
-                       "arch": row["arch"], "floor_of": name, "finetune": {}}
+        untrained = probe_both(encoder, args.data_dir, True, ("val", "test"), args.probe_labels)
+        rows[floor] = {**untrained, "note": "-", "run": None, "arch": row["arch"], "floor_of": name, "finetune": {}}
     row["finetune"], row["linear_10pct"] = {}, {}
     for split in ("val", "test") if final else ("val",):
         report = fine_tune(encoder, args.data_dir, split, floor is not None)

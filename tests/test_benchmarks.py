@@ -97,9 +97,8 @@ def test_the_methods_table_fine_tunes_every_row_and_floors_each_architecture_onc
     def pretrain_for(config, data_dir, out, budget_s, extra):
         return {"encoder": str(out / "encoder.pth"), "steps": 10, "steps_per_epoch": 5, "train_s": budget_s}
 
-    def probe_both(encoder, data_dir, random_init, test, labels="all"):
+    def probe_both(encoder, data_dir, random_init, splits, labels="all"):
         score = 0.1 if random_init else knn[Path(encoder).parent.name]
-        splits = ("val", "test") if test else ("val",)
         return {split: {"knn_top1": score, "linear_top1": score, "probe_s": 1.0} for split in splits}
 
     def fine_tune(encoder, data_dir, split, compare):
