@@ -170,8 +170,8 @@ class DINOMethod(WithTarget):
 
     def teacher_temp(self) -> float:
         o = self.options
-        if not self.total_steps:  # the first step: the run's length is not known yet, the ramp is at its start
-            return o.teacher_temp if o.teacher_temp_epochs > 0 else o.teacher_temp_end
+        if not self.total_steps and o.teacher_temp_epochs > 0:  # the first step: the run's length is not known
+            return o.teacher_temp  # yet, the warm-up is at its start
         per_epoch = self.total_steps / max(1, self.epochs)
         return ramp(self.step, o.teacher_temp_epochs * per_epoch, o.teacher_temp, o.teacher_temp_end)
 
