@@ -126,6 +126,28 @@ def test_the_prototypes_stay_frozen_for_the_first_epoch_and_the_gradient_is_clip
     assert method.model.dino_head.prototypes.grad is not None
 
 
+def test_a_trained_prototype_gain_is_frozen_with_the_prototypes_and_scales_the_logits(tmp_path):
+    cfg = tiny_config(tmp_path, **{**DINO, "method.dino.norm_last_layer": "false",
+                                   "method.dino.freeze_last_layer_epochs": 1})
+    head = build_method(cfg).model.dino_head
+    assert build_method(tiny_config(tmp_path, **DINO)).model.dino_head.gain is None  # the paper's default
+    h = torch.randn(4, head.mlp[0].in_features)
+    head.eval()
+    with torch.no_grad():
+        cosines = head(h)
+        head.gain.copy_(torch.linspace(0.5, 3.0, head.gain.numel()))
+        torch.testing.assert_close(head(h), cosines * head.gain)  # each prototype's column times its gain
+    method = build_method(cfg)
+    gain = method.model.dino_head.gain
+    for p in method.model.parameters():
+        p.grad = torch.ones_like(p)
+    method.before_update(2, 9)  # the first epoch: the whole last layer is frozen
+    assert gain.grad is None and method.model.dino_head.prototypes.grad is None
+    gain.grad = torch.ones_like(gain)
+    method.before_update(3, 9)
+    assert gain.grad is not None
+
+
 def test_the_teacher_follows_the_student_and_the_centre_moves(tmp_path):
     pretrain(tiny_config(tmp_path, **MULTI_CROP))
     ckpt = load_checkpoint(tmp_path / "checkpoint.pt")

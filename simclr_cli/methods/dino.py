@@ -6,10 +6,11 @@ Networks. Student and teacher have one architecture: the encoder, then a project
 BN-GELU-Linear to a `bottleneck`; `batch_norm: false` leaves out the BN, as the paper's ViT heads do), its
 output normalised to unit length, then the last layer of K prototypes (`method.dino.prototypes`), weight-
 normalised with its gain fixed at 1 (the paper's default, norm_last_layer): each prototype is a unit vector,
-so the logits are cosine similarities. Without the BN, the width-8 ResNet of examples/cpu-dino.yaml
-collapsed within an epoch (z of effective rank 1.4, the loss at log K); with it, it did not (30.12% kNN
-after one epoch). The teacher is an EMA of the student (`methods.ema`), its momentum rising from `momentum`
-(0.996) to `momentum_end` (1) on a cosine, never trained.
+so the logits are cosine similarities. `norm_last_layer: false` trains each prototype's gain (from 1, frozen
+with the prototypes, no weight decay as a 1-D parameter), as the paper's code allows. Without the BN, the
+width-8 ResNet of examples/cpu-dino.yaml collapsed within an epoch (z of effective rank 1.4, the loss at
+log K); with it, it did not (30.12% kNN after one epoch). The teacher is an EMA of the student
+(`methods.ema`), its momentum rising from `momentum` (0.996) to `momentum_end` (1) on a cosine, never trained.
 
 Views. The two global views are the run's pair (augment.preset, at the view size); multi-crop's small views
 (augment.small_crops of augment.small_crop_size px, areas augment.small_crop_scale) are the local ones. The
@@ -55,7 +56,8 @@ from simclr_cli.models import build_encoder
 class DINOHead(nn.Module):
     """h -> the projection MLP -> unit z (B, bottleneck) -> cosine logits against K unit prototypes (B, K)."""
 
-    def __init__(self, dim_in: int, hidden: int, bottleneck: int, prototypes: int, batch_norm: bool = False) -> None:
+    def __init__(self, dim_in: int, hidden: int, bottleneck: int, prototypes: int, batch_norm: bool = False,
+                 norm_last_layer: bool = True) -> None:
         super().__init__()
         norm = (lambda: nn.BatchNorm1d(hidden)) if batch_norm else nn.Identity
         self.mlp = nn.Sequential(nn.Linear(dim_in, hidden), norm(), nn.GELU(), nn.Linear(hidden, hidden), norm(),
@@ -66,10 +68,13 @@ class DINOHead(nn.Module):
                 nn.init.trunc_normal_(m.weight, std=0.02)
                 nn.init.zeros_(m.bias)
         nn.init.trunc_normal_(self.prototypes, std=0.02)
+        # norm_last_layer false: each prototype's length is a trained gain (K,), from 1 (weight norm's g)
+        self.gain = None if norm_last_layer else nn.Parameter(torch.ones(prototypes))
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
         z = F.normalize(self.mlp(h), dim=-1)  # (B, bottleneck), unit rows
-        return F.linear(z, F.normalize(self.prototypes, dim=-1))  # (B, K): weight norm with gain 1
+        logits = F.linear(z, F.normalize(self.prototypes, dim=-1))  # (B, K): cosines (weight norm with gain 1)
+        return logits if self.gain is None else logits * self.gain  # ... or times each prototype's gain
 
 
 class Distilled(nn.Module):
@@ -119,6 +124,7 @@ class DINOOptions(MomentumOptions):
     hidden: int = 2048  # hidden units of the projection MLP
     bottleneck: int = 256  # its output, normalised before the prototypes
     batch_norm: bool = True  # batch norm after the MLP's hidden layers (a ResNet's head; the paper's ViTs: false)
+    norm_last_layer: bool = True  # the prototypes' gain fixed at 1 (the paper's default); false: a trained gain each
     teacher_temp: float = 0.04  # the teacher's softmax temperature at the start ...
     teacher_temp_end: float = 0.07  # ... after the warm-up
     teacher_temp_epochs: float = 30.0  # epochs of the linear warm-up
@@ -143,7 +149,7 @@ class DINOMethod(WithTarget):
         o = self.options = cfg.method.options
         encoder = build_encoder(cfg.model, cfg.data.image_size)
         self.model = Distilled(encoder, DINOHead(encoder.feature_dim, o.hidden, o.bottleneck, o.prototypes,
-                                                                o.batch_norm))
+                                                                o.batch_norm, o.norm_last_layer))
         self.target = EmaTarget(self.model)  # the teacher starts as the student
         self.center = torch.zeros(1, o.prototypes)  # (1, K), fp32
         a = cfg.augment
@@ -191,7 +197,10 @@ class DINOMethod(WithTarget):
     def before_update(self, step: int, total_steps: int) -> None:
         o = self.options
         if step < math.ceil(o.freeze_last_layer_epochs * total_steps / max(1, self.epochs)):
-            self.model.dino_head.prototypes.grad = None  # frozen: the optimiser skips a parameter without one
+            head = self.model.dino_head  # frozen: the optimiser skips a parameter without a gradient
+            head.prototypes.grad = None
+            if head.gain is not None:
+                head.gain.grad = None
         if o.clip_grad:  # after the drop: a frozen layer's gradient takes no share of the norm
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), o.clip_grad)
 
