@@ -97,15 +97,32 @@ def _index_series(folder: str) -> list[str]:
 
 def storage_options(url: str, timeout: float) -> dict:
     """fsspec options that bound each connect and read of `url` by `timeout` seconds (s3fs: botocore's
-    timeouts; http(s) and gcsfs: aiohttp's socket timeouts). Local files need none: they are regular files."""
+    timeouts; http(s) and gcsfs: aiohttp's socket timeouts). Local files need none: they are regular files.
+    s3: one botocore attempt per call, since s3fs retries a timed-out call itself (5 tries, ~2 s of backoff), so
+    a stalled store is reported after some 5-10 x `timeout` (opening may try two calls), not botocore's
+    attempts times s3fs's, and a refusing one at once instead of after botocore's backoff (~7 s); the endpoint is
+    AWS_ENDPOINT_URL_S3 or AWS_ENDPOINT_URL when set (MinIO, a test server; botocore < 1.31 reads neither)."""
     protocol = url.split("://", 1)[0] if "://" in url else "file"
     if protocol in ("s3", "s3a"):
-        return {"config_kwargs": {"connect_timeout": timeout, "read_timeout": timeout}}
+        config = {"connect_timeout": timeout, "read_timeout": timeout,
+                  "retries": {"mode": "standard", "max_attempts": 1}}
+        endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+        return {"config_kwargs": config, **({"endpoint_url": endpoint} if endpoint else {})}
     if protocol in ("http", "https", "gs", "gcs"):
         aiohttp = _need("aiohttp")
         limit = aiohttp.ClientTimeout(total=None, sock_connect=timeout, sock_read=timeout)
         return {"client_kwargs" if protocol.startswith("http") else "session_kwargs": {"timeout": limit}}
     return {}
+
+
+def _options(url: str, timeout: float, options: dict | None) -> dict:
+    """The timeouts of `storage_options` under the caller's `options`: a nested dict of both (config_kwargs with
+    a signature_version, say) is merged, so the caller's keys win without dropping the timeouts."""
+    base, extra = storage_options(url, timeout), dict(options or {})
+    for key, value in base.items():
+        if isinstance(value, dict) and isinstance(extra.get(key), dict):
+            extra[key] = {**value, **extra[key]}
+    return {**base, **extra}
 
 
 def open_shard(url: str, timeout: float = DEFAULT_TIMEOUT, options: dict | None = None) -> BinaryIO:
@@ -115,7 +132,7 @@ def open_shard(url: str, timeout: float = DEFAULT_TIMEOUT, options: dict | None 
         if path is not None:
             return open_regular(path)
         fsspec = _need("fsspec")
-        return fsspec.open(url, "rb", **{**storage_options(url, timeout), **(options or {})}).open()
+        return fsspec.open(url, "rb", **_options(url, timeout, options)).open()
     except MissingExtraError:
         raise
     except SpecialFileError as e:
