@@ -29,12 +29,12 @@ from simclr_cli.typed import build
 
 @dataclass
 class DataConfig:
-    dataset: str = "cifar10"  # a name of data.SOURCES: cifar10 | cifar100 | folder | synthetic
+    dataset: str = "cifar10"  # a name of data.SOURCES: cifar10 | cifar100 | folder | synthetic | webdataset
     root: str | None = None  # data folder (folder dataset: the image folder); None -> $SIMCLR_DATA_DIR or ~/.cache
     download: bool = True  # cifar10/100 only: fetch with torchvision when the files are missing
     size_dataset_train: int | None = None  # keep a fixed random subset of this many training images
     image_size: int = 32  # pixels, side of the square views fed to the encoder
-    num_workers: int = 2  # image-decoding worker processes (folder datasets)
+    num_workers: int = 2  # image-decoding worker processes (folder datasets, webdataset shards)
     synthetic_size: int = 2000  # images per split of the synthetic dataset
     cache: bool = True  # folder: decode once into one uint8 file on disk and map it (false: decode into memory)
     cache_dir: str | None = None  # folder cache location; None -> $SIMCLR_CACHE_DIR or ~/.cache/simclr-cli/folders

@@ -158,6 +158,7 @@ SOURCES = Registry("data source", "data.dataset", "simclr_cli.sources", {
     "cifar100": "simclr_cli.data.cifar:CIFAR100",
     "folder": "simclr_cli.data.folder:FOLDER",
     "synthetic": "simclr_cli.data.synthetic:SYNTHETIC",
+    "webdataset": "simclr_cli.data.streamed:WEBDATASET",
 })
 
 # model.arch FAMILY:NAME -> the family that builds NAME and owns its policy (`models.library`: classifier keys,

@@ -27,7 +27,7 @@ import torch
 
 from simclr_cli.artifacts import open_artifact
 from simclr_cli.config import Config
-from simclr_cli.data import ImageSet, load_dataset
+from simclr_cli.data import ImageSet, load_dataset, source_for
 from simclr_cli.errors import DatasetError, MissingExtraError, OptionError
 from simclr_cli import figures
 from simclr_cli.serve.inference import Inference
@@ -84,6 +84,8 @@ def first_of_each_class(labels: torch.Tensor, count: int) -> list[int]:
 def _splits(cfg: Config, loaded: LoadedEncoder, root: str | Path | None, limit: int | None,
             num_workers: int) -> tuple[ImageSet, ImageSet] | None:
     d = dataclasses.replace(cfg.data, num_workers=num_workers, **({} if root is None else {"root": str(root)}))
+    if source_for(d.dataset).kind != "map":  # streamed shards: no split to hold whole (the note says so)
+        return None
     try:
         train = load_dataset(d, "train", seed=cfg.train.seed, image_size=loaded.image_size)
         if train.labels is None:
@@ -257,8 +259,9 @@ def make_report(run_dir: str | Path, *, output: str | Path | None = None, data_r
         report.notes.append(f"{run} has no encoder.pth or checkpoint.pt yet: only the curves are drawn; the map "
                             "and the neighbours come once the run has saved its first checkpoint")
     elif splits is None:
-        report.notes.append(f"the run's {cfg.data.dataset} data has no labels (a flat folder): no map or neighbour "
-                            "grid, which colour and frame by class")
+        why = "streams its shards" if source_for(cfg.data.dataset).kind != "map" else "has no labels (a flat folder)"
+        report.notes.append(f"the run's {cfg.data.dataset} data {why}: no map or neighbour grid, which colour and "
+                            "frame by class")
     else:
         _draw_encoder_figures(report, cfg, loaded, splits, opts, emit)
         _draw_method_figure(report, cfg, rundir, splits[1], emit)

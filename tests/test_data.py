@@ -425,7 +425,7 @@ def test_names_and_normalization(monkeypatch, tmp_path):
         load_dataset(DataConfig(dataset="cifar-10", download=False), "train")
     with pytest.raises(DatasetError, match="split"):
         load_dataset(DataConfig(dataset="synthetic"), "val")
-    assert tuple(data.SOURCES) == ("cifar10", "cifar100", "folder", "synthetic")
+    assert tuple(data.SOURCES) == ("cifar10", "cifar100", "folder", "synthetic", "webdataset")
     assert normalization_for("folder") == normalization_for("synthetic") == data.NORMALIZATION["imagenet"]
     assert normalization_for("cifar100") == data.NORMALIZATION["cifar100"]
     with pytest.raises(DatasetError):

@@ -65,7 +65,7 @@ def added():
 
 def test_built_in_sources_declare_their_policy(tmp_path):
     assert REGISTRIES["sources"] is SOURCES and REGISTRIES["evaluations"] is EVALUATIONS
-    assert SOURCES.names() == ["cifar10", "cifar100", "folder", "synthetic"]
+    assert SOURCES.names() == ["cifar10", "cifar100", "folder", "synthetic", "webdataset"]
     assert all(SOURCES.origin(name) == BUILT_IN for name in SOURCES.names())
     for name in ("cifar10", "cifar100"):
         s = SOURCES[name]
@@ -77,6 +77,9 @@ def test_built_in_sources_declare_their_policy(tmp_path):
     assert (synthetic.needs_root, synthetic.uses_root, synthetic.downloads) == (False, False, False)
     assert synthetic.kind == "map"
     assert folder.normalization == synthetic.normalization == NORMALIZATION["imagenet"]
+    shards = SOURCES["webdataset"]  # streamed into pretraining, read whole by probe and finetune
+    assert (shards.kind, shards.has_labels, shards.needs_root, shards.downloads) == ("stream", True, False, False)
+    assert shards.load_whole is not None and shards.Options().urls == [] and shards.Options().buffer == 1000
     assert all(SOURCES[n].help and "\n" not in SOURCES[n].help for n in SOURCES.names())
 
 
@@ -130,7 +133,7 @@ def test_an_added_sources_policy_is_asked(tmp_path, added):
     added(SOURCES, "shards", Source(load_toy, norm, "tar shards", kind="stream"))
     added(SOURCES, "unlabelled", Source(load_toy, norm, "no labels", has_labels=False))
     added(SOURCES, "rooted", Source(load_toy, norm, "a root", needs_root=True, layout="DIR/<shard>.tar"))
-    with pytest.raises(DatasetError, match="the shards data source is a stream .*map sources .* only"):
+    with pytest.raises(DatasetError, match="the shards source streams its data into pretraining; .* a map source"):
         load_dataset(DataConfig(dataset="shards"), "train")
     encoder = encoder_file(tmp_path / "enc.pth")
     with pytest.raises(DatasetError, match="the unlabelled dataset has no labels"):

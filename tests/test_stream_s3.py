@@ -5,11 +5,9 @@ image mid-shard are each one line, and nothing waits longer than its timeouts.""
 
 from __future__ import annotations
 
-import io
 import json
 import os
 import socket
-import tarfile
 import threading
 import time
 from pathlib import Path
@@ -17,6 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 import webdataset
+from test_stream import png, write_tar  # tests/test_stream.py
 
 from simclr_cli.data import stream_io
 from simclr_cli.data.shardindex import INDEX_NAME
@@ -70,24 +69,6 @@ def upload(s3, folder: Path, prefix: str) -> None:
     for p in sorted(folder.iterdir()):
         if p.is_file():
             s3.put_object(Bucket=BUCKET, Key=f"{prefix}/{p.name}", Body=p.read_bytes())
-
-
-def png(i: int) -> bytes:
-    import numpy as np
-    from PIL import Image
-    buf = io.BytesIO()
-    Image.fromarray(np.random.default_rng(i).integers(0, 256, (10, 12, 3), dtype=np.uint8)).save(buf, "PNG")
-    return buf.getvalue()
-
-
-def write_tar(path: Path, samples: list[tuple[str, dict[str, bytes]]]) -> Path:
-    with tarfile.open(path, "w", format=tarfile.USTAR_FORMAT) as tar:
-        for key, members in samples:
-            for ext, data in members.items():
-                info = tarfile.TarInfo(f"{key}.{ext}")
-                info.size = len(data)
-                tar.addfile(info, io.BytesIO(data))
-    return path
 
 
 @pytest.fixture(scope="module")
@@ -243,3 +224,16 @@ def test_a_corrupt_image_mid_shard_is_a_named_bad_sample(store):
     skipped = [x for b in got for x in b.skipped]
     assert len(keys) == 8 and "k05" not in keys and set(keys) == {f"k{i:02d}" for i in range(8)} - {"k05"}
     assert [(u, k) for u, k, _ in skipped] == [(url, "k05")] and skipped[0][2]
+
+
+def test_pretraining_reads_its_shards_through_s3_urls(store, tmp_path):
+    from conftest import tiny_config
+
+    from simclr_cli.train import pretrain
+    from simclr_cli.train.state import load_checkpoint
+
+    urls = f"s3://{BUCKET}/ws/train-{{000000..000002}}.tar"
+    pretrain(tiny_config(tmp_path, "data.dataset=webdataset", f"data.webdataset.urls=['{urls}']", "data.num_workers=0",
+                         batch_size=4, epochs=1))
+    ckpt = load_checkpoint(tmp_path / "checkpoint.pt")
+    assert ckpt["step"] == 2 and ckpt["train_images"] == 10  # the index's 10 samples on S3: 2 batches of 4

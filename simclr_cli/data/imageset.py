@@ -45,6 +45,11 @@ class ImageSet:
         return ImageSet(images, labels, self.classes, name)
 
     @property
+    def image_shape(self) -> tuple[int, ...]:
+        """(3, H, W) of each image."""
+        return tuple(self.images.shape[1:])
+
+    @property
     def mapped(self) -> bool:
         """True when the images stay on disk: batches are read (and moved to a device) one at a time."""
         return isinstance(self.images, MappedImages)

@@ -43,7 +43,7 @@ class Source:
     layout: str = ""  # where a command's --data-dir DIR must hold what, for the probe's message
     uses_root: bool = True  # False: made in memory (synthetic): no data.root is read or reported
     has_labels: bool = True  # its splits can carry class labels (a folder: when it has class subfolders)
-    kind: str = "map"  # "map": load gives an indexable split | "stream": iterable shards (not read yet)
+    kind: str = "map"  # "map": load gives an indexable split | "stream": a `streamed.StreamSet` (pretraining only)
     downloads: bool = False  # load may write under data.root (a download): one writer per machine goes first
     # Its own settings, `data.NAME.KEY` (a plugin's source; the built-ins read DataConfig's flat keys): a dataclass,
     # whose instance the loader finds as data config `.options`, and (setting, test, what it must be) rules.
@@ -55,6 +55,9 @@ class Source:
     # (data.root) -> True when the test split is carved out of the data by the seed (a flat folder's 80/20):
     # then the probe needs the pretraining seed to keep pretraining images out of its test split
     seeded_split: Callable[[Path], bool] | None = None
+    # A stream source's split held whole, for probe and finetune: load's signature, an ImageSet back; None: they
+    # cannot read it (pretraining streams `load`'s StreamSet)
+    load_whole: Callable[..., object] | None = None
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:

@@ -110,13 +110,14 @@ class ShardStream(IterableDataset):
     taken this epoch already, whole batches. buffer: samples in the shuffle buffer (0: shard order only).
     timeout, options: seconds each remote read may wait, and extra fsspec storage options (credentials,
     endpoint_url). known_bad: (shard URL, key) of the bad samples reported before `start`, for a resume that
-    does not decode what it skips.
+    does not decode what it skips. samples: the samples an epoch counts over every rank (0: the shards' total);
+    more than the shards hold re-reads them, fewer stops each role at its share.
     """
 
     def __init__(self, urls: Sequence[str], counts: Sequence[int], image_size: int, *, batch_size: int,
                  seed: int = 0, epoch: int = 0, rank: int = 0, world_size: int = 1, start: int = 0,
                  buffer: int = 1000, timeout: float = DEFAULT_TIMEOUT, options: dict | None = None,
-                 known_bad: Collection[tuple[str, str]] | None = None) -> None:
+                 known_bad: Collection[tuple[str, str]] | None = None, samples: int = 0) -> None:
         if len(urls) != len(counts) or not 0 <= rank < world_size or batch_size < 1 or start % batch_size:
             raise ValueError("need a count per URL, 0 <= rank < world_size, batch_size >= 1 and start a multiple "
                              f"of batch_size; got {len(urls)} URLs, {len(counts)} counts, rank {rank} of "
@@ -131,10 +132,12 @@ class ShardStream(IterableDataset):
         self.seed, self.epoch, self.rank, self.world_size, self.start = seed, epoch, rank, world_size, start
         self.buffer, self.timeout, self.options = buffer, timeout, options
         self.known_bad = None if known_bad is None else {tuple(b[:2]) for b in known_bad}
-        self.steps = epoch_length(counts, world_size, batch_size * world_size)
+        self.steps = samples // (batch_size * world_size) if samples else epoch_length(counts, world_size,
+                                                                                       batch_size * world_size)
         if self.steps == 0:
-            raise DatasetError(f"the {len(urls)} shards hold {sum(counts)} samples, fewer than one batch of "
-                               f"{batch_size * world_size}: use a smaller batch or more data")
+            held = f"an epoch of {samples} samples is" if samples else f"the {len(urls)} shards hold {sum(counts)} samples,"
+            raise DatasetError(f"{held} fewer than one batch of {batch_size * world_size}: use a smaller batch or more "
+                               "data")
         self.length = self.steps * batch_size  # samples this rank yields in a whole epoch
         order = random.Random(f"shards/{seed}/{epoch}").sample(range(len(urls)), len(urls))
         self.shards = order[rank::world_size]  # indices into urls, in reading order

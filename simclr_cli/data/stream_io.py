@@ -86,7 +86,7 @@ def expand_urls(spec: str | Sequence[str]) -> list[str]:
 def _index_series(folder: str) -> list[str]:
     """The shards of the train series the index in `folder` records."""
     try:
-        shards = _read_index(folder)["series"]["train"]["shards"]
+        shards = read_index(folder)["series"]["train"]["shards"]
     except (TypeError, KeyError):
         shards = None
     if not shards:
@@ -202,7 +202,7 @@ def _sample(url: str, key: str, kept: dict) -> RawSample:
     return RawSample(url, key, kept.get("image"), kept.get("suffix", ""), kept.get("cls"))
 
 
-def _read_index(folder: str, options: dict | None = None, timeout: float = DEFAULT_TIMEOUT) -> dict | None:
+def read_index(folder: str, options: dict | None = None, timeout: float = DEFAULT_TIMEOUT) -> dict | None:
     """The shard index in `folder` (a path or URL prefix), None when there is none or it is not one."""
     url = f"{folder.rstrip('/')}/{INDEX_NAME}"
     try:
@@ -222,7 +222,7 @@ def index_counts(urls: Sequence[str], timeout: float = DEFAULT_TIMEOUT, options:
     size: a rewritten shard is counted again)."""
     found = {}
     for folder in dict.fromkeys(u.rpartition("/")[0] for u in urls):
-        index = _read_index(folder or ".", options, timeout) or {}
+        index = read_index(folder or ".", options, timeout) or {}
         for series in (index.get("series") or {}).values():
             for sh in series.get("shards") or []:
                 url = f"{folder}/{sh['name']}" if folder else sh["name"]
@@ -233,7 +233,10 @@ def index_counts(urls: Sequence[str], timeout: float = DEFAULT_TIMEOUT, options:
 
 
 def default_count_dir() -> Path:
-    return Path.home() / ".cache" / "simclr-cli" / "shards"
+    """Where shard counts are cached: beside the folder caches ($SIMCLR_CACHE_DIR/shard-counts) when that is set,
+    else ~/.cache/simclr-cli/shards."""
+    env = os.environ.get("SIMCLR_CACHE_DIR")
+    return Path(env).expanduser() / "shard-counts" if env else Path.home() / ".cache" / "simclr-cli" / "shards"
 
 
 def _stamp(url: str) -> list[int] | None:

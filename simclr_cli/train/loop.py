@@ -19,8 +19,7 @@ import torch.distributed as dist
 from simclr_cli.artifacts import Checkpoint
 from simclr_cli.augment import Augmenter, view_size_at
 from simclr_cli.config import Config
-from simclr_cli.data import load_train_set, normalization_for
-from simclr_cli.data.batches import Batches
+from simclr_cli.data import load_train_set, normalization_for, train_batches
 from simclr_cli.methods import build_networks
 from simclr_cli.models.encoder_file import encoder_meta, encoder_payload
 from simclr_cli.rundir import RunDir
@@ -105,8 +104,8 @@ class Trainer:
         self.generator = torch.Generator(device=self.device)
         self.local_batch = cfg.train.batch_size // self.ranks.world_size
         self.steps_per_epoch = len(self.data) // cfg.train.batch_size
-        self.batches = Batches(self.data.images, cfg.train.batch_size, self.ranks.rank, self.local_batch,
-                               self.device, self.data.mapped, cfg.data.read_ahead)
+        self.batches = train_batches(self.data, cfg, self.ranks, self.local_batch, self.device,
+                                     lambda message: self.emit("notice", {"message": message}))
         self.optimizer, self.scheduler, self.scaler = optimization(cfg, self.model, self.steps_per_epoch,
                                                                    self.precision, self.device)
         self.net = wrap_for_step(self.method, cfg, self.ranks, self.device)

@@ -16,7 +16,7 @@ def start_panel(t) -> dict:
     cfg, ranks = t.cfg, f"rank{'s' if t.ranks.enabled else ''}"
     cuda = {"cuda": t.cuda_settings} if t.cuda_settings else {}
     return {**describe_device(t.device, t.precision), **cuda,
-            "dataset": f"{t.data.name}, {len(t.data)} images {tuple(t.data.images.shape[1:])}",
+            "dataset": f"{t.data.name}, {len(t.data)} images {t.data.image_shape}",
             "method": cfg.method.name,
             "model": f"{describe_encoder(t.model.encoder)}, h of {t.model.encoder.feature_dim}, "
                      f"{sum(p.numel() for p in t.model.parameters()) / 1e6:.2f}M parameters"
