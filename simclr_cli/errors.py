@@ -41,6 +41,16 @@ class ImageDecodeError(DatasetError):
         return (type(self), (self.path, self.reason))
 
 
+class BadImagesError(DatasetError):
+    """Some images (files, or samples of tar shards) did not decode and --skip-bad was not given: embed and
+    predict wrote nothing. `failures` lists (path or shard URL#KEY, reason)."""
+
+    def __init__(self, failures: list[tuple[Path | str, str]], total: int) -> None:
+        self.failures = failures
+        super().__init__(f"{len(failures)} of {total} images could not be decoded (listed above); nothing was "
+                         "written: fix or remove them, or pass --skip-bad to leave them out")
+
+
 class CheckpointError(UserError):
     """A checkpoint or encoder file that cannot be read or used as asked."""
 

@@ -86,7 +86,7 @@ def probe(
 
 
 def embed(
-    images: Annotated[Path, typer.Argument(help="A folder of images (searched recursively, sorted by path), one image, or a text file listing image paths, one per line (relative to the list file).", show_default=False)],
+    images: Annotated[str, typer.Argument(help="A folder of images (searched recursively, sorted by path), one image, a text file listing image paths, one per line (relative to the list file), or tar shards: a folder `simclr shards` wrote, a .tar path or URL with brace ranges (s3://bucket/train-{0000..0099}.tar); rows in shard order, named URL#KEY.", show_default=False)],
     encoder: Annotated[Optional[Path], typer.Option("--encoder", "-e", help="Encoder file (from `simclr extract`), checkpoint or ResNet state dict. Default: encoder.pth in the working directory.", show_default=False)] = None,
     output: Annotated[Optional[Path], typer.Option("--output", "-o", help="Write the .npy to this file (atomically) instead of stdout.", show_default=False)] = None,
     paths: Annotated[Optional[Path], typer.Option("--paths", help="Also write each row's image path, one per line, in row order.", show_default=False)] = None,

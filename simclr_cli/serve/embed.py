@@ -1,10 +1,11 @@
 """Embedding: image files -> representations h, one row per image, streamed to a .npy or a .csv.
 
 Owns what `simclr embed` does beneath the CLI: turning IMAGES (a folder, one image, or a text file listing
-paths) into an ordered path list; writing rows batch by batch (the formats are `vectors.py`'s), so memory
-stays flat however many images there are; outputs that never hold a partial array after a failure; and bad files
-(report every one and write nothing, or leave them out). Each batch goes through `models.features.extract_features`,
-so the rows equal what `simclr probe` extracts from the same images.
+paths) into an ordered path list, or tar shards into their samples in shard order (`embed_shards`); writing
+rows batch by batch (the formats are `vectors.py`'s), so memory stays flat however many images there are;
+outputs that never hold a partial array after a failure; and bad files (report every one and write nothing,
+or leave them out). Each batch goes through `models.features.extract_features`, so the rows equal what
+`simclr probe` extracts from the same images.
 """
 
 from __future__ import annotations
@@ -23,7 +24,8 @@ import torch
 import torch.nn.functional as F
 
 from simclr_cli.data.images import IMAGE_EXTENSIONS, iter_decoded, list_images
-from simclr_cli.errors import CheckpointError, DatasetError, OutputError
+from simclr_cli.errors import BadImagesError, CheckpointError, DatasetError, OutputError
+from simclr_cli.serve.embed_shards import each_shard_decoded, is_shards, shards_of
 from simclr_cli.serve.inference import Inference
 from simclr_cli.serve.vectors import WRITERS, format_for
 from simclr_cli.files import atomic_file, check_output_path
@@ -33,13 +35,15 @@ from simclr_cli.runtime import Callback
 DEFAULT_ENCODER = Path("encoder.pth")  # looked up in the working directory when no --encoder is given
 
 
-class BadImagesError(DatasetError):
-    """Some images did not decode and --skip-bad was not given; `failures` lists (path, reason)."""
+@dataclass
+class Shards:
+    """IMAGES as tar shards (`embed_shards`): their URLs and the samples each holds."""
 
-    def __init__(self, failures: list[tuple[Path, str]], total: int) -> None:
-        self.failures = failures
-        super().__init__(f"{len(failures)} of {total} images could not be decoded (listed above); nothing was "
-                         "written: fix or remove them, or pass --skip-bad to leave them out")
+    urls: list[str]
+    counts: list[int]
+
+    def __len__(self) -> int:
+        return sum(self.counts)  # the rows to come
 
 
 @dataclass
@@ -48,7 +52,7 @@ class EmbedResult:
     dim: int  # D, the representation's size
     seconds: float  # decode + forward + write, after the encoder was loaded
     output: str  # where the array went
-    paths: list[Path] = field(repr=False)  # path of each row, in order
+    paths: list = field(repr=False)  # path of each row (shards: its URL#KEY name), in order
     failures: list[tuple[Path, str]] = field(default_factory=list)  # skipped (path, reason)
 
     @property
@@ -167,11 +171,12 @@ def each_decoded(paths: Sequence[Path], size: int, handle: Callable[[list[Path],
     return [paths[i] for i in kept], failures
 
 
-def embed_paths(loaded: LoadedEncoder, paths: Sequence[Path], fp: BinaryIO, seekable: bool, *, run: Inference,
-                normalize: bool = False, batch_size: int = 256, num_workers: int = 2, skip_bad: bool = False,
-                fmt: str = "npy", callback: Callback | None = None) -> tuple[list[Path], list]:
-    """Decode `paths` in workers, encode each batch, stream rows to `fp` as a .npy or .csv (`fmt`). Returns
-    (kept paths, failures); bad files as `each_decoded` says."""
+def embed_paths(loaded: LoadedEncoder, paths: Sequence[Path] | Shards, fp: BinaryIO, seekable: bool, *,
+                run: Inference, normalize: bool = False, batch_size: int = 256, num_workers: int = 2,
+                skip_bad: bool = False, fmt: str = "npy", callback: Callback | None = None) -> tuple[list, list]:
+    """Decode `paths` in workers (or the samples of `Shards`, in shard order), encode each batch, stream rows
+    to `fp` as a .npy or .csv (`fmt`). Returns (kept paths or row names, failures); bad files as
+    `each_decoded` says."""
     writer = WRITERS[fmt](fp, len(paths), loaded.feature_dim, seekable)
 
     def encode(batch_paths: list[Path], images: torch.Tensor) -> None:
@@ -179,8 +184,12 @@ def embed_paths(loaded: LoadedEncoder, paths: Sequence[Path], fp: BinaryIO, seek
         h = run.features(loaded, images, batch_size=len(images))  # (B, D) float32
         writer.write(F.normalize(h, dim=1) if normalize else h, batch_paths)
 
-    kept, failures = each_decoded(paths, loaded.image_size, encode, batch_size=batch_size, num_workers=num_workers,
-                                  skip_bad=skip_bad, callback=callback)
+    if isinstance(paths, Shards):
+        kept, failures = each_shard_decoded((paths.urls, paths.counts), loaded.image_size, encode,
+                                            batch_size=batch_size, skip_bad=skip_bad, callback=callback)
+    else:
+        kept, failures = each_decoded(paths, loaded.image_size, encode, batch_size=batch_size,
+                                      num_workers=num_workers, skip_bad=skip_bad, callback=callback)
     writer.finish()
     return kept, failures
 
@@ -204,7 +213,7 @@ def embed_images(images: str | Path, encoder: str | Path | None = None, output: 
     run = Inference(device, precision)
     if paths_out is not None:
         check_output_path(paths_out, "paths.txt")
-    paths = resolve_paths(images)
+    paths = Shards(*shards_of(images)) if is_shards(images) else resolve_paths(images)
     loaded = run.load(resolve_encoder(encoder))
     callback = callback or (lambda event, data: None)
     callback("start", {"images": len(paths), "dim": loaded.feature_dim, "image_size": loaded.image_size,
