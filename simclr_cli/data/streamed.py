@@ -138,11 +138,11 @@ def load_webdataset(d: DataConfig, split: str, size: int, seed: int, progress=No
     index beside them, else once from the tar headers into a cache)."""
     o = d.options
     if split != "train":
-        raise DatasetError("the webdataset source streams tar shards into pretraining; it has no test split: "
-                           "probe, finetune and embed read a whole split of a map source (a folder, cifar10)")
+        raise DatasetError(f"the webdataset source streams the train split into pretraining, not the {split} split: "
+                           "probe and finetune read the series of a `simclr shards` index whole (--data-dir)")
     if not o.urls:
         raise DatasetError("the webdataset source needs its shards: set data.webdataset.urls, e.g. "
-                           "[/data/train-{000000..000099}.tar] or the folder `simclr shards` wrote")
+                           "['/data/train-{000000..000099}.tar'] or the folder `simclr shards` wrote")
     urls = expand_urls(o.urls)
     counts = shard_counts(urls, Path(d.cache_dir).expanduser() / "shard-counts" if d.cache_dir else None, o.timeout)
     empty = [u for u, n in zip(urls, counts) if n < 1]
