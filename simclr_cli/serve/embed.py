@@ -18,14 +18,14 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import BinaryIO, Callable, Iterator, Sequence
+from typing import BinaryIO, Callable, Iterable, Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
 
 from simclr_cli.data.images import IMAGE_EXTENSIONS, iter_decoded, list_images
 from simclr_cli.errors import BadImagesError, CheckpointError, DatasetError, OutputError
-from simclr_cli.serve.embed_shards import each_shard_decoded, is_shards, shards_of
+from simclr_cli.serve.embed_shards import is_shards, shard_samples, shards_of
 from simclr_cli.serve.inference import Inference
 from simclr_cli.serve.vectors import WRITERS, format_for
 from simclr_cli.files import atomic_file, check_output_path
@@ -144,31 +144,43 @@ def stdout_target(stdout: BinaryIO, rows_may_shrink: bool) -> Iterator[tuple[Bin
 
 # --- the loop --------------------------------------------------------------------------------------------
 
+def handle_batches(batches: Iterable[tuple[list, torch.Tensor | None, list]], total: int,
+                   handle: Callable[[list, torch.Tensor], None], *, skip_bad: bool, callback: Callback | None,
+                   nothing: str) -> tuple[list, list]:
+    """What embed and predict do with decoded batches of (names, uint8 images or None, [(name, reason) of bad
+    ones]): each batch's good images to `handle(names, images)`, in order. Returns (kept names, failures).
+    Without `skip_bad` the first bad image stops the handling, but decoding goes on so every bad one is
+    reported; then BadImagesError is raised and the caller commits nothing. `nothing`: the line when no
+    image decodes."""
+    callback = callback or (lambda event, data: None)
+    kept: list = []
+    failures: list = []
+    done = 0
+    for names, images, bad in batches:
+        for name, why in bad:
+            failures.append((name, why))
+            callback("bad", {"path": name, "reason": why})
+        if names and (skip_bad or not failures):
+            handle(names, images)
+            kept += names
+        done += len(names) + len(bad)
+        callback("progress", {"done": done, "total": total, "bad": len(failures)})
+    if failures and not skip_bad:
+        raise BadImagesError(failures, total)
+    if not kept:
+        raise DatasetError(nothing)
+    return kept, failures
+
+
 def each_decoded(paths: Sequence[Path], size: int, handle: Callable[[list[Path], torch.Tensor], None], *,
                  batch_size: int = 256, num_workers: int = 2, skip_bad: bool = False,
                  callback: Callback | None = None) -> tuple[list[Path], list[tuple[Path, str]]]:
-    """Decode `paths` in workers and hand each batch's good images to `handle(paths, images_u8)`, in order.
-    Returns (kept paths, failures). What embed and predict share: without `skip_bad` the first bad file stops
-    the handling, but decoding goes on so every bad file is reported; then BadImagesError is raised and the
-    caller commits nothing."""
-    callback = callback or (lambda event, data: None)
-    kept: list[int] = []
-    failures: list[tuple[Path, str]] = []
-    done = 0
-    for batch in iter_decoded(paths, size, batch_size=batch_size, num_workers=num_workers):
-        for i, why in batch.failures:
-            failures.append((paths[i], why))
-            callback("bad", {"path": paths[i], "reason": why})
-        if len(batch.indices) and (skip_bad or not failures):
-            handle([paths[i] for i in batch.indices.tolist()], batch.images)
-            kept += batch.indices.tolist()
-        done += len(batch.indices) + len(batch.failures)
-        callback("progress", {"done": done, "total": len(paths), "bad": len(failures)})
-    if failures and not skip_bad:
-        raise BadImagesError(failures, len(paths))
-    if not kept:
-        raise DatasetError(f"none of the {len(paths)} images could be decoded: check the files")
-    return [paths[i] for i in kept], failures
+    """Decode `paths` in workers and hand each batch's good images to `handle(paths, images_u8)`, in order
+    (`handle_batches`). Returns (kept paths, failures)."""
+    batches = (([paths[i] for i in b.indices.tolist()], b.images, [(paths[i], why) for i, why in b.failures])
+               for b in iter_decoded(paths, size, batch_size=batch_size, num_workers=num_workers))
+    return handle_batches(batches, len(paths), handle, skip_bad=skip_bad, callback=callback,
+                          nothing=f"none of the {len(paths)} images could be decoded: check the files")
 
 
 def embed_paths(loaded: LoadedEncoder, paths: Sequence[Path] | Shards, fp: BinaryIO, seekable: bool, *,
@@ -185,8 +197,10 @@ def embed_paths(loaded: LoadedEncoder, paths: Sequence[Path] | Shards, fp: Binar
         writer.write(F.normalize(h, dim=1) if normalize else h, batch_paths)
 
     if isinstance(paths, Shards):
-        kept, failures = each_shard_decoded((paths.urls, paths.counts), loaded.image_size, encode,
-                                            batch_size=batch_size, skip_bad=skip_bad, callback=callback)
+        kept, failures = handle_batches(shard_samples(paths.urls, paths.counts, loaded.image_size, batch_size),
+                                        len(paths), encode, skip_bad=skip_bad, callback=callback,
+                                        nothing=f"none of the {len(paths)} samples of the {len(paths.urls)} shards "
+                                                "could be decoded: check them")
     else:
         kept, failures = each_decoded(paths, loaded.image_size, encode, batch_size=batch_size,
                                       num_workers=num_workers, skip_bad=skip_bad, callback=callback)
