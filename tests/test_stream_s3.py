@@ -75,7 +75,8 @@ def upload(s3, folder: Path, prefix: str) -> None:
 def store(tmp_path_factory):
     """The endpoint (its env set for the module) and the shards on it, with their local twins:
     ws/ - `write_shards` output (3 shards of 4, 4, 2 and index.json), wds/ - webdataset's ShardWriter (2 x 6, no
-    index), bad/ - a corrupt image mid-shard and a tar cut inside a member."""
+    index), bad/ - a corrupt image mid-shard and a tar cut inside a member, split/ - labelled train (8) and test
+    (4) series with their index (local twin: split-ws/)."""
     saved = {k: os.environ.get(k) for k in ENV}
     for k in ENV:
         os.environ.pop(k, None)
@@ -115,6 +116,12 @@ def _fill(s3, root: Path, endpoint: str) -> dict:
                                              for i in range(8)])
     whole = (root / "wds" / "w0-000000.tar").read_bytes()
     (root / "bad" / "cut.tar").write_bytes(whole[:len(whole) // 2 + 100])  # cut inside a member
+    for series, n in (("train", 8), ("test", 4)):  # split/: labelled train and test series, as probe reads
+        for i in range(n):
+            (root / "split" / series / f"c{i % 2}").mkdir(parents=True, exist_ok=True)
+            (root / "split" / series / f"c{i % 2}" / f"{i}.png").write_bytes(png(50 + i + 10 * (series == "test")))
+    write_shards(root / "split", root / "split-ws", max_count=4)
+    upload(s3, root / "split-ws", "split")
     for prefix in ("ws", "wds", "bad"):
         upload(s3, root / prefix, prefix)
     return {"root": root, "endpoint": endpoint, "s3": s3}
@@ -237,3 +244,25 @@ def test_pretraining_reads_its_shards_through_s3_urls(store, tmp_path):
                          batch_size=4, epochs=1))
     ckpt = load_checkpoint(tmp_path / "checkpoint.pt")
     assert ckpt["step"] == 2 and ckpt["train_images"] == 10  # the index's 10 samples on S3: 2 batches of 4
+
+
+def test_probe_reads_a_shard_index_through_an_s3_prefix(store, tmp_path):
+    """`--data-dir s3://bucket/prefix` is a URL, not a path (its // kept): probe reads the index and both series
+    from the store, with the figures of the same shards on disk."""
+    from conftest import pretrained_tiny
+    from typer.testing import CliRunner
+
+    from simclr_cli.cli import app
+
+    encoder = pretrained_tiny(tmp_path / "run") / "encoder.pth"
+    figures = []
+    for where in (f"s3://{BUCKET}/split", str(store["root"] / "split-ws")):
+        out = tmp_path / f"probe-{len(figures)}.json"
+        r = CliRunner().invoke(app, ["probe", str(encoder), "--dataset", "webdataset", "--data-dir", where,
+                                     "--device", "cpu", "--precision", "fp32", "--json", str(out)])
+        assert r.exit_code == 0, r.output
+        report = json.loads(out.read_text())
+        assert (report["dataset"]["train_size"], report["dataset"]["test_size"]) == (8, 4)
+        figures.append(report["results"]["trained"])
+    assert figures[0]["knn_top1"] == figures[1]["knn_top1"]
+    assert figures[0]["linear_top1"] == pytest.approx(figures[1]["linear_top1"], abs=1e-6)

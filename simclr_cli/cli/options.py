@@ -6,7 +6,6 @@ from __future__ import annotations
 import contextlib
 import os
 import sys
-from pathlib import Path
 from typing import Annotated, Iterator, Optional
 
 import typer
@@ -23,7 +22,8 @@ PrecisionOption = Annotated[Optional[str], typer.Option("--precision", help="aut
 # registry.SOURCES (or by a plugin) shows up here.
 _SOURCES = sources()
 DatasetOption = Annotated[str, typer.Option("--dataset", help="The data source, as data.dataset: " + " | ".join(f"{name} ({s.help})" for name, s in _SOURCES.items()) + ".")]
-DataRootOption = Annotated[Optional[Path], typer.Option("--data-root", "--data-dir", help="The data root, as data.root: the folder the source reads (cifar10: the one holding cifar-10-batches-py/; folder: the image folder). Default: $SIMCLR_DATA_DIR or ~/.cache/simclr-cli/data.", show_default=False)]
+# a str, not a Path: a URL prefix (webdataset: s3://bucket/shards) must keep its "//"
+DataRootOption = Annotated[Optional[str], typer.Option("--data-root", "--data-dir", help="The data root, as data.root: the folder the source reads (cifar10: the one holding cifar-10-batches-py/; folder: the image folder; webdataset: the folder or URL prefix of a simclr shards index). Default: $SIMCLR_DATA_DIR or ~/.cache/simclr-cli/data.", show_default=False)]
 DownloadOption = Annotated[bool, typer.Option("--download", help=f"Let a source that downloads ({', '.join(n for n, s in _SOURCES.items() if s.downloads)}) fetch its data when it is missing.")]
 SyntheticSizeOption = Annotated[int, typer.Option("--synthetic-size", min=2, hidden=True, help="Images per split of the synthetic dataset (tests, demos).")]
 NumWorkersOption = Annotated[int, typer.Option("--num-workers", "--workers", min=0, help="Image-decoding worker processes (0: decode in this process), as data.num_workers.")]
