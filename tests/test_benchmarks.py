@@ -4,6 +4,9 @@ they measure."""
 
 import importlib.util
 import json
+import re
+import subprocess
+import sys
 
 import pytest
 from conftest import REPO, write_fake_cifar
@@ -341,3 +344,33 @@ def test_the_overheads_benchmark_prints_every_figure_the_readme_quotes():
     assert cpu[2] == cpu[4] == "64"  # 64 held-out images bound both ranks (h has 64 dimensions, z 128)
     assert 1 <= float(cpu[1]) <= 64 and 1 <= float(cpu[3]) <= 64 and float(cpu[5]) > 0
     assert "rank_h or rank_z under 2" in done.stdout and "z_std/unif under 0.01" in done.stdout
+
+
+@pytest.mark.slow
+def test_stream_benchmark_prints_every_row_it_measures(tmp_path):
+    """benchmarks/stream.py end to end on 96 tiny images (S3 on the loopback included): every row a measured
+    number, the second memory row streaming twice the shards and samples, the cores row its own arithmetic."""
+    import numpy as np
+    from PIL import Image
+
+    for split, n in (("train", 96), ("test", 12)):
+        for i in range(n):
+            (tmp_path / "img" / split / f"c{i % 3}").mkdir(parents=True, exist_ok=True)
+            pixels = np.random.default_rng(i + 1000 * (split == "test")).integers(0, 256, (20, 20, 3), dtype=np.uint8)
+            Image.fromarray(pixels).save(tmp_path / "img" / split / f"c{i % 3}" / f"{i:03d}.png")
+    done = subprocess.run([sys.executable, str(REPO / "benchmarks" / "stream.py"), "--jpeg", str(tmp_path / "img"),
+                           "--work", str(tmp_path / "work"), "--per-shard", "16", "--samples", "64", "--steps", "2",
+                           "--times", "2", "--size", "16", "--batch", "8"], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    rows = {name: float(value) for name, value in re.findall(r"^\| (.+?) +\| +([-\d.]+) \|$", done.stdout, re.M)}
+    assert len(rows) == 17, done.stdout
+    rates = [v for k, v in rows.items() if k.endswith("(images/s)")]
+    waits = [v for k, v in rows.items() if "waiting for the batch" in k]
+    assert len(rates) == 7 and all(v > 0 for v in rates) and len(waits) == 3 and all(0 <= v < 100 for v in waits)
+    memory = {k: v for k, v in rows.items() if "peak PSS" in k}
+    assert [k.split(":")[0] for k in memory][::2] == ["6 shards, 96 samples", "12 shards, 192 samples"]
+    assert all(v > 50 for v in memory.values())  # torch alone is more: the sampler saw the processes
+    ms = rows["CPU time per image, local shards (ms)"]
+    assert ms == pytest.approx(1000 / rows["delivered, local shards, 0 workers (images/s)"], rel=1e-3, abs=1e-4)
+    for name, cores in ((k, v) for k, v in rows.items() if k.startswith("cores to feed")):
+        assert cores == pytest.approx(float(name.rsplit(": ", 1)[1].split()[0].replace(",", "")) * ms / 1000, abs=1e-3)
