@@ -14,7 +14,7 @@ local and on S3, must give the folder's vectors row for row (matched by each sam
 Each pretraining run's maximum resident set comes from /usr/bin/time -v (the main process).
 
     python3 ../shared/data/make_cifar10.py DIR --folder
-    python benchmarks/stream_parity.py --jpeg DIR/cifar10-jpeg --work /tmp/parity    # about 40 min on 2 cores
+    python benchmarks/stream_parity.py --jpeg DIR/cifar10-jpeg --work /tmp/parity    # about 32 min on 2 cores
 """
 
 from __future__ import annotations
