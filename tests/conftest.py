@@ -14,6 +14,8 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import pytest
 
+pytest.register_assert_rewrite("ranks")  # tests/ranks.py's assert_one_process: failures show their values
+
 if TYPE_CHECKING:
     from simclr_cli.config import Config
 

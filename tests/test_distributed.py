@@ -15,20 +15,17 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import tiny_overrides
-from ranks import run_ranks  # tests/ranks.py
-from torch.nn.parallel import DistributedDataParallel
+from ranks import assert_one_process, global_batch, run_ranks, shard_step  # tests/ranks.py
 from typer.testing import CliRunner
 
 from simclr_cli.cli import app
 from simclr_cli.config import ModelConfig, load_config
 from simclr_cli.files import ENCODER_FORMAT, safe_load
-from simclr_cli.methods.simclr import nt_xent
 from simclr_cli.models import build_model
 from simclr_cli.train import launch
 from simclr_cli.train.state import load_checkpoint
 
 WORLD = 2
-TEMPERATURE = 0.2
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -43,39 +40,8 @@ def _one_thread():
 # --- one step on two gloo ranks equals one step on the whole batch ---------------------------------------
 
 
-def _tiny_model() -> torch.nn.Module:
-    torch.manual_seed(0)
-    return build_model(ModelConfig(width=8, head_out=16))
-
-
-def _step(model: torch.nn.Module, x1: torch.Tensor, x2: torch.Tensor, gather: bool = True):
-    """What Trainer.train_step does, without augmentation: both views in one forward, NT-Xent, backward."""
-    n = len(x1)
-    _, z = model(torch.cat([x1, x2]))  # (2n, D)
-    loss = nt_xent(z[:n], z[n:], TEMPERATURE, gather=gather)
-    loss.backward()
-    return loss.detach()
-
-
-def _grads(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    return {name: p.grad.clone() for name, p in model.named_parameters()}
-
-
 def _rank_worker(rank: int, state: dict, x1: torch.Tensor, x2: torch.Tensor, out_dir: str) -> None:
-    model = _tiny_model()
-    model.load_state_dict(state)
-    net = DistributedDataParallel(model)
-    n = len(x1) // WORLD
-    mine = slice(rank * n, (rank + 1) * n)  # this rank's shard of the global batch
-    result = {}
-    for mode in ("eval", "train"):  # BN on running statistics, then on this rank's own batch
-        net.train(mode == "train")
-        net.zero_grad(set_to_none=True)
-        result[mode] = (_step(net, x1[mine], x2[mine]), _grads(model))
-    net.zero_grad(set_to_none=True)
-    with net.no_sync():  # no gradient all-reduce: only the loss value matters here
-        result["local"] = _step(net, x1[mine], x2[mine], gather=False)
-    torch.save(result, os.path.join(out_dir, f"rank{rank}.pt"))
+    torch.save(shard_step(rank, WORLD, state, x1, x2), os.path.join(out_dir, f"rank{rank}.pt"))
 
 
 def test_two_ranks_give_the_loss_and_gradients_of_one_process(tmp_path: Path) -> None:
@@ -87,39 +53,12 @@ def test_two_ranks_give_the_loss_and_gradients_of_one_process(tmp_path: Path) ->
     eval mode on running statistics taken from the global batch: every layer is then a per-image function,
     and the only coupling across images, the one that must cross ranks, is NT-Xent's negatives. The
     test also shows that training-mode BN does differ, and that the loss without the gather differs.
+    The same step across two torchrun agents ("nodes") is tests/test_nodes.py's.
     """
-    g = torch.Generator().manual_seed(1)
-    x1, x2 = torch.randn(2, 8, 3, 16, 16, generator=g)  # global batch N = 8: fixed views, no augmentation
-    model = _tiny_model()
-    with torch.no_grad():  # running statistics from the global batch, so eval-mode BN is not the identity
-        model.train()(torch.cat([x1, x2]))
-    state = {k: v.clone() for k, v in model.state_dict().items()}
+    state, x1, x2 = global_batch()
     run_ranks(_rank_worker, (state, x1, x2, str(tmp_path)), WORLD)
     ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(WORLD)]
-
-    for mode in ("eval", "train"):
-        model.load_state_dict(state)
-        model.train(mode == "train")
-        model.zero_grad(set_to_none=True)
-        single_loss, single_grads = _step(model, x1, x2), _grads(model)
-        rank_loss = torch.stack([r[mode][0] for r in ranks]).mean()  # what Trainer logs: the mean over ranks
-        if mode == "eval":
-            assert rank_loss.item() == pytest.approx(single_loss.item(), abs=1e-5)
-            assert len(single_grads) == len(list(model.parameters()))
-            for r in ranks:  # DDP leaves the same averaged gradient on every rank
-                for name, grad in single_grads.items():
-                    torch.testing.assert_close(r["eval"][1][name], grad, atol=1e-5, rtol=0, msg=name)
-        else:
-            worst = max((ranks[0]["train"][1][k] - v).abs().max().item() for k, v in single_grads.items())
-            assert worst > 1e-4  # per-rank BN statistics: a different function, hence the eval-mode check
-
-    model.load_state_dict(state)
-    model.eval()
-    with torch.no_grad():
-        _, z = model(torch.cat([x1, x2]))
-    single = nt_xent(z[:8], z[8:], TEMPERATURE).item()
-    local_only = torch.stack([r["local"] for r in ranks]).mean().item()  # 2n - 2 = 6 negatives, not 14
-    assert abs(local_only - single) > 1e-2
+    assert_one_process(ranks, state, x1, x2)
 
 
 # --- simclr pretrain --nproc ---------------------------------------------------------------------------------
