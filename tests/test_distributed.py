@@ -20,6 +20,7 @@ from typer.testing import CliRunner
 
 from simclr_cli.cli import app
 from simclr_cli.config import ModelConfig, load_config
+from simclr_cli.errors import ConfigError
 from simclr_cli.files import ENCODER_FORMAT, safe_load
 from simclr_cli.models import build_model
 from simclr_cli.train import launch
@@ -78,8 +79,8 @@ def test_nproc_hands_the_ranks_the_config_it_resolved(tmp_path: Path, monkeypatc
     """The launcher resolves the config once (file, --set, flags, the resume) and every rank reads that."""
     seen = {}
 
-    def fake_torchrun(nproc: int, module_args: list[str]) -> launch.LaunchResult:
-        seen["nproc"], seen["args"] = nproc, module_args
+    def fake_torchrun(nproc: int, module_args: list[str], nodes: launch.Nodes, run_id: str) -> launch.LaunchResult:
+        seen["nproc"], seen["args"], seen["nodes"] = nproc, module_args, nodes
         seen["config"] = load_config(module_args[module_args.index("--config") + 1])  # what a rank loads
         return launch.LaunchResult(0)
 
@@ -92,7 +93,7 @@ def test_nproc_hands_the_ranks_the_config_it_resolved(tmp_path: Path, monkeypatc
     result = CliRunner().invoke(app, ["pretrain", "--resume", "--nproc", "2", "-c", str(config), "-o", str(out),
                                       *TINY, "--set", "train.seed=5"])
     assert result.exit_code == 0, result.output
-    assert seen["nproc"] == 2
+    assert seen["nproc"] == 2 and seen["nodes"] == launch.Nodes()  # one machine: torchrun --standalone
     assert seen["args"][:3] == ["simclr_cli", "pretrain", "--config"] and seen["args"][4:] == ["--resume"]
     resolved = load_config(config, SETTINGS + ["train.seed=5"], {"train.output_dir": str(out), "train.device": "cpu"})
     assert seen["config"] == resolved
@@ -110,6 +111,20 @@ def test_nproc_refuses_before_starting_any_rank(tmp_path: Path, monkeypatch, ove
     assert message in result.output and "Traceback" not in result.output
 
 
+def test_a_batch_that_the_nodes_do_not_divide_names_the_nodes(monkeypatch) -> None:
+    """Under torchrun on 2 nodes of 2 ranks (LOCAL_WORLD_SIZE 2 of WORLD_SIZE 4) the refusal counts the nodes."""
+    from simclr_cli.train.preflight import check_world
+
+    cfg = load_config(None, ["train.batch_size=18"])
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    with pytest.raises(ConfigError, match=r"^train.batch_size 18 must divide evenly over 4 processes \(2 nodes x 2\): "
+                                          r"pick a multiple of 4$"):
+        check_world(cfg, 4, torch.device("cpu"))
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")
+    with pytest.raises(ConfigError, match=r"over 4 processes: pick"):
+        check_world(cfg, 4, torch.device("cpu"))
+
+
 def test_nproc_above_the_gpu_count_is_refused(tmp_path: Path, monkeypatch) -> None:
     monkeypatch.setattr(launch, "pick_device", lambda name: torch.device("cuda", 0))
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
@@ -121,7 +136,7 @@ def test_nproc_above_the_gpu_count_is_refused(tmp_path: Path, monkeypatch) -> No
 def test_nproc_under_torchrun_is_refused(tmp_path: Path, monkeypatch) -> None:
     monkeypatch.setenv("WORLD_SIZE", "2")
     result = CliRunner().invoke(app, ["pretrain", "--nproc", "2", "-o", str(tmp_path), *TINY])
-    assert result.exit_code == 2 and "leave --nproc out" in result.output
+    assert result.exit_code == 2 and "under torchrun, leave them out" in " ".join(result.output.split())
 
 
 def test_failure_line_names_the_rank_and_the_signal() -> None:

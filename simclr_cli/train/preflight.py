@@ -6,6 +6,7 @@ several ranks (whatever started them) rank 0 asks and every rank starts as it de
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
 
@@ -82,11 +83,19 @@ def check_resume_config(saved: dict, cfg: Config) -> list[str]:
     return [f"{k}: {old.get(k, default.get(k))!r} -> {new[k]!r}" for k in changed]
 
 
-def check_world(cfg: Config, world_size: int, device: torch.device) -> None:
+def _processes(world_size: int, local_size: int | None) -> str:
+    """'4 processes', or on several nodes '4 processes (2 nodes x 2)'; local_size: the ranks of one node
+    (None: torchrun's LOCAL_WORLD_SIZE, when set)."""
+    local = local_size or int(os.environ.get("LOCAL_WORLD_SIZE") or world_size)
+    nodes = f" ({world_size // local} nodes x {local})" if 0 < local < world_size and world_size % local == 0 else ""
+    return f"{world_size} processes{nodes}"
+
+
+def check_world(cfg: Config, world_size: int, device: torch.device, local_size: int | None = None) -> None:
     """Refuse what cannot run on `world_size` processes; `simclr pretrain --nproc` asks before it starts any."""
     if cfg.train.batch_size % world_size:
         raise ConfigError(f"train.batch_size {cfg.train.batch_size} must divide evenly over "
-                          f"{world_size} processes: pick a multiple of {world_size}")
+                          f"{_processes(world_size, local_size)}: pick a multiple of {world_size}")
     if cfg.model.sync_bn and world_size > 1 and device.type != "cuda":
         # torch's SyncBatchNorm raises on CPU tensors ("expected input tensor to be on GPU"): refuse up front.
         raise RuntimeSetupError(f"model.sync_bn needs CUDA GPUs; SyncBatchNorm has no {device.type} path: "
