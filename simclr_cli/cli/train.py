@@ -1,4 +1,4 @@
-"""`simclr pretrain`: options in, `train.pretrain` (or, with --nproc, `train.launch`) out, and the one line
+"""`simclr pretrain`: options in, `train.pretrain` (or, with --nproc, --nnodes or --max-restarts, `train.launch`) out, and the one line
 that a stop by signal or a non-finite loss ends with."""
 
 from __future__ import annotations
@@ -24,6 +24,10 @@ def pretrain(
     resume: Annotated[bool, typer.Option("--resume", help="Continue the run in the output directory from its checkpoint.pt.")] = False,
     auto_resume: Annotated[bool, typer.Option("--auto-resume", help="Continue from the output directory's checkpoint.pt when there is one, else start: for jobs that restart themselves (torchrun --max-restarts, a requeued cluster job). On several ranks, rank 0 decides for all.")] = False,
     nproc: Annotated[Optional[int], typer.Option("--nproc", min=1, help="Processes on this machine, e.g. --nproc 4 for 4 GPUs: starts torchrun with the same options; train.batch_size stays the global batch.")] = None,
+    nnodes: Annotated[int, typer.Option("--nnodes", min=1, help="Machines taking part, each running this same command (--nproc processes each), joined by torchrun's c10d rendezvous at --rdzv-endpoint.")] = 1,
+    rdzv_endpoint: Annotated[Optional[str], typer.Option("--rdzv-endpoint", help="HOST:PORT of the rendezvous: one of the nodes, the same on every node (e.g. node0:29400).", show_default=False)] = None,
+    rdzv_timeout: Annotated[float, typer.Option("--rdzv-timeout", help="Seconds to wait for every node to join before giving up with one line.")] = 600.0,
+    max_restarts: Annotated[int, typer.Option("--max-restarts", min=0, help="After a failure torchrun restarts every process, this many times; with --auto-resume each restart continues from checkpoint.pt.")] = 0,
 ) -> None:
     """Self-supervised pretraining: writes config.yaml, metrics.jsonl, checkpoint.pt and encoder.pth."""
     from simclr_cli.train.preflight import resolve_config
@@ -33,10 +37,11 @@ def pretrain(
                                                  ("train.precision", precision)) if value is not None}
     with handle_errors():
         cfg, resume = resolve_config(config, list(overrides), values, resume, auto_resume)
-        if nproc is not None and nproc > 1:
-            from simclr_cli.train.launch import launch_pretrain
+        if (nproc or 1) > 1 or nnodes > 1 or rdzv_endpoint or max_restarts:
+            from simclr_cli.train.launch import Nodes, launch_pretrain
 
-            result = launch_pretrain(nproc, cfg, resume)
+            nodes = Nodes(nnodes, rdzv_endpoint, rdzv_timeout, max_restarts)
+            result = launch_pretrain(nproc or 1, cfg, resume, nodes)
             if result.message:
                 display.error(result.message)
             raise typer.Exit(result.exit_code)

@@ -15,6 +15,7 @@ one stays whole whatever dies.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import signal
@@ -29,6 +30,35 @@ from simclr_cli.errors import USER_ERROR_EXIT, ConfigError, RuntimeSetupError
 from simclr_cli.rundir import RunDir
 from simclr_cli.runtime import check_device_for_ranks, pick_device
 from simclr_cli.train.preflight import check_names, check_world, preflight
+
+
+@dataclass
+class Nodes:
+    """Several machines, each running the same `simclr pretrain --nnodes N --rdzv-endpoint HOST:PORT` command:
+    torchrun's c10d rendezvous at `endpoint` joins them (the node whose address it names serves it)."""
+
+    count: int = 1  # machines taking part
+    endpoint: str | None = None  # HOST:PORT of the rendezvous, the same on every node
+    timeout_s: float = 600.0  # seconds to wait for every node to join before giving up
+    max_restarts: int = 0  # torchrun restarts every process of the run after a failure, this many times
+
+    def argv(self, run_id: str) -> list[str]:
+        """torchrun's arguments for these nodes (`--standalone` for one machine without restarts)."""
+        if self.count == 1 and not self.endpoint:
+            return ["--standalone", "--max-restarts", str(self.max_restarts)]
+        return ["--nnodes", str(self.count), "--rdzv-backend", "c10d", "--rdzv-endpoint", str(self.endpoint),
+                "--rdzv-id", run_id, "--rdzv-conf", f"join_timeout={self.timeout_s:g}",
+                "--max-restarts", str(self.max_restarts)]
+
+    def check(self) -> None:
+        if self.count > 1 and not self.endpoint:
+            raise ConfigError(f"--nnodes {self.count} needs --rdzv-endpoint HOST:PORT, the address of one of the "
+                              "nodes, the same on every node (e.g. --rdzv-endpoint node0:29400)")
+        host, _, port = (self.endpoint or "h:1").rpartition(":")
+        if not host or not port.isdigit() or not 0 < int(port) < 65536:
+            raise ConfigError(f"--rdzv-endpoint {self.endpoint!r} is not HOST:PORT (e.g. node0:29400)")
+        if self.timeout_s <= 0 or self.max_restarts < 0:
+            raise ConfigError("--rdzv-timeout must be > 0 and --max-restarts >= 0")
 
 
 @dataclass
@@ -54,11 +84,14 @@ def describe_failure(rank: int, exit_code: int) -> str:
     return f"rank {rank} {how}; torchrun stopped the other ranks"
 
 
-def run_torchrun(nproc: int, module_args: list[str]) -> LaunchResult:
-    """`torchrun --standalone --nproc_per_node nproc -m <module_args>` in this process; never raises for a rank's failure."""
+def run_torchrun(nproc: int, module_args: list[str], nodes: Nodes | None = None,
+                 run_id: str = "simclr") -> LaunchResult:
+    """`torchrun --standalone --nproc_per_node nproc -m <module_args>` in this process (with `nodes`: their
+    rendezvous and restarts instead); never raises for a rank's failure or a rendezvous that fails."""
     from torch.distributed import run as torchrun
     from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.elastic.rendezvous.api import RendezvousError, RendezvousTimeoutError
 
     os.environ.setdefault("OMP_NUM_THREADS", str(threads_per_process(nproc)))
     # The agent warns about each failure and signal; the line the caller prints (or rank 0's) says the same.
@@ -68,9 +101,18 @@ def run_torchrun(nproc: int, module_args: list[str]) -> LaunchResult:
             log.setLevel(logging.CRITICAL)
     # The agent looks at its ranks every 0.1 s (torch 2.3's default was 5 s: a rank that saw its killed peer
     # in the meantime and exited was then reported as the first failure, and the stop came seconds later).
-    argv = ["--standalone", "--monitor-interval", "0.1", "--nproc_per_node", str(nproc), "-m", *module_args]
+    nodes = nodes or Nodes()
+    argv = [*nodes.argv(run_id), "--monitor-interval", "0.1", "--nproc_per_node", str(nproc), "-m", *module_args]
     try:
         torchrun.main(argv)
+    except RendezvousTimeoutError:
+        return LaunchResult(USER_ERROR_EXIT, f"the rendezvous at {nodes.endpoint} did not complete within "
+                            f"{nodes.timeout_s:g} s (--rdzv-timeout): start the same command on each of the "
+                            f"{nodes.count} nodes, and check that {nodes.endpoint} is reachable from every one")
+    except RendezvousError as err:
+        why = str(err).splitlines()[0] if str(err) else type(err).__name__
+        return LaunchResult(USER_ERROR_EXIT, f"the rendezvous at {nodes.endpoint} failed ({why}): check that "
+                            "--rdzv-endpoint names a node every node can reach and a free port")
     except ChildFailedError as err:
         rank, failure = err.get_first_failure()  # the earliest failure is the cause; the rest were stopped
         if failure.exitcode == USER_ERROR_EXIT:  # the rank printed the one line naming the fix already
@@ -82,16 +124,20 @@ def run_torchrun(nproc: int, module_args: list[str]) -> LaunchResult:
     return LaunchResult(0)
 
 
-def launch_pretrain(nproc: int, cfg: Config, resume: bool = False) -> LaunchResult:
+def launch_pretrain(nproc: int, cfg: Config, resume: bool = False, nodes: Nodes | None = None) -> LaunchResult:
     """Check what can be checked once here, then run `simclr pretrain` with this config on nproc local
-    processes. A mistake every rank would find is caught here, so it reads as one line rather than one per rank.
+    processes (on each of `nodes`). A mistake every rank would find is caught here, so it reads as one line
+    rather than one per rank.
     """
+    nodes = nodes or Nodes()
     if "WORLD_SIZE" in os.environ:
-        raise ConfigError("--nproc starts torchrun itself: under torchrun, leave --nproc out")
+        raise ConfigError("--nproc, --nnodes and --max-restarts start torchrun themselves: under torchrun, leave "
+                          "them out")
+    nodes.check()
     check_names(cfg)
-    check_device_for_ranks(cfg.train.device, nproc)
+    check_device_for_ranks(cfg.train.device, nproc * nodes.count)
     device = pick_device(cfg.train.device)
-    check_world(cfg, nproc, device)
+    check_world(cfg, nproc * nodes.count, device, local_size=nproc)
     gpus = torch.cuda.device_count() if device.type == "cuda" else 0
     if device.type == "cuda" and nproc > gpus:  # NCCL refuses two ranks on one GPU, with a cryptic error
         raise RuntimeSetupError(f"--nproc {nproc} needs {nproc} GPUs, {gpus} visible: use --nproc {gpus} "
@@ -100,9 +146,11 @@ def launch_pretrain(nproc: int, cfg: Config, resume: bool = False) -> LaunchResu
     with tempfile.TemporaryDirectory(prefix="simclr-launch-") as folder:
         resolved = Path(folder) / "config.yaml"
         resolved.write_text(dump_config(cfg))
+        run_id = "simclr-" + hashlib.sha256(cfg.train.output_dir.encode()).hexdigest()[:16]  # alike on every node
         result = run_torchrun(nproc, ["simclr_cli", "pretrain", "--config", str(resolved),
-                                      *(["--resume"] if resume else [])])
+                                      *(["--resume"] if resume else [])], nodes, run_id)
     checkpoint = RunDir(cfg.train.output_dir).checkpoint
     if result.message and checkpoint.exists():
         result.message += f"; the last checkpoint {checkpoint} is intact: add --resume to continue (any --nproc)"
     return result
+
