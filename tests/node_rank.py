@@ -3,7 +3,8 @@
   node_rank.py step DIR   one DDP step of tests/ranks.py's `shard_step` on the inputs in DIR/inputs.pt; this
                           rank's results, and the agent (GROUP_RANK) and local rank it ran as, go to DIR/rank<RANK>.pt
   node_rank.py cli ARGS   `python -m simclr_cli ARGS`, each folder-cache build this process decodes appended as a
-                          line "RANK PID" to the file $SIMCLR_TEST_BUILDS
+                          line "RANK PID" to the file $SIMCLR_TEST_BUILDS; with $SIMCLR_TEST_STEP_S, every
+                          training step sleeps that many seconds first (a run slow enough to be killed mid-way)
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from __future__ import annotations
 import datetime
 import os
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -44,6 +46,17 @@ def cli(args: list[str]) -> None:
         return build(*a, **kw)
 
     cache._build = counted
+    pause = float(os.environ.get("SIMCLR_TEST_STEP_S", 0))
+    if pause:
+        from simclr_cli.train.loop import Trainer
+
+        train_step = Trainer.train_step
+
+        def slowed(self, x):
+            time.sleep(pause)
+            return train_step(self, x)
+
+        Trainer.train_step = slowed
     sys.argv = ["simclr_cli", *args]
     main()
 
