@@ -32,6 +32,22 @@ def test_nodes_become_torchruns_rendezvous_arguments():
         "--rdzv-conf", "join_timeout=30", "--max-restarts", "1"]
 
 
+def test_restarts_across_nodes_keep_the_ranks_off_the_agents_store(monkeypatch):
+    """With --max-restarts on several nodes the ranks get a store of their own: torch's shared one hangs a
+    restarted node (tests/test_nodes.py's restart runs with the same setting)."""
+    from torch.distributed import run as torchrun
+
+    seen = {}
+    monkeypatch.setattr(torchrun, "main", lambda argv: seen.update(
+        argv=argv, share=os.environ.get("TORCH_DISABLE_SHARE_RDZV_TCP_STORE")))
+    monkeypatch.delenv("TORCH_DISABLE_SHARE_RDZV_TCP_STORE", raising=False)  # restored after, as OMP_NUM_THREADS
+    monkeypatch.setenv("OMP_NUM_THREADS", os.environ.get("OMP_NUM_THREADS", "1"))
+    assert launch.run_torchrun(1, ["simclr_cli"], Nodes(2, "node0:29400", 60, 0), "r").exit_code == 0
+    assert seen["share"] is None and seen["argv"][-4:] == ["--nproc_per_node", "1", "-m", "simclr_cli"]
+    assert launch.run_torchrun(1, ["simclr_cli"], Nodes(2, "node0:29400", 60, 1), "r").exit_code == 0
+    assert seen["share"] == "1" and "--max-restarts" in seen["argv"]
+
+
 @pytest.mark.parametrize("args, message", [
     (["--nnodes", "2"], "--nnodes 2 needs --rdzv-endpoint HOST:PORT"),
     (["--nnodes", "2", "--rdzv-endpoint", "node0"], "--rdzv-endpoint 'node0' is not HOST:PORT"),

@@ -102,6 +102,11 @@ def run_torchrun(nproc: int, module_args: list[str], nodes: Nodes | None = None,
     # The agent looks at its ranks every 0.1 s (torch 2.3's default was 5 s: a rank that saw its killed peer
     # in the meantime and exited was then reported as the first failure, and the stop came seconds later).
     nodes = nodes or Nodes()
+    if nodes.endpoint and nodes.max_restarts:
+        # Sharing the agents' rendezvous store with the ranks (torch's default since 2.5) hangs a restarted node
+        # in the next round: a node kept from the last round never publishes the new MASTER_ADDR
+        # (pytorch/pytorch#135712, #147064); tests/test_nodes.py restarts a killed node with this set.
+        os.environ.setdefault("TORCH_DISABLE_SHARE_RDZV_TCP_STORE", "1")
     argv = [*nodes.argv(run_id), "--monitor-interval", "0.1", "--nproc_per_node", str(nproc), "-m", *module_args]
     try:
         torchrun.main(argv)
