@@ -1,5 +1,5 @@
-"""`simclr pretrain`: options in, `train.pretrain` (or, with --nproc, --nnodes or --max-restarts, `train.launch`) out, and the one line
-that a stop by signal or a non-finite loss ends with."""
+"""`simclr pretrain`: options in, `train.pretrain` (or, with --nproc, --nnodes or --max-restarts,
+`train.launch`) out, and the one line that a stop by signal or a non-finite loss ends with."""
 
 from __future__ import annotations
 

@@ -1,4 +1,5 @@
-"""`simclr pretrain --nproc N`: the same run on N processes of this machine, through torchrun's own launcher.
+"""`simclr pretrain --nproc N` (`--nnodes M`): the same run on N processes of this machine (of each of M
+machines), through torchrun's own launcher.
 
 It is a shortcut for `torchrun --standalone --nproc_per_node N -m simclr_cli pretrain --config <the config this
 command resolved>`: the launcher resolves the config once (file, --set, flags, --resume's saved config,
@@ -7,6 +8,8 @@ The launcher runs in this process (`torch.distributed.run.main`) rather than as 
 torch.distributed.run`: one interpreter fewer to start, and a failed rank arrives as a `ChildFailedError`
 object, so the user reads one line naming the rank and how it died instead of torchrun's failure table.
 `--standalone` rendezvouses on a free local port, so two runs on one machine never fight over port 29500.
+With `--nnodes N --rdzv-endpoint HOST:PORT` (`Nodes`) the same command on each machine joins torchrun's c10d
+rendezvous instead, under an id derived from the output directory; `--max-restarts` is torchrun's.
 
 When one rank dies, torchrun's agent stops the others at once (SIGTERM, SIGKILL after 30 s), so no rank
 waits out the collective timeout (`train.dist_timeout_min`). Rank 0 alone writes checkpoints, by atomic rename, so the last
