@@ -57,9 +57,10 @@ class Nodes:
         if self.count > 1 and not self.endpoint:
             raise ConfigError(f"--nnodes {self.count} needs --rdzv-endpoint HOST:PORT, the address of one of the "
                               "nodes, the same on every node (e.g. --rdzv-endpoint node0:29400)")
-        host, _, port = (self.endpoint or "h:1").rpartition(":")
-        if not host or not port.isdigit() or not 0 < int(port) < 65536:
-            raise ConfigError(f"--rdzv-endpoint {self.endpoint!r} is not HOST:PORT (e.g. node0:29400)")
+        if self.endpoint is not None:
+            host, _, port = self.endpoint.rpartition(":")
+            if not host or not port.isdigit() or not 0 < int(port) < 65536:
+                raise ConfigError(f"--rdzv-endpoint {self.endpoint!r} is not HOST:PORT (e.g. node0:29400)")
         if self.timeout_s <= 0 or self.max_restarts < 0:
             raise ConfigError("--rdzv-timeout must be > 0 and --max-restarts >= 0")
 
