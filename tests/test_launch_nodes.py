@@ -5,7 +5,6 @@ any rank starts, and a rendezvous that never completes is one line naming --rdzv
 from __future__ import annotations
 
 import os
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -13,6 +12,7 @@ from pathlib import Path
 import pytest
 from conftest import tiny_overrides
 from ranks import free_port  # tests/ranks.py
+from test_nodes import ENV, run_marked  # tests/test_nodes.py
 from typer.testing import CliRunner
 
 from simclr_cli.cli import app
@@ -20,7 +20,6 @@ from simclr_cli.train import launch
 from simclr_cli.train.launch import Nodes
 from simclr_cli.train.state import load_checkpoint
 
-REPO = Path(__file__).resolve().parents[1]
 SETTINGS = tiny_overrides(synthetic_size=128, batch_size=32, image_size=None, precision=None, device=None, epochs=1)
 TINY = ["--device", "cpu"] + [arg for kv in SETTINGS for arg in ("--set", kv)]
 
@@ -63,24 +62,12 @@ def test_bad_node_settings_are_one_line_before_any_rank(tmp_path: Path, monkeypa
     assert message in " ".join(result.output.split()) and "Traceback" not in result.output
 
 
-def _simclr(*args: str) -> subprocess.Popen:
-    env = {**os.environ, "COLUMNS": "200", "OMP_NUM_THREADS": "1"}
-    return subprocess.Popen([sys.executable, "-m", "simclr_cli", *args], stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, env=env, cwd=REPO)
-
-
-def _finish(procs: list[subprocess.Popen], timeout: float) -> list[tuple[int, str]]:
-    """Each process's (exit code, output) within `timeout` seconds in all; any still running is killed."""
-    deadline, done = time.monotonic() + timeout, []
-    for proc in procs:
-        try:
-            out, _ = proc.communicate(timeout=max(0.1, deadline - time.monotonic()))
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            out, _ = proc.communicate()
-            out += "\n(killed: past the test's deadline)"
-        done.append((proc.returncode, out))
-    return done
+def _simclr(tmp_path: Path, *commands: list[str]) -> list[tuple[int | None, str]]:
+    """Each `python -m simclr_cli ARGS` at once, (exit code, output) of each; whatever is left of them past the
+    deadline, torchrun's ranks included (each in a session of its own), is killed (tests/test_nodes.py)."""
+    logs = [tmp_path / f"simclr{i}.log" for i in range(len(commands))]
+    codes = run_marked([[sys.executable, "-m", "simclr_cli", *args] for args in commands], logs, ENV)
+    return [(code, log.read_text()) for code, log in zip(codes, logs)]
 
 
 @pytest.mark.slow
@@ -88,8 +75,8 @@ def test_a_rendezvous_that_never_completes_is_one_line_naming_the_timeout(tmp_pa
     """One of two nodes started: after --rdzv-timeout seconds the command ends with one line, not a hang."""
     endpoint = f"127.0.0.1:{free_port()}"
     t0 = time.monotonic()
-    [(code, out)] = _finish([_simclr("pretrain", "-o", str(tmp_path / "run"), *TINY, "--nnodes", "2",
-                                     "--rdzv-endpoint", endpoint, "--rdzv-timeout", "4")], 90)
+    [(code, out)] = _simclr(tmp_path, ["pretrain", "-o", str(tmp_path / "run"), *TINY, "--nnodes", "2",
+                                       "--rdzv-endpoint", endpoint, "--rdzv-timeout", "4"])
     assert code == 2, out
     assert f"the rendezvous at {endpoint} did not complete within 4 s (--rdzv-timeout)" in " ".join(out.split())
     assert "Traceback" not in out and time.monotonic() - t0 < 60
@@ -101,7 +88,7 @@ def test_two_commands_on_one_endpoint_train_as_one_run(tmp_path: Path) -> None:
     one start panel, every step's metrics once."""
     endpoint, out = f"127.0.0.1:{free_port()}", tmp_path / "run"
     args = ["pretrain", "-o", str(out), *TINY, "--nnodes", "2", "--rdzv-endpoint", endpoint, "--rdzv-timeout", "60"]
-    results = _finish([_simclr(*args), _simclr(*args)], 180)
+    results = _simclr(tmp_path, args, args)
     assert [code for code, _ in results] == [0, 0], "\n".join(o[-3000:] for _, o in results)
     text = "".join(o for _, o in results)
     assert text.count("simclr pretrain 0.") == 1 and "32 global = 2 ranks x 16" in text
