@@ -117,6 +117,43 @@ def test_every_rank_stops_at_the_step_after_a_signal_to_one_of_them(tmp_path):
     assert load_checkpoint(tmp_path / "checkpoint.pt")["step"] == 3
 
 
+def _resume_rank(rank: int, out: str, stop_at: int | None) -> None:
+    """The tiny run on two ranks (3 steps an epoch, 2 epochs): straight (stop_at None), or stopped after step
+    `stop_at` and resumed by a second Trainer in the same group."""
+    _as_rank(rank)
+    cfg = tiny_config(Path(out), "train.eval_every=0", epochs=2)
+    trainer, flag = Trainer(cfg), StopFlag()
+    if stop_at is not None:
+        step = trainer.train_step
+
+        def train_step(x):
+            loss = step(x)
+            if trainer.state.step + 1 == stop_at:
+                flag.signal_name = "SIGTERM"
+            return loss
+        trainer.train_step = train_step
+        try:
+            trainer.run(flag)
+        except StopRequested:
+            pass
+        pretrain(cfg, resume=True)  # what --resume runs, in this group
+    else:
+        trainer.run(flag)
+
+
+def test_a_resume_mid_epoch_on_two_ranks_continues_every_ranks_views(tmp_path):
+    """Each rank draws views of its own: the checkpoint keeps every rank's augmentation stream, so a stop at step
+    4 of 6 (mid-epoch 2) resumes to the straight run's weights, not only rank 0's views."""
+    run_ranks(_resume_rank, (str(tmp_path / "straight"), None))
+    run_ranks(_resume_rank, (str(tmp_path / "stopped"), 4))
+    kept = load_checkpoint(tmp_path / "stopped" / "checkpoint.pt")
+    assert kept["step"] == 6 and len(kept["rng"]["augment_ranks"]) == 2
+    reference = load_checkpoint(tmp_path / "straight" / "checkpoint.pt")["model"]
+    assert all(torch.equal(kept["model"][k], reference[k]) for k in reference)
+    resumes = [line for line in (tmp_path / "stopped" / "metrics.jsonl").read_text().splitlines() if "resume" in line]
+    assert resumes == ['{"kind": "resume", "epoch": 1, "step": 4}']
+
+
 def _monitor(ranks: DistInfo | None) -> tuple[Monitor, torch.nn.Module]:
     bank, queries = make_synthetic(101, 16, 0, "train"), make_synthetic(37, 16, 0, "test")  # shares of unequal size
     torch.manual_seed(0)

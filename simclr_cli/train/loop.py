@@ -33,7 +33,7 @@ from simclr_cli.train.optim import build_optimizer, build_scheduler
 from simclr_cli.train.panel import end_summary, start_panel
 from simclr_cli.train.preflight import check_names, check_resume_config, check_world
 from simclr_cli.train.readback import LossWindow, advice, check_finite_weights, read_back
-from simclr_cli.train.state import Parts, RunState, check_same_step, checkpoint, restore
+from simclr_cli.train.state import Parts, RunState, check_same_step, checkpoint, rank_streams, restore
 
 
 def optimization(cfg: Config, model: torch.nn.Module, steps_per_epoch: int, precision: str, device: torch.device):
@@ -194,10 +194,11 @@ class Trainer:
         """Replace checkpoint.pt atomically; with keep_last, the one it replaces is kept as checkpoint-epochNNNN.pt."""
         s = self.state
         check_finite_weights(self.model, s.step, self.lr(), self._why)  # every rank: all stop together
+        streams = rank_streams(self.ranks, self.generator)  # every rank's views, for a resume mid-epoch
         if self.ranks.is_main:
             meta = encoder_meta(self.model.encoder, self.cfg, self.model.head, self.mean, self.std)
             payload = checkpoint(self.cfg, s, self.parts(), world_size=self.ranks.world_size,
-                                 train_images=len(self.data), encoder=meta)
+                                 train_images=len(self.data), encoder=meta, streams=streams)
             path = self.rundir.save_checkpoint(payload, self.cfg.train.keep_last, s.saved_epoch)
             self.emit("checkpoint", {"path": str(path), "epoch": s.epoch, "step": s.step})
         s.mark_saved(self.steps_per_epoch)
@@ -265,6 +266,8 @@ class Trainer:
         saved = s.unsaved
         if saved:
             self.save_checkpoint()
+        if self.ranks.enabled:  # every rank leaves once the checkpoint is whole: the first to exit may make
+            dist.barrier()  # torchrun stop the others (a SLURM signal reaches each rank, not the launcher)
         return StopRequested(signal_name, str(self.rundir.checkpoint) if s.saved_step is not None else None,
                              s.epoch, s.step, saved)
 

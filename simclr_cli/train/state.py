@@ -74,9 +74,23 @@ class Parts:
     generator: torch.Generator
 
 
+def rank_streams(ranks: DistInfo, generator: torch.Generator) -> list[torch.Tensor] | None:
+    """Every rank's augmentation generator state, on every rank (collective: each rank draws views of its own,
+    so a resume mid-epoch needs each one's); None in one process."""
+    if not ranks.enabled:
+        return None
+    states: list = [None] * ranks.world_size
+    dist.all_gather_object(states, generator.get_state(), group=ranks.control)
+    return states
+
+
 def checkpoint(cfg: Config, state: RunState, parts: Parts, *, world_size: int, train_images: int,
-               encoder: dict) -> dict:
-    """The resumable state of a run (see the module's docstring); `encoder`: `encoder_meta` of the model's."""
+               encoder: dict, streams: list[torch.Tensor] | None = None) -> dict:
+    """The resumable state of a run (see the module's docstring); `encoder`: `encoder_meta` of the model's;
+    `streams`: every rank's augmentation stream (`rank_streams`), kept beside rank 0's."""
+    rng = capture_rng(parts.generator)
+    if streams is not None:
+        rng["augment_ranks"] = streams
     return Checkpoint.payload(
         config=config_to_dict(cfg),
         model={k: v.detach().cpu() for k, v in parts.model.state_dict().items()},
@@ -88,7 +102,7 @@ def checkpoint(cfg: Config, state: RunState, parts: Parts, *, world_size: int, t
         step=state.step,  # optimiser steps completed
         history=state.history,
         epoch_losses=list(state.epoch_losses),
-        rng=capture_rng(parts.generator),
+        rng=rng,
         world_size=world_size,
         train_images=train_images,
         encoder=encoder,
@@ -166,10 +180,15 @@ def _restore(data: dict, cfg: Config, parts: Parts, train_images: int, steps_per
 def _restore_streams(data: dict, cfg: Config, generator: torch.Generator, ranks: DistInfo,
                      emit: Callable[[str, dict], None]) -> None:
     ckpt = Checkpoint(Path(), data)
-    # The saved augmentation stream is rank 0's: it fits rank 0 of the same world size only. Other ranks
-    # (and other world sizes) take a fresh stream of their own; each epoch start reseeds them all anyway.
-    same_stream = ckpt.world_size == ranks.world_size and ranks.is_main
-    if not restore_rng(ckpt.rng, generator if same_stream else None):
+    # Each rank continues its own augmentation stream in a run of the same world size (rank 0's is "augment",
+    # every rank's "augment_ranks"; a checkpoint from before those were kept has rank 0's alone). Other world
+    # sizes take a fresh stream on each rank; each epoch start reseeds them all anyway.
+    saved, same_stream = ckpt.rng, ckpt.world_size == ranks.world_size
+    if same_stream and "augment_ranks" in saved:
+        saved = {**saved, "augment": saved["augment_ranks"][ranks.rank]}
+    elif not ranks.is_main:
+        same_stream = False
+    if not restore_rng(saved, generator if same_stream else None):
         same_stream = False  # saved on another kind of device: its generator state does not fit this one
         emit("notice", {"message": f"resumed on {generator.device.type} from a checkpoint saved on "
                                    f"{ckpt.rng.get('augment_device', 'another device')}: weights, optimiser, "
