@@ -43,11 +43,11 @@ def sets(options: list[str]) -> list[str]:
     return [arg for kv in options for arg in ("--set", kv)]
 
 
-def start(out: Path, options: list[str] = SUB, code: str | None = None) -> subprocess.Popen:
+def start(out: Path, options: list[str] = SUB, code: str | None = None, env: dict | None = None) -> subprocess.Popen:
     """`python -m simclr_cli pretrain ...`, or the same app behind a few lines of `code` (test hooks)."""
     prefix = ["-m", "simclr_cli"] if code is None else ["-c", f"{code}\nfrom simclr_cli.cli import main; main()"]
     return subprocess.Popen([sys.executable, *prefix, "pretrain", *sets(options), "--output-dir", str(out)],
-                            env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            env=env or ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
 def step_lines(out: Path) -> list[dict]:
@@ -97,7 +97,7 @@ def straight(tmp_path_factory) -> Path:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("signum, code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+@pytest.mark.parametrize("signum, code", [(signal.SIGINT, 130), (signal.SIGTERM, 143), (signal.SIGUSR1, 138)])
 def test_signal_stops_saves_and_resumes_exactly(tmp_path, straight, signum, code):
     proc = start(tmp_path)
     wait_for(proc, lambda: len(step_lines(tmp_path)) >= 2)
@@ -149,6 +149,23 @@ def test_second_sigint_exits_at_once_and_keeps_the_previous_checkpoint(tmp_path)
     assert (tmp_path / "checkpoint.pt").read_bytes() == before
     assert load_checkpoint(tmp_path / "checkpoint.pt")["step"] == 2
     assert not list(tmp_path.glob(".*.tmp"))
+
+
+@pytest.mark.slow
+def test_in_a_slurm_job_a_repeated_signal_is_the_same_stop(tmp_path):
+    """SLURM passes one signal along several paths (every process of the step, srun, torchrun's agent): in a job
+    the second arrival finishes the step and saves, as the first asked, instead of leaving at once."""
+    options = [*SUB, "data.synthetic_size=32", "train.epochs=50"]
+    proc = start(tmp_path, options, code=SLOW_STEPS, env={**ENV, "SLURM_JOB_ID": "4242"})  # srun sets it in a job
+    wait_for(proc, lambda: any(rec["step"] == 3 for rec in step_lines(tmp_path)))
+    proc.send_signal(signal.SIGUSR1)
+    time.sleep(0.15)
+    proc.send_signal(signal.SIGUSR1)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 138, err
+    ckpt = load_checkpoint(tmp_path / "checkpoint.pt")
+    assert ckpt["step"] >= 4  # the step after the signal, saved: not the epoch-1 checkpoint (step 2)
+    assert err.strip().splitlines()[-1].startswith(f"stopped by SIGUSR1 at step {ckpt['step']}; ")  # not "at once"
 
 
 @pytest.mark.slow
@@ -289,7 +306,7 @@ def signal_after_step(monkeypatch, step: int, signum: int) -> None:
     monkeypatch.setattr(Trainer, "train_step", train_step)
 
 
-@pytest.mark.parametrize("signum, code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+@pytest.mark.parametrize("signum, code", [(signal.SIGINT, 130), (signal.SIGTERM, 143), (signal.SIGUSR1, 138)])
 def test_cli_stop_message_and_exit_code(tmp_path, monkeypatch, signum, code):
     signal_after_step(monkeypatch, 4, signum)
     result = CliRunner().invoke(app, ["pretrain", *tiny_set_args(), "-o", str(tmp_path)])

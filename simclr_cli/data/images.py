@@ -13,6 +13,7 @@ from __future__ import annotations
 import io
 import math
 import os
+import signal
 import stat
 from pathlib import Path
 from typing import BinaryIO, Callable, Iterator, NamedTuple, Sequence
@@ -233,12 +234,20 @@ class ImageFolderDataset(Dataset):
             failures=[(i, err) for i, _, err in items if err])
 
 
+def leave_signals_to_main(_worker_id: int) -> None:
+    """DataLoader `worker_init_fn`: SIGTERM and SIGUSR1 ask the training to stop (`train.interrupt`); a data worker
+    leaves them to its main process, which ends it when done. SLURM signals every process of a job step, data
+    workers included, and the default action would kill them before the main process saved its checkpoint."""
+    for stop in (signal.SIGTERM, signal.SIGUSR1):
+        signal.signal(stop, signal.SIG_IGN)
+
+
 def iter_decoded(paths: Sequence[str | Path], size: int, *, batch_size: int = 256,
                  num_workers: int = 2) -> Iterator[DecodedBatch]:
     """Decode `paths` in `num_workers` DataLoader workers (0: in this process), yielding batches in order."""
     dataset = ImageFolderDataset(paths, size)
     loader = DataLoader(dataset, batch_size=batch_size, num_workers=num_workers,
-                        collate_fn=dataset.collate, shuffle=False)
+                        collate_fn=dataset.collate, shuffle=False, worker_init_fn=leave_signals_to_main)
     yield from loader
 
 

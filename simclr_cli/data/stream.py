@@ -41,7 +41,7 @@ from typing import Collection, Iterator, NamedTuple, Sequence
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from simclr_cli.data.images import decode_bytes
+from simclr_cli.data.images import decode_bytes, leave_signals_to_main
 from simclr_cli.data.stream_io import DEFAULT_TIMEOUT, IMAGE_SUFFIXES, RawSample, read_samples
 from simclr_cli.errors import DatasetError, ImageDecodeError, UserError
 
@@ -251,7 +251,7 @@ def stream_batches(stream: ShardStream, num_workers: int = 0, pin_memory: bool =
     """The stream's batches of `stream.batch_size`, decoded in `num_workers` DataLoader workers (0: here), in
     the order resume relies on. A worker's DatasetError is raised here, its one line as it was."""
     loader = DataLoader(_Guarded(stream), batch_size=stream.batch_size, num_workers=num_workers,
-                        collate_fn=_collate_or_error, pin_memory=pin_memory)
+                        collate_fn=_collate_or_error, pin_memory=pin_memory, worker_init_fn=leave_signals_to_main)
     for batch in loader:
         if isinstance(batch, UserError):
             raise batch

@@ -1,10 +1,13 @@
-"""Graceful interruption: the first Ctrl-C or SIGTERM asks the loop to stop after the current step.
+"""Graceful interruption: the first Ctrl-C, SIGTERM or SIGUSR1 asks the loop to stop after the current step.
 
 The loop then writes its checkpoint and raises `StopRequested`; the CLI prints how to resume and exits
-130 (SIGINT) or 143 (SIGTERM), the shell's convention of 128 + signal number. A second signal raises
+130 (SIGINT), 143 (SIGTERM) or 138 (SIGUSR1), the shell's convention of 128 + signal number. SIGUSR1 is what
+a `simclr submit` job passes on from SLURM before its time limit (`train.slurm`), then requeues itself. A second signal raises
 `ForcedStop` (a SystemExit with the same code) at once, wherever the main thread is: the previous checkpoint
 is still intact because checkpoints are only ever replaced by rename, and a half-written temporary file is
-removed on the way out.
+removed on the way out. In a SLURM job a second signal does not force the stop: SLURM delivers one signal
+along several paths (to every process of the job step, and again through srun and torchrun's agent), and
+kills the job itself once its KillWait has passed.
 
 torchrun sends SIGKILL 30 s after SIGTERM, so a stop must be taken within seconds wherever the run is: the
 loop asks between steps, the kNN monitor between batches, and while the run is being set up (data loaded,
@@ -15,6 +18,7 @@ ends it at once (`StopFlag.at_once`).
 from __future__ import annotations
 
 import contextlib
+import os
 import signal
 import threading
 from typing import Iterator
@@ -22,7 +26,8 @@ from typing import Iterator
 import torch
 import torch.distributed as dist
 
-EXIT_CODES = {"SIGINT": 130, "SIGTERM": 143}
+EXIT_CODES = {"SIGINT": 130, "SIGTERM": 143, "SIGUSR1": 138}
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1)
 
 
 class StopRequested(Exception):
@@ -72,21 +77,25 @@ class StopFlag:
 
 @contextlib.contextmanager
 def stop_guard() -> Iterator[StopFlag]:
-    """Install the two-stage SIGINT/SIGTERM handlers for the duration of a training run."""
+    """Install the two-stage SIGINT/SIGTERM/SIGUSR1 handlers for the duration of a training run (one stage in
+    a SLURM job, where a repeated signal is the same one arriving again)."""
     flag = StopFlag()
     if threading.current_thread() is not threading.main_thread():  # signals only reach the main thread
         yield flag
         return
+    repeat_forces = not os.environ.get("SLURM_JOB_ID")
 
     def handle(signum, frame):
         name = signal.Signals(signum).name
-        if flag.requested:  # second signal: leave now
-            raise ForcedStop(name)
+        if flag.requested:  # second signal: leave now (in a SLURM job: the first one again)
+            if repeat_forces:
+                raise ForcedStop(name)
+            return
         flag.signal_name = name
         if flag.immediate:
             raise StopRequested(name)
 
-    previous = {s: signal.signal(s, handle) for s in (signal.SIGINT, signal.SIGTERM)}
+    previous = {s: signal.signal(s, handle) for s in STOP_SIGNALS}
     try:
         yield flag
     finally:

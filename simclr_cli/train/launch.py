@@ -32,6 +32,7 @@ from simclr_cli.config import Config, dump_config
 from simclr_cli.errors import USER_ERROR_EXIT, ConfigError, RuntimeSetupError
 from simclr_cli.rundir import RunDir
 from simclr_cli.runtime import check_device_for_ranks, pick_device
+from simclr_cli.train.interrupt import EXIT_CODES
 from simclr_cli.train.preflight import check_names, check_world, preflight
 
 
@@ -111,7 +112,10 @@ def run_torchrun(nproc: int, module_args: list[str], nodes: Nodes | None = None,
         # in the next round: a node kept from the last round never publishes the new MASTER_ADDR
         # (pytorch/pytorch#135712, #147064); tests/test_nodes.py restarts a killed node with this set.
         os.environ.setdefault("TORCH_DISABLE_SHARE_RDZV_TCP_STORE", "1")
-    argv = [*nodes.argv(run_id), "--monitor-interval", "0.1", "--nproc_per_node", str(nproc), "-m", *module_args]
+    # SIGUSR1 stops a run as SIGTERM does (train.interrupt): the agent passes it on to the ranks too. It is what a
+    # `simclr submit` job gets from SLURM before its time limit (train.slurm).
+    argv = [*nodes.argv(run_id), "--monitor-interval", "0.1", "--signals-to-handle",
+            "SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1", "--nproc_per_node", str(nproc), "-m", *module_args]
     try:
         torchrun.main(argv)
     except RendezvousTimeoutError:
@@ -124,8 +128,8 @@ def run_torchrun(nproc: int, module_args: list[str], nodes: Nodes | None = None,
                             "--rdzv-endpoint names a node every node can reach and a free port")
     except ChildFailedError as err:
         rank, failure = err.get_first_failure()  # the earliest failure is the cause; the rest were stopped
-        if failure.exitcode == USER_ERROR_EXIT:  # the rank printed the one line naming the fix already
-            return LaunchResult(USER_ERROR_EXIT)
+        if failure.exitcode in (USER_ERROR_EXIT, *EXIT_CODES.values()):  # the rank printed its line already:
+            return LaunchResult(failure.exitcode)  # the fix, or a stop by a signal that reached the ranks first
         code = failure.exitcode if failure.exitcode > 0 else 1
         return LaunchResult(code, describe_failure(rank, failure.exitcode))
     except SignalException as err:  # Ctrl-C or SIGTERM reached the launcher; it passed it on to every rank
