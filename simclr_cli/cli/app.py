@@ -19,7 +19,7 @@ from simclr_cli.cli import plugins
 
 plugins.warn_in_one_line()  # before the commands' modules ask the registries (the --dataset help does)
 
-from simclr_cli.cli import display, evaluate, finetune, predict, shards, train  # noqa: E402
+from simclr_cli.cli import display, evaluate, finetune, predict, shards, submit, train  # noqa: E402
 
 # The click that typer runs on: vendored as typer._click since typer 0.23, the click package before.
 _click = getattr(typer.core, "_click", None) or __import__("click")
@@ -50,8 +50,8 @@ class OneLineErrors(typer.core.TyperGroup):
 app = typer.Typer(
     name="simclr",
     cls=OneLineErrors,
-    help="SimCLR self-supervised learning of image representations: pretrain, extract, probe, finetune, predict, "
-         "embed, report, neighbors; shards packs an image folder into tar shards; list shows the methods, sources, "
+    help="SimCLR self-supervised learning of image representations: pretrain (submit: as a SLURM job), extract, probe, "
+         "finetune, predict, embed, report, neighbors; shards packs an image folder into tar shards; list shows the methods, sources, "
          "backbones, formats and evaluations.\n\n"
          "Example: simclr pretrain --config examples/quickstart.yaml",
     no_args_is_help=True,
@@ -64,6 +64,7 @@ app = typer.Typer(
 # In the order a user meets them, which --help keeps: preparing the data (shards) comes before pretraining on it.
 app.command("shards", epilog=shards.SHARDS_EXAMPLE)(shards.shards)
 app.command("pretrain", epilog=train.PRETRAIN_EXAMPLE)(train.pretrain)
+app.command("submit", epilog=submit.SUBMIT_EXAMPLE)(submit.submit)
 app.command("embed", epilog=evaluate.EMBED_EXAMPLE)(evaluate.embed)
 app.command("extract", epilog=evaluate.EXTRACT_EXAMPLE)(evaluate.extract)
 app.command("probe", epilog=evaluate.PROBE_EXAMPLE)(evaluate.probe)

@@ -3,16 +3,18 @@ beside the config) and the summary it ends with."""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 from simclr_cli.augment import describe_views
 from simclr_cli.models.warm import describe as describe_encoder
 from simclr_cli.runtime import describe_device
+from simclr_cli.train.slurm import job_facts
 
 
 def start_panel(t) -> dict:
     """What the start panel shows about the run of `t` (a `loop.Trainer`): device, precision, data, method,
-    model, batch, views, optimiser."""
+    model, batch, views, optimiser, and the SLURM job it runs in."""
     cfg, ranks = t.cfg, f"rank{'s' if t.ranks.enabled else ''}"
     cuda = {"cuda": t.cuda_settings} if t.cuda_settings else {}
     return {**describe_device(t.device, t.precision), **cuda,
@@ -25,7 +27,7 @@ def start_panel(t) -> dict:
                      f"{t.steps_per_epoch} steps/epoch",
             "views": describe_views(cfg.augment, cfg.data.image_size, t.view_size(), t.method.views_per_image),
             "optimizer": f"{cfg.optim.name}, lr {cfg.optim.lr}, {cfg.optim.schedule} schedule",
-            "run directory": str(t.rundir.path)}
+            "run directory": str(t.rundir.path), **job_facts(dict(os.environ))}
 
 
 def end_summary(t, encoder_path: Path | None) -> dict:
