@@ -262,12 +262,11 @@ class Trainer:
 
     def _stopped(self, signal_name: str) -> StopRequested:
         """What a stop raises, once what was trained since the last checkpoint is saved."""
-        s = self.state
-        saved = s.unsaved
+        s, saved = self.state, self.state.unsaved
         if saved:
             self.save_checkpoint()
-        if self.ranks.enabled:  # every rank leaves once the checkpoint is whole: the first to exit may make
-            dist.barrier()  # torchrun stop the others (a SLURM signal reaches each rank, not the launcher)
+        if self.ranks.enabled:  # every rank leaves once the checkpoint is whole (the first to exit ends the rest)
+            dist.barrier()
         return StopRequested(signal_name, str(self.rundir.checkpoint) if s.saved_step is not None else None,
                              s.epoch, s.step, saved)
 
