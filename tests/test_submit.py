@@ -82,6 +82,12 @@ def test_bad_input_is_one_line_before_anything_is_written(tmp_path: Path, args: 
     assert not run.exists() and result.stdout == ""
 
 
+def test_a_run_directory_with_a_space_is_refused(tmp_path: Path) -> None:
+    result = submit("-o", str(tmp_path / "my run"), "--dry-run")
+    assert result.exit_code == 2 and result.stdout == ""
+    assert "has a space or quote, which #SBATCH lines cannot hold: choose a path without them" in result.stderr
+
+
 def test_a_run_with_a_checkpoint_needs_resume(tmp_path: Path) -> None:
     (tmp_path / "checkpoint.pt").write_bytes(b"not read: only its presence counts here")
     result = submit("-o", str(tmp_path), "--dry-run")

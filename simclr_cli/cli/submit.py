@@ -50,7 +50,7 @@ def submit(
         cfg, resume = resolve_config(config, list(overrides), values, resume)
         res = Resources(nnodes, gpus_per_node, nproc, cpus_per_node, mem, time_limit, partition, account, qos,
                         job_name, signal_before, list(sbatch))
-        check_job(cfg, res, resume)
+        check_job(cfg, res, resume, Path.cwd())
         if dry_run:
             print(job_script(cfg, res, Path.cwd()), end="")
             display.line("dry run: nothing written, nothing submitted")

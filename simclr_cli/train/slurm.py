@@ -13,8 +13,8 @@ The engines are SLURM's and torchrun's; this module only writes what joins them,
                          starts again later, resuming from checkpoint.pt (--auto-resume)
 
 Submitting writes RUN/slurm/config.yaml (the resolved config every start of the job reads), job.sbatch and,
-once sbatch accepted it, job.json (the job id, the log, the command); a refused submission leaves none of
-them. The run's start panel shows the job id, the restart count and the log (`job_facts`).
+once sbatch accepted it, job.json (the job id, the log, the command); a refused submission leaves the folder
+as it was. The run's start panel shows the job id, the restart count and the log (`job_facts`).
 """
 
 from __future__ import annotations
@@ -163,7 +163,7 @@ def job_script(cfg: Config, res: Resources, workdir: Path) -> str:
         'wait "$step"; code=$?',
         'while kill -0 "$step" 2>/dev/null; do wait "$step"; code=$?; done  # a trapped signal ends wait early',
         'if [ "$requeue" = 1 ]; then',
-        f'    echo "simclr: requeueing job $SLURM_JOB_ID: it resumes from {run / "checkpoint.pt"}"',
+        f'    echo "simclr: requeueing job $SLURM_JOB_ID: it resumes from "{shlex.quote(str(run / "checkpoint.pt"))}',
         '    scontrol requeue "$SLURM_JOB_ID"',
         "fi",
         'exit "$code"',
@@ -203,7 +203,7 @@ def check_not_queued(run: Path) -> None:
                           "--output-dir")
 
 
-def check_job(cfg: Config, res: Resources, resume: bool) -> None:
+def check_job(cfg: Config, res: Resources, resume: bool, workdir: Path) -> None:
     """What the job would find wrong once it starts, asked before it is queued: the resources, the config's
     names, the batch over every process of every node, the device, a new run over another's checkpoint."""
     import torch
@@ -211,6 +211,10 @@ def check_job(cfg: Config, res: Resources, resume: bool) -> None:
     from simclr_cli.train.preflight import check_names, check_world, preflight
 
     res.check()
+    for what, path in (("the run directory", Path(cfg.train.output_dir).resolve()), ("the working directory", workdir)):
+        if any(c.isspace() or c in "\"'" for c in str(path)):
+            raise ConfigError(f"{what} {str(path)!r} has a space or quote, which #SBATCH lines cannot hold: choose "
+                              "a path without them")
     check_names(cfg)
     if cfg.train.device.startswith("cuda") and not res.gpus_per_node:
         raise ConfigError(f"train.device {cfg.train.device} needs GPUs: add --gpus-per-node N, or --device cpu")
