@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import inspect
 import os
 import platform
 from dataclasses import dataclass
@@ -200,9 +201,11 @@ def wrap_ddp(model: torch.nn.Module, device: torch.device) -> DistributedDataPar
     """DDP without its own buffer broadcast: DDP broadcasts rank 0's buffers at every forward, and multi-crop runs
     two forwards before one backward; up to torch 2.11 (what the GPU machine has) the second broadcast bumps
     the version of the batch norm statistics the first forward's graph saved, and backward fails ("modified by
-    an inplace operation"). `broadcast_buffers` does the same broadcast once per step, before the forwards."""
-    return DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
-                                   broadcast_buffers=False)
+    an inplace operation"). `broadcast_buffers` does the same broadcast once per step, before the forwards.
+    torch 2.13 renamed the switch `forward_sync_buffers` and warns, on every rank, about the old name."""
+    renamed = "forward_sync_buffers" in inspect.signature(DistributedDataParallel.__init__).parameters
+    switch = {"forward_sync_buffers" if renamed else "broadcast_buffers": False}
+    return DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None, **switch)
 
 
 @torch.no_grad()
