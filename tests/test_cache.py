@@ -193,6 +193,41 @@ def test_two_processes_on_one_folder_share_one_build(tmp_path):
         assert np.array_equal(np.load(out), direct)
 
 
+def test_a_builder_killed_mid_build_leaves_the_waiting_process_to_build(tmp_path):
+    """A node that dies while decoding (SIGKILL: no clean-up runs) releases the build lock with its process: the
+    process waiting on the lock finds no index.json, removes the dead build's temporary and decodes the folder
+    itself, to the same array."""
+    paths = write_folder(tmp_path / "images")
+    env = {**os.environ, "SIMCLR_CACHE_DIR": str(tmp_path / "cache")}
+    outs, gos = [tmp_path / f"out{k}.npy" for k in range(2)], [tmp_path / f"go{k}" for k in range(2)]
+    procs = [subprocess.Popen([sys.executable, "-c", BUILDER, str(tmp_path / "images"), str(out), str(go)], env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for out, go in zip(outs, gos)]
+    try:
+        deadline = time.monotonic() + 60
+        while not all(out.with_suffix(".ready").exists() for out in outs):
+            assert time.monotonic() < deadline and all(p.poll() is None for p in procs), "a builder did not start"
+            time.sleep(0.01)
+        gos[0].touch()  # the first one builds: 2 s on its one batch
+        while not list((tmp_path / "cache").glob("*/.images.*.tmp.npy")):
+            assert time.monotonic() < deadline and procs[0].poll() is None, "the first build did not start"
+            time.sleep(0.005)
+        gos[1].touch()  # the second finds the lock held and waits
+        time.sleep(0.5)
+        procs[0].kill()  # left unreaped for now: a zombie's temporary counts as dead too
+        stdout, stderr = procs[1].communicate(timeout=60)
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+            p.wait()
+    assert procs[0].returncode == -9 and procs[1].returncode == 0, stderr
+    report = json.loads(stdout.splitlines()[-1])
+    assert report["built"] and len(report["notes"]) == 1 and report["notes"][0].startswith("waiting for another")
+    assert np.array_equal(np.load(outs[1]), decode_all(paths, 24, 0).numpy())
+    folder = next((tmp_path / "cache").iterdir())
+    assert sorted(p.name for p in folder.iterdir()) == [".build.lock", "images.npy", "index.json"]  # none left
+
+
 def test_a_file_system_without_flock_builds_without_the_lock(tmp_path, monkeypatch):
     paths = write_folder(tmp_path / "images")
 

@@ -151,7 +151,10 @@ def _running(pid: int) -> bool:
         return False
     except PermissionError:  # it exists, and is another user's
         pass
-    return True
+    try:  # a killed process stays a zombie until its parent reaps it: it exists, but writes nothing more
+        return Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[0] != "Z"
+    except (OSError, IndexError):  # no /proc (not Linux)
+        return True
 
 
 def _is_leftover(tmp: Path) -> bool:
