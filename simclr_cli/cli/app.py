@@ -50,9 +50,9 @@ class OneLineErrors(typer.core.TyperGroup):
 app = typer.Typer(
     name="simclr",
     cls=OneLineErrors,
-    help="SimCLR self-supervised learning of image representations: pretrain (submit: as a SLURM job), extract, probe, "
-         "finetune, predict, embed, report, neighbors; shards packs an image folder into tar shards; list shows the methods, sources, "
-         "backbones, formats and evaluations.\n\n"
+    help="SimCLR self-supervised learning of image representations: pretrain (submit: as a SLURM job), extract, "
+         "probe, finetune, predict, embed, report, neighbors; shards packs an image folder into tar shards; list "
+         "shows the methods, sources, backbones, formats and evaluations.\n\n"
          "Example: simclr pretrain --config examples/quickstart.yaml",
     no_args_is_help=True,
     add_completion=False,

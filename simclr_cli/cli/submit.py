@@ -14,8 +14,8 @@ import typer
 from simclr_cli.cli import display
 from simclr_cli.cli.options import DeviceOption, PrecisionOption, SetOption, handle_errors
 
-SUBMIT_EXAMPLE = ("Example: simclr submit --config examples/cifar10.yaml --nnodes 2 --gpus-per-node 4 --cpus-per-node 32 "
-                  "--mem 128G --time 12:00:00 --partition gpu --dry-run")
+SUBMIT_EXAMPLE = ("Example: simclr submit --config examples/cifar10.yaml --nnodes 2 --gpus-per-node 4 "
+                  "--cpus-per-node 32 --mem 128G --time 12:00:00 --partition gpu --dry-run")
 
 
 def submit(

@@ -2,8 +2,8 @@
 
 The loop then writes its checkpoint and raises `StopRequested`; the CLI prints how to resume and exits
 130 (SIGINT), 143 (SIGTERM) or 138 (SIGUSR1), the shell's convention of 128 + signal number. SIGUSR1 is what
-a `simclr submit` job passes on from SLURM before its time limit (`train.slurm`), then requeues itself. A second signal raises
-`ForcedStop` (a SystemExit with the same code) at once, wherever the main thread is: the previous checkpoint
+a `simclr submit` job passes on from SLURM before its time limit (`train.slurm`), then requeues itself. A
+second signal raises `ForcedStop` (a SystemExit with the same code) at once, wherever the main thread is: the previous checkpoint
 is still intact because checkpoints are only ever replaced by rename, and a half-written temporary file is
 removed on the way out. In a SLURM job a second signal does not force the stop: SLURM delivers one signal
 along several paths (to every process of the job step, and again through srun and torchrun's agent), and

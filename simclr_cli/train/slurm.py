@@ -157,7 +157,8 @@ def job_script(cfg: Config, res: Resources, workdir: Path) -> str:
         "}",
         f"trap on_signal {STOP_SIGNAL}",
         *nodes,
-        'srun --ntasks-per-node=1 --kill-on-bad-exit=1 ${SLURM_CPUS_PER_TASK:+--cpus-per-task="$SLURM_CPUS_PER_TASK"} \\',
+        "srun --ntasks-per-node=1 --kill-on-bad-exit=1 "
+        '${SLURM_CPUS_PER_TASK:+--cpus-per-task="$SLURM_CPUS_PER_TASK"} \\',
         f"    {pretrain_argv(config, res)} &",
         "step=$!",
         'wait "$step"; code=$?',
