@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import os
 import sys
+from pathlib import Path
 from typing import Annotated, Iterator, Optional
 
 import typer
@@ -15,6 +16,7 @@ from simclr_cli.data import sources
 from simclr_cli.errors import USER_ERROR_EXIT, UserError
 
 # Shared options, defined once. A flag for a config key has that key's name (data.root: --data-root).
+ConfigOption = Annotated[Optional[Path], typer.Option("--config", "-c", help="YAML config (see examples/).")]
 SetOption = Annotated[list[str], typer.Option("--set", help="Override a config key, e.g. --set optim.lr=0.5 (repeatable).")]
 DeviceOption = Annotated[Optional[str], typer.Option("--device", help="auto (cuda > mps > cpu) | cpu | cuda | cuda:N | mps. Default: auto (pretrain: the config's train.device).", show_default=False)]
 PrecisionOption = Annotated[Optional[str], typer.Option("--precision", help="auto (bf16 where the hardware runs it fast, else fp32) | fp32 | bf16 (pretrain also fp16). Default: fp32 for embed and predict (the same answer on any machine), auto for probe and finetune (speed), the config's train.precision for pretrain.", show_default=False)]
@@ -27,6 +29,13 @@ DataRootOption = Annotated[Optional[str], typer.Option("--data-root", "--data-di
 DownloadOption = Annotated[bool, typer.Option("--download", help=f"Let a source that downloads ({', '.join(n for n, s in _SOURCES.items() if s.downloads)}) fetch its data when it is missing.")]
 SyntheticSizeOption = Annotated[int, typer.Option("--synthetic-size", min=2, hidden=True, help="Images per split of the synthetic dataset (tests, demos).")]
 NumWorkersOption = Annotated[int, typer.Option("--num-workers", "--workers", min=0, help="Image-decoding worker processes (0: decode in this process), as data.num_workers.")]
+
+
+def run_flags(output_dir: Path | None, device: str | None, precision: str | None) -> dict[str, str]:
+    """pretrain's and submit's dedicated flags as config values, taken as typed (never read as YAML): "runs/exp
+    #3" keeps its "#3", "42" is a folder."""
+    return {key: str(value) for key, value in (("train.output_dir", output_dir), ("train.device", device),
+                                                 ("train.precision", precision)) if value is not None}
 
 
 @contextlib.contextmanager

@@ -12,14 +12,14 @@ from typing import Annotated, Optional
 import typer
 
 from simclr_cli.cli import display
-from simclr_cli.cli.options import DeviceOption, PrecisionOption, SetOption, handle_errors
+from simclr_cli.cli.options import ConfigOption, DeviceOption, PrecisionOption, SetOption, handle_errors, run_flags
 
 SUBMIT_EXAMPLE = ("Example: simclr submit --config examples/cifar10.yaml --nnodes 2 --gpus-per-node 4 "
                   "--cpus-per-node 32 --mem 128G --time 12:00:00 --partition gpu --dry-run")
 
 
 def submit(
-    config: Annotated[Optional[Path], typer.Option("--config", "-c", help="YAML config (see examples/).")] = None,
+    config: ConfigOption = None,
     overrides: SetOption = [],
     output_dir: Annotated[Optional[Path], typer.Option("--output-dir", "-o", help="Run directory (default: the config's train.output_dir); the job's files go to its slurm/ folder.")] = None,
     device: DeviceOption = None,
@@ -44,18 +44,17 @@ def submit(
     from simclr_cli.train.preflight import resolve_config
     from simclr_cli.train.slurm import Resources, check_job, job_script, submit as submit_job
 
-    values = {key: str(value) for key, value in (("train.output_dir", output_dir), ("train.device", device),
-                                                 ("train.precision", precision)) if value is not None}
+    values, workdir = run_flags(output_dir, device, precision), Path.cwd()
     with handle_errors():
         cfg, resume = resolve_config(config, list(overrides), values, resume)
         res = Resources(nnodes, gpus_per_node, nproc, cpus_per_node, mem, time_limit, partition, account, qos,
                         job_name, signal_before, list(sbatch))
-        check_job(cfg, res, resume, Path.cwd())
+        check_job(cfg, res, resume, workdir)
         if dry_run:
-            print(job_script(cfg, res, Path.cwd()), end="")
+            print(job_script(cfg, res, workdir), end="")
             display.line("dry run: nothing written, nothing submitted")
             return
-        done = submit_job(cfg, res, Path.cwd(), shlex.join(["simclr", *sys.argv[1:]]))
+        done = submit_job(cfg, res, workdir, shlex.join(["simclr", *sys.argv[1:]]))
     display.line(f"submitted SLURM job {done.job_id}: {res.nodes} node{'s' * (res.nodes > 1)} x {res.processes} "
                  f"process{'es' * (res.processes > 1)}; log {done.log}, script {done.script}")
     display.line(f"it checkpoints and requeues itself {res.signal_before_s} s before its time limit; "

@@ -9,14 +9,14 @@ from typing import Annotated, Optional
 import typer
 
 from simclr_cli.cli import display
-from simclr_cli.cli.options import DeviceOption, PrecisionOption, SetOption, handle_errors
+from simclr_cli.cli.options import ConfigOption, DeviceOption, PrecisionOption, SetOption, handle_errors, run_flags
 from simclr_cli.runtime import is_main_process
 
 PRETRAIN_EXAMPLE = 'Example: simclr pretrain --config examples/quickstart.yaml --set train.epochs=5'
 
 
 def pretrain(
-    config: Annotated[Optional[Path], typer.Option("--config", "-c", help="YAML config (see examples/).")] = None,
+    config: ConfigOption = None,
     overrides: SetOption = [],
     output_dir: Annotated[Optional[Path], typer.Option("--output-dir", "-o", help="Run directory (default: the config's train.output_dir).")] = None,
     device: DeviceOption = None,
@@ -32,9 +32,7 @@ def pretrain(
     """Self-supervised pretraining: writes config.yaml, metrics.jsonl, checkpoint.pt and encoder.pth."""
     from simclr_cli.train.preflight import resolve_config
 
-    # Dedicated flags are taken as typed (never read as YAML): "runs/exp #3" keeps its "#3", "42" is a folder.
-    values = {key: str(value) for key, value in (("train.output_dir", output_dir), ("train.device", device),
-                                                 ("train.precision", precision)) if value is not None}
+    values = run_flags(output_dir, device, precision)
     with handle_errors():
         cfg, resume = resolve_config(config, list(overrides), values, resume, auto_resume)
         if (nproc or 1) > 1 or nnodes > 1 or rdzv_endpoint or max_restarts:
